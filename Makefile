@@ -1,0 +1,34 @@
+# `make bench` and `make test` each do all set-up on a fresh machine: a virtual environment,
+# torch and the build tools, then the extension built in place with --no-build-isolation.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch>=2.4
+CSRC := $(shell find csrc -type f)
+
+.PHONY: all test bench build wheel clean
+
+all: test
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" ninja setuptools wheel pytest numpy scipy
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+build: $(VENV)/.built
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) -m kl_fused.bench
+
+wheel: $(VENV)/.deps
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w wheelhouse .
+
+clean:
+	rm -rf build dist wheelhouse *.egg-info kl_fused/_C*.so $(VENV)/.built

@@ -1,0 +1,46 @@
+// The type-erased entry points of the CPU row kernels. row_kernels.h is compiled once per CPU
+// capability (kernels_generic.cpp, kernels_avx2.cpp); kl_div_cpu.cpp picks one at run time.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include "../kl_div_common.h"
+
+namespace kl_fused::cpu {
+
+struct KLRowsProblem {
+  const void* student;        // (..., V) rows addressed through student_rows, unit stride along V
+  const void* teacher;        // (..., V) rows addressed through teacher_rows
+  RowLayout student_rows;
+  RowLayout teacher_rows;
+  const bool* mask;           // (rows,) or nullptr: rows where it is false are never read
+  void* row_loss;             // (rows,) float (double for float64 input)
+  void* grad_student;         // (rows, V) contiguous, or nullptr when not needed
+  void* grad_teacher;         // (rows, V) contiguous, or nullptr when not needed
+  int64_t rows;
+  int64_t vocab;
+  double inv_temperature;
+  bool reverse;               // KL(student || teacher) instead of KL(teacher || student)
+  double grad_factor;         // d(loss)/d(row loss) / T, already resolved on the host
+};
+
+struct GradScaleProblem {
+  void* grad;                 // (rows, V) contiguous, scaled in place
+  const void* upstream;       // float (double for float64 grad): 1 value, or one per row
+  bool per_row;
+  int64_t rows;
+  int64_t vocab;
+};
+
+#define KL_FUSED_DECLARE_CPU_KERNELS(capability)                          \
+  namespace capability {                                                  \
+  void kl_rows(c10::ScalarType dtype, const KLRowsProblem& problem);      \
+  void grad_scale(c10::ScalarType dtype, const GradScaleProblem& problem); \
+  }
+
+KL_FUSED_DECLARE_CPU_KERNELS(generic)
+KL_FUSED_DECLARE_CPU_KERNELS(avx2)
+
+#undef KL_FUSED_DECLARE_CPU_KERNELS
+
+}  // namespace kl_fused::cpu

@@ -1,0 +1,3 @@
+// The CPU row kernels for any x86-64 or other CPU (at::vec's portable DEFAULT implementation).
+#define KL_FUSED_CPU_NAMESPACE generic
+#include "row_kernels.h"

@@ -1,0 +1,87 @@
+// CPU implementations of the kl_fused ops: argument checks, output allocation, and the choice of
+// the AVX2 or the portable row kernels (row_kernels.h has the math and the byte count).
+#include <ATen/ATen.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include "cpu_kernels.h"
+
+namespace kl_fused::cpu {
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(_M_X64)
+  // ATen's answer ("DEFAULT", "AVX2", "AVX512", ...) honours ATEN_CPU_CAPABILITY=default, as
+  // ATen's own kernels do; the compiler's check guards against a capability name we do not know.
+  static const bool has = at::get_cpu_capability().rfind("AVX", 0) == 0 &&
+                          __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
+  return has;
+#else
+  return false;
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& mask_arg, double temperature, bool reverse,
+    c10::string_view reduction_name, bool student_grad, bool teacher_grad) {
+  check_kl_inputs(student_logits, teacher_logits, mask_arg, temperature, reduction_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const at::Tensor student = rows_readable(student_logits);
+  const at::Tensor teacher = rows_readable(teacher_logits);
+  const int64_t vocab = student.size(-1);
+  const int64_t rows = student.numel() / vocab;
+  const auto leading = student.sizes().slice(0, student.dim() - 1);
+  const std::optional<at::Tensor> mask =
+      mask_arg.has_value() ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
+  at::Tensor grad_student = empty_row_gradient(student, student_grad);
+  at::Tensor grad_teacher = empty_row_gradient(teacher, teacher_grad);
+  const std::optional<at::Tensor> counted = counted_rows(mask);
+
+  if (rows > 0) {
+    KLRowsProblem problem;
+    problem.student = student.const_data_ptr();
+    problem.teacher = teacher.const_data_ptr();
+    problem.student_rows = make_row_layout(student).value();
+    problem.teacher_rows = make_row_layout(teacher).value();
+    problem.mask = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+    problem.row_loss = row_loss.mutable_data_ptr();
+    problem.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
+    problem.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
+    problem.rows = rows;
+    problem.vocab = vocab;
+    problem.inv_temperature = 1.0 / temperature;
+    problem.reverse = reverse;
+    problem.grad_factor = make_grad_factor(reduction, temperature, vocab, rows, counted).value();
+    if (cpu_has_avx2()) avx2::kl_rows(student.scalar_type(), problem);
+    else generic::kl_rows(student.scalar_type(), problem);
+  }
+  return {reduce_row_losses(row_loss, counted, reduction, leading, vocab), grad_student,
+          grad_teacher};
+}
+
+void grad_scale_cpu(at::Tensor& grad, const at::Tensor& upstream) {
+  check_grad_scale_inputs(grad, upstream);
+  const int64_t vocab = grad.size(-1);
+  const int64_t rows = vocab > 0 ? grad.numel() / vocab : 0;
+  if (rows == 0) return;
+  const at::Tensor factors =
+      upstream.to(grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  GradScaleProblem problem{grad.mutable_data_ptr(), factors.const_data_ptr(),
+                           factors.numel() != 1, rows, vocab};
+  if (cpu_has_avx2()) avx2::grad_scale(grad.scalar_type(), problem);
+  else generic::grad_scale(grad.scalar_type(), problem);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kl_fused, CPU, m) {
+  m.impl("kl_div_logits", &kl_div_logits_cpu);
+  m.impl("grad_scale_", &grad_scale_cpu);
+}
+
+}  // namespace kl_fused::cpu

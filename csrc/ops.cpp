@@ -1,0 +1,25 @@
+// The kl_fused op schemas (one per op) and the Python module that registers them on import.
+// Device implementations live in cpu/kl_div_cpu.cpp and cuda/kl_div_cuda.cu.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import kl_fused._C` loads this library, which runs the TORCH_LIBRARY registrations below.
+// The module itself holds nothing: the ops are reached through torch.ops.kl_fused.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(kl_fused, m) {
+  // Loss of (..., V) logits reduced as `reduction`, and, when asked for, the gradients of that
+  // loss with respect to each input at upstream gradient 1, computed in the same pass.
+  // reverse=False: KL(softmax(t/T) || softmax(s/T)); reverse=True: KL(softmax(s/T) || softmax(t/T)).
+  m.def(
+      "kl_div_logits(Tensor student, Tensor teacher, Tensor? mask, float temperature, "
+      "bool reverse, str reduction, bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  // grad[row] *= upstream[row] (or upstream[0]), in place; rows whose factor is 1 are not touched.
+  m.def("grad_scale_(Tensor(a!) grad, Tensor upstream) -> ()");
+}
