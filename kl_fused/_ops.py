@@ -9,7 +9,8 @@ buffers already handed out and recomputes them from the saved logits.
 """
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 
 try:
     from kl_fused import _C  # noqa: F401  (loading the library registers torch.ops.kl_fused)
@@ -66,6 +67,18 @@ if _C is not None:
     def _grad_scale_fake(grad, upstream):
         return None
 
+    def _scale(grad, upstream):
+        """grad * upstream per row. In eager the buffer is ours alone, so it is scaled in place (and
+        rows whose factor is 1 are skipped on the device). A traced graph (torch.compile, export,
+        opcheck) is functional anyway: there the same arithmetic runs out of place, so that the
+        graph never mutates a tensor its forward returned."""
+        if isinstance(grad, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling():
+            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+            factors = upstream.to(acc).reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim()))
+            return (grad.to(acc) * factors).to(grad.dtype)
+        torch.ops.kl_fused.grad_scale_(grad, upstream)
+        return grad
+
     def _setup_context(ctx, inputs, output):
         student, teacher, mask, temperature, reverse, reduction, student_grad, teacher_grad = inputs
         _, grad_student, grad_teacher = output
@@ -78,8 +91,12 @@ if _C is not None:
         ctx.save_for_backward(student, teacher, mask)
         ctx.options = (temperature, reverse, reduction)
 
-    @once_differentiable
     def _backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
+        if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
+            raise RuntimeError(
+                "kl_fused.kl_div_logits supports first-order gradients only (backward with create_graph=True "
+                "asks for second-order ones); use kl_fused.reference.kl_div_logits for those"
+            )
         need_student, need_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grads, ctx.fresh_grads = ctx.fresh_grads, None
         if grad_loss is None:  # the loss did not reach the backward's root
@@ -92,11 +109,8 @@ if _C is not None:
                 student, teacher, mask, temperature, reverse, reduction, need_student, need_teacher
             )
             grads = (grad_student, grad_teacher)
-        results = []
-        for needed, grad in zip((need_student, need_teacher), grads):
-            if needed:
-                torch.ops.kl_fused.grad_scale_(grad, grad_loss)
-            results.append(grad if needed else None)
-        return results[0], results[1], None, None, None, None, None, None
+        grad_student = _scale(grads[0], grad_loss) if need_student else None
+        grad_teacher = _scale(grads[1], grad_loss) if need_teacher else None
+        return grad_student, grad_teacher, None, None, None, None, None, None
 
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)

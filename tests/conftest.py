@@ -1,0 +1,105 @@
+"""Shared test helpers: devices present, the tolerance table, oracles, and proof that the fused op ran."""
+
+import contextlib
+
+import numpy as np
+import pytest
+import scipy.special
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kl_fused
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+# Tolerances against a float64 computation on the same (already rounded) inputs. The loss is
+# accumulated in fp32 for 16-bit inputs, so its tolerance is fp32-like; gradients are stored in the
+# input dtype (and, for a weighted loss, rounded once more when scaled), hence two ulps of it.
+TOLERANCES = {
+    torch.float64: dict(loss_rtol=1e-10, loss_atol=1e-12, grad_rtol=1e-9, grad_atol=1e-12),
+    torch.float32: dict(loss_rtol=2e-5, loss_atol=2e-6, grad_rtol=1e-4, grad_atol=1e-6),
+    torch.bfloat16: dict(loss_rtol=1e-4, loss_atol=1e-5, grad_rtol=2 * 2**-8, grad_atol=1e-5),
+    torch.float16: dict(loss_rtol=1e-4, loss_atol=1e-5, grad_rtol=2 * 2**-11, grad_atol=1e-6),
+}
+
+
+def make_logits(shape, dtype, device, seed, scale=3.0):
+    """A correlated (student, teacher) pair of random logits: never zeros, never equal."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = scale * torch.randn(shape, generator=gen, dtype=torch.float64)
+    student = 0.7 * teacher + scale * 0.6 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype)
+
+
+def reference64(student, teacher, **kwargs):
+    """The pure-PyTorch reference in float64 on the same input values, with its gradients."""
+    s = student.detach().double().requires_grad_()
+    t = teacher.detach().double().requires_grad_()
+    loss = kl_fused.reference.kl_div_logits(s, t, **kwargs)
+    return loss, s, t
+
+
+def scipy_row_kl(student, teacher, temperature=1.0, direction="forward"):
+    """Independent oracle: per-row KL with scipy's log_softmax and rel_entr, in float64 numpy."""
+    s = student.detach().double().cpu().numpy() / temperature
+    t = teacher.detach().double().cpu().numpy() / temperature
+    p = np.exp(scipy.special.log_softmax(t, axis=-1))
+    q = np.exp(scipy.special.log_softmax(s, axis=-1))
+    if direction == "reverse":
+        p, q = q, p
+    return scipy.special.rel_entr(p, q).sum(axis=-1)
+
+
+def analytic_grads(student, teacher, temperature=1.0, direction="forward"):
+    """Independent oracle of the per-row-loss gradients (design notes), float64 numpy."""
+    s = student.detach().double().cpu().numpy() / temperature
+    t = teacher.detach().double().cpu().numpy() / temperature
+    log_q = scipy.special.log_softmax(s, axis=-1)
+    log_p = scipy.special.log_softmax(t, axis=-1)
+    p, q = np.exp(log_p), np.exp(log_q)
+    if direction == "forward":
+        kl = scipy.special.rel_entr(p, q).sum(-1, keepdims=True)
+        return (q - p) / temperature, p * (log_p - log_q - kl) / temperature
+    kl = scipy.special.rel_entr(q, p).sum(-1, keepdims=True)
+    return q * (log_q - log_p - kl) / temperature, (p - q) / temperature
+
+
+def assert_close(actual, expected, rtol, atol, what=""):
+    actual = torch.as_tensor(actual).detach().double().cpu()
+    expected = torch.as_tensor(expected).detach().double().cpu()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def assert_grad_close(actual, expected, dtype, what=""):
+    """Gradient comparison: rtol of the dtype, atol relative to the gradient's scale."""
+    tol = TOLERANCES[dtype]
+    expected = torch.as_tensor(expected).detach().double().cpu()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    assert_close(actual, expected, rtol=tol["grad_rtol"], atol=tol["grad_atol"] + tol["grad_rtol"] * 0.05 * scale, what=what)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def fused_op_must_run():
+    """Fails the test unless torch.ops.kl_fused.kl_div_logits ran (not the reference fallback)."""
+    mode = _CountOps()
+    with mode:
+        yield
+    ran = [f for f in mode.calls if f is torch.ops.kl_fused.kl_div_logits.default]
+    assert ran, "the fused op did not run (fell back to the reference?)"
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    assert kl_fused.is_fused_available(request.param), kl_fused.fused_unavailable_reason(request.param)
+    return request.param
