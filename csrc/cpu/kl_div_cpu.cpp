@@ -6,6 +6,10 @@
 
 #include "cpu_kernels.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace kl_fused::cpu {
 namespace {
 
@@ -19,6 +23,22 @@ bool cpu_has_avx2() {
   return has;
 #else
   return false;
+#endif
+}
+
+// A fresh gradient buffer above glibc's mmap threshold arrives as untouched pages, and the first
+// write to each 4 KiB page faults (about 25 ms for 64 MiB here, as much as the kernel's own work).
+// Asking for transparent huge pages on the 2 MiB-aligned interior makes that 512 times fewer
+// faults. It is advice only: where THP is off, or the memory was recycled, nothing changes.
+// (PyTorch's allocator does the same for every allocation when THP_MEM_ALLOC_ENABLE=1.)
+void advise_huge_pages(const at::Tensor& buffer) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (buffer.nbytes() < 4 * kHugePage) return;
+  const auto begin = reinterpret_cast<uintptr_t>(buffer.const_data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + buffer.nbytes()) & ~(kHugePage - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
 }
 
@@ -40,6 +60,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cpu(
   at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
   at::Tensor grad_student = empty_row_gradient(student, student_grad);
   at::Tensor grad_teacher = empty_row_gradient(teacher, teacher_grad);
+  advise_huge_pages(grad_student);
+  advise_huge_pages(grad_teacher);
   const std::optional<at::Tensor> counted = counted_rows(mask);
 
   if (rows > 0) {
