@@ -36,17 +36,24 @@ def cuda_build_decision():
 
 def extension():
     build_cuda, reason = cuda_build_decision()
-    cxx_flags = ["-O3"]
+    # at::parallel_for is a header template: with torch's OpenMP backend its `omp parallel` only
+    # runs in parallel if this extension itself is compiled and linked with OpenMP.
+    openmp = torch.backends.openmp.is_available() and os.name != "nt"
+    cxx_flags = ["-O3"] + (["-fopenmp"] if openmp else [])
+    link_flags = ["-fopenmp"] if openmp else []
     cpp_sources = sources("csrc/*.cpp") + sources("csrc/cpu/*.cpp")
     if not build_cuda:
         print(f"kl_fused: building the CPU kernels only ({reason})")
-        return cpp_extension.CppExtension("kl_fused._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+        return cpp_extension.CppExtension(
+            "kl_fused._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
     print(f"kl_fused: building CPU and CUDA kernels ({reason}; archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
     return cpp_extension.CUDAExtension(
         "kl_fused._C",
         cpp_sources + sources("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx_flags + ["-DKL_FUSED_WITH_CUDA"], "nvcc": ["-O3", "-lineinfo", "-DKL_FUSED_WITH_CUDA"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 
 
