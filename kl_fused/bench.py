@@ -108,10 +108,9 @@ def _comma_list(text):
 
 
 def _positive_int(text, what):
-    value = int(text)
-    if value <= 0:
-        raise ValueError(f"{what} must be positive, got {value}")
-    return value
+    if not text.strip().isdigit() or int(text) == 0:
+        raise ValueError(f"{what} must be a positive integer, got {text!r}")
+    return int(text)
 
 
 def _parse_case(text):
@@ -124,31 +123,38 @@ def _parse_case(text):
     return Case(_positive_int(rows, "rows"), _positive_int(vocab, "vocab"), dtype_name)
 
 
-def _cases_from_args(args, device_type):
-    cross = (args.rows, args.vocab, args.dtypes)
-    if args.cases is not None and any(value is not None for value in cross):
-        raise ValueError("--cases cannot be combined with --rows, --vocab or --dtype")
-    if args.cases is None and all(value is None for value in cross):
-        args.cases = DEFAULT_CASES[device_type]
-    if args.cases is not None:
-        return [_parse_case(text) for text in _comma_list(args.cases)]
-    rows = _comma_list(args.rows or CROSS_PRODUCT_DEFAULTS["rows"][device_type])
-    vocabs = _comma_list(args.vocab or CROSS_PRODUCT_DEFAULTS["vocab"])
-    dtype_names = _comma_list(args.dtypes or CROSS_PRODUCT_DEFAULTS["dtype"])
-    unknown = [name for name in dtype_names if name not in DTYPES]
-    if unknown:
-        raise ValueError(f"unknown dtype(s) {unknown}; choose from {list(DTYPES)}")
-    return [
-        Case(_positive_int(r, "rows"), _positive_int(v, "vocab"), d) for d in dtype_names for r in rows for v in vocabs
-    ]
-
-
 def _choices(text, allowed, what):
     chosen = _comma_list(text)
     unknown = [item for item in chosen if item not in allowed]
     if unknown or not chosen:
         raise ValueError(f"unknown {what} {unknown or text!r}; choose from {list(allowed)}")
     return chosen
+
+
+def _cases_from_args(args, device_type):
+    cross = (args.rows, args.vocab, args.dtypes)
+    if args.cases is not None and any(value is not None for value in cross):
+        raise ValueError("--cases cannot be combined with --rows, --vocab or --dtype")
+    if args.cases is not None or all(value is None for value in cross):
+        return [_parse_case(text) for text in _comma_list(args.cases or DEFAULT_CASES[device_type])]
+    rows = _comma_list(args.rows or CROSS_PRODUCT_DEFAULTS["rows"][device_type])
+    vocabs = _comma_list(args.vocab or CROSS_PRODUCT_DEFAULTS["vocab"])
+    dtype_names = _choices(args.dtypes or CROSS_PRODUCT_DEFAULTS["dtype"], DTYPES, "dtype")
+    return [
+        Case(_positive_int(r, "rows"), _positive_int(v, "vocab"), d) for d in dtype_names for r in rows for v in vocabs
+    ]
+
+
+def _resolve_device(text):
+    try:
+        device = torch.device(text or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as error:  # torch's message lists the device types it knows
+        raise ValueError(f"--device {text}: {error}") from None
+    if device.type not in DEFAULT_CASES:
+        raise ValueError(f"--device must be cpu or cuda, got {device}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return device
 
 
 def _build_parser():
@@ -159,22 +165,31 @@ def _build_parser():
         "--rows/--vocab/--dtype their cross product runs, the others defaulting to "
         "rows 512 (cpu) or 4096 (cuda), vocab 32000, dtype bfloat16.",
     )
-    parser.add_argument("--providers", help=f"comma list of {', '.join(PROVIDERS)} (default: all available)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", dest="dtypes", help=f"comma list of {', '.join(DTYPES)}")
-    parser.add_argument("--rows", help="comma list of row counts")
-    parser.add_argument("--vocab", help="comma list of vocabulary sizes")
-    parser.add_argument("--cases", help="explicit cases, e.g. 512x32000:float32,64x128256:bfloat16")
     parser.add_argument(
-        "--pass", dest="passes", help="fwd, fwd+bwd, or both comma-separated (default: fwd+bwd on cpu, both on cuda)"
+        "--providers",
+        metavar="LIST",
+        help="comma list of "
+        + "; ".join(f"{name} ({provider.description})" for name, provider in PROVIDERS.items())
+        + " (default: all available)",
     )
-    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T (default 1.0)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per provider (default 3)")
-    parser.add_argument("--reps", type=int, help="timed steps per provider (default 10 on cpu, 50 on cuda)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", dest="dtypes", metavar="LIST", help=f"comma list of {', '.join(DTYPES)}")
+    parser.add_argument("--rows", metavar="LIST", help="comma list of row counts")
+    parser.add_argument("--vocab", metavar="LIST", help="comma list of vocabulary sizes")
+    parser.add_argument("--cases", metavar="LIST", help="explicit cases, e.g. 512x32000:float32,64x128256:bfloat16")
+    parser.add_argument(
+        "--pass",
+        dest="passes",
+        metavar="LIST",
+        help="fwd, fwd+bwd, or both comma-separated (default: fwd+bwd on cpu, both on cuda)",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, metavar="T", help="softmax temperature (default 1)")
+    parser.add_argument("--warmup", type=int, default=3, metavar="N", help="untimed steps per provider (default 3)")
+    parser.add_argument("--reps", type=int, metavar="N", help="timed steps per provider (default 10 cpu, 50 cuda)")
     parser.add_argument("--json", metavar="PATH", help="write one record per provider, case and pass")
     parser.add_argument("--plot", metavar="PATH", help="plot GB/s against vocab to a PNG (needs matplotlib)")
     parser.add_argument("--no-check", action="store_true", help="skip the agreement check against float64")
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads(N) before running")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) before running")
     return parser
 
 
@@ -183,11 +198,7 @@ def parse_args(argv):
     parser = _build_parser()
     args = parser.parse_args(argv)
     try:
-        args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if args.device.type not in DEFAULT_CASES:
-            raise ValueError(f"--device must be cpu or cuda, got {args.device}")
-        if args.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda, but torch sees no CUDA device")
+        args.device = _resolve_device(args.device)
         args.cases = _cases_from_args(args, args.device.type)
         args.passes = _choices(args.passes or DEFAULT_PASSES[args.device.type], PASSES, "pass")
         args.providers = _choices(args.providers or ",".join(PROVIDERS), PROVIDERS, "provider")
@@ -284,7 +295,9 @@ def disagreements(outputs, student, teacher, temperature):
     for name, (loss, _) in outputs.items():
         loss_error = abs(loss - ref_loss) / abs(ref_loss)
         if not loss_error <= loss_rtol:  # `not <=` so that NaN fails
-            problems[name] = f"loss {loss:.8g} vs float64 reference {ref_loss:.8g} (rel. error {loss_error:.2e} > {loss_rtol:g})"
+            problems[name] = (
+                f"loss {loss:.8g} vs float64 reference {ref_loss:.8g} (rel. error {loss_error:.2e} > {loss_rtol:g})"
+            )
         elif name in grad_errors and not grad_errors[name] <= grad_tol * grad_scale:
             problems[name] = (
                 f"student grad max error {grad_errors[name]:.3e} > {grad_tol:g} * max|grad| {grad_scale:.3e}"
@@ -365,7 +378,7 @@ def _first_runs(steps, student, with_grad, keep_outputs):
     for name, step in steps.items():
         try:
             output = run_once(step, student, with_grad)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             skipped[name] = "out of memory"
             student.grad = None
             torch.cuda.empty_cache()
@@ -536,22 +549,28 @@ def plot_gbps(path, records):
         return
     figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for axis, (dtype_name, pass_name) in zip(axes[0], panels):
-        chosen = [r for r in records if r["dtype"] == dtype_name and r["pass"] == pass_name]
-        for provider, rows in sorted({(r["provider"], r["rows"]) for r in chosen}):
-            line = sorted((r["vocab"], r["gbps"], r["copy_gbps"]) for r in chosen if (r["provider"], r["rows"]) == (provider, rows))
-            vocabs = [point[0] for point in line]
-            axis.plot(vocabs, [point[1] for point in line], marker="o", label=f"{provider}, {rows} rows")
-            if provider == chosen[0]["provider"]:
-                axis.plot(vocabs, [point[2] for point in line], linestyle="--", color="gray", label=f"copy, {rows} rows")
-        axis.set_xscale("log")
-        axis.set_xlabel("vocab")
-        axis.set_ylabel("GB/s (floor bytes / median time)")
+        _plot_panel(axis, [r for r in records if (r["dtype"], r["pass"]) == (dtype_name, pass_name)])
         axis.set_title(f"{dtype_name} {pass_name} on {records[0]['device_name']}")
-        axis.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     print(f"wrote plot to {path}")
+
+
+def _plot_panel(axis, records):
+    """GB/s against vocab per (provider, rows), and the copy's GB/s dashed for context."""
+    providers, copies = {}, {}
+    for record in sorted(records, key=lambda record: record["vocab"]):
+        providers.setdefault((record["provider"], record["rows"]), []).append((record["vocab"], record["gbps"]))
+        copies.setdefault(record["rows"], {})[record["vocab"]] = record["copy_gbps"]
+    for (provider, rows), points in sorted(providers.items()):
+        axis.plot(*zip(*points), marker="o", label=f"{provider}, {rows} rows")
+    for rows, by_vocab in sorted(copies.items()):
+        axis.plot(list(by_vocab), list(by_vocab.values()), linestyle="--", color="gray", label=f"copy, {rows} rows")
+    axis.set_xscale("log")
+    axis.set_xlabel("vocab")
+    axis.set_ylabel("GB/s (floor bytes / median time)")
+    axis.legend(fontsize="small")
 
 
 def report_failures(results, checked):
@@ -583,7 +602,10 @@ def main(argv=None):
         f"fused kernel available: {environment['fused_available']}"
     )
     drop_unavailable_providers(args)
-    print(f"providers: {', '.join(args.providers) or 'none'}; warmup {args.warmup}, reps {args.reps}, T={args.temperature:g}")
+    print(
+        f"providers: {', '.join(args.providers) or 'none'}; "
+        f"warmup {args.warmup}, reps {args.reps}, T={args.temperature:g}"
+    )
 
     results = []
     units = [(case, pass_name) for case in args.cases for pass_name in args.passes]
