@@ -9,9 +9,33 @@ Environment:
 import glob
 import os
 
-import torch
+import shutil
+
 from setuptools import setup
-from torch.utils import cpp_extension
+
+
+def _toolkit_root(path):
+    return path if path and os.path.exists(os.path.join(path, "include", "cuda_runtime.h")) else None
+
+
+def locate_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`; where nvcc is a wrapper outside the toolkit
+    (/usr/local/bin/nvcc here), that guess lacks the headers and libcudart. Prefer a directory that
+    has them: $CUDA_HOME/$CUDA_PATH as given, else nvcc's real location, else /usr/local/cuda."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
+    for candidate in candidates:
+        if _toolkit_root(candidate):
+            os.environ["CUDA_HOME"] = candidate
+            return
+
+
+locate_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it on import)
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
@@ -27,8 +51,9 @@ def cuda_build_decision():
         return False, "KL_FUSED_CPU_ONLY is set"
     if torch.version.cuda is None:
         return False, f"torch {torch.__version__} was built without CUDA"
-    if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
-        return False, "no CUDA toolkit found (put nvcc on PATH or set CUDA_HOME)"
+    home = cpp_extension.CUDA_HOME
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")) or not _toolkit_root(home):
+        return False, f"no complete CUDA toolkit found (CUDA_HOME={home}; set CUDA_HOME to the toolkit's root)"
     if not sources("csrc/cuda/*.cu"):
         return False, "no CUDA sources in csrc/cuda"
     return True, f"nvcc from {cpp_extension.CUDA_HOME}, torch CUDA {torch.version.cuda}"

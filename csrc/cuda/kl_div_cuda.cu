@@ -1,0 +1,499 @@
+// CUDA implementations of the kl_fused ops (same contract as cpu/kl_div_cpu.cpp): argument checks,
+// output allocation, and the row kernels. Math of a row in kl_div_common.h; the mergeable row
+// statistics, the x/y roles and the log2 units in row_state.cuh.
+//
+// One thread block per row (grid-stride over rows). Each thread streams its share of the row once,
+// keeping an online state (running maxima, Z_x, Z_y, W); the block merges the states with warp
+// shuffles and one shared-memory round. When a gradient is wanted, the row's logits read by that
+// pass are also parked in shared memory (as much of the row as fits), so the gradient pass reads
+// them on-chip; whatever does not fit is read again from global memory, most of it from L2.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../kl_div_common.h"
+#include "row_state.cuh"
+
+namespace kl_fused::cuda {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+constexpr int kMinThreads = 32;
+// fp64 exp2/log2 are software routines: at 1024 threads (64 registers each) they spill.
+template <typename scalar_t>
+constexpr int kMaxRowThreads = sizeof(scalar_t) == 8 ? 512 : kMaxThreads;
+constexpr int kDefaultSharedBytes = 48 * 1024;  // above this a kernel must opt in
+
+// Packs loaded per thread before any of them is used, so several loads are in flight per thread:
+// 2 x 16 bytes per tensor on the vector path, 8 elements on the scalar one.
+template <int N>
+constexpr int kUnroll = N == 1 ? 8 : 2;
+// The gradient pass holds more per pack (two output packs, the row constants): one 16-byte pack
+// per tensor per step keeps it within 64 registers at 1024 threads.
+template <int N>
+constexpr int kGradUnroll = N == 1 ? 2 : 1;
+
+template <typename scalar_t>
+struct KLRowsArgs {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;        // (..., V) through x_rows: teacher for forward KL, student for reverse
+  const scalar_t* y;        // (..., V) through y_rows: the other input
+  RowLayout x_rows;
+  RowLayout y_rows;
+  const bool* mask;         // (rows,) or nullptr; rows where it is false are never read
+  acc_t* row_loss;          // (rows,)
+  scalar_t* grad_x;         // (rows, V) contiguous, or nullptr when not wanted
+  scalar_t* grad_y;         // (rows, V) contiguous, or nullptr when not wanted
+  int64_t rows;
+  int64_t vocab;
+  acc_t k;                  // log2(e) / T
+  GradFactor factor;        // d(loss)/d(row loss) / T; its count lives on the device
+  int64_t cached_units;     // leading packs of each row kept in shared memory (gradient kernel)
+  int scratch_bytes;        // dynamic shared memory before the row cache (per-warp states)
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ at::opmath_type<scalar_t> to_acc(scalar_t v) {
+  return static_cast<at::opmath_type<scalar_t>>(v);
+}
+
+// Folds packs [begin, end) of one row into st, in strides of blockDim.x packs per thread step.
+// kStore parks the packs in the shared-memory row cache for the gradient pass.
+template <typename scalar_t, int N, bool kStore, bool kLastUse>
+__device__ __forceinline__ void accumulate_range(RowState<at::opmath_type<scalar_t>>& st,
+                                                 const Pack<scalar_t, N>* x,
+                                                 const Pack<scalar_t, N>* y, int64_t begin,
+                                                 int64_t end, Pack<scalar_t, N>* cache_x,
+                                                 Pack<scalar_t, N>* cache_y,
+                                                 at::opmath_type<scalar_t> k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int U = kUnroll<N>;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * U;
+  for (int64_t first = begin + threadIdx.x; first < end; first += step) {
+    Pack<scalar_t, N> px[U], py[U];
+    bool valid[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {  // all loads first: they are in flight together
+      const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
+      valid[i] = unit < end;
+      if (valid[i]) {
+        px[i] = load_pack<kLastUse>(x, unit);
+        py[i] = load_pack<kLastUse>(y, unit);
+      }
+    }
+    if constexpr (kStore) {
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
+        if (valid[i]) {
+          cache_x[unit] = px[i];
+          cache_y[unit] = py[i];
+        }
+      }
+    }
+    // One rescale per step at most (and rarely: only when this step raises a maximum).
+    acc_t step_mx = neg_inf<acc_t>(), step_my = neg_inf<acc_t>();
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (!valid[i]) continue;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        step_mx = max_acc(step_mx, to_acc(px[i].v[j]));
+        step_my = max_acc(step_my, to_acc(py[i].v[j]));
+      }
+    }
+    if (step_mx > st.mx || step_my > st.my) {
+      rescale(st, max_acc(st.mx, step_mx), max_acc(st.my, step_my), k);
+    }
+    const acc_t sx = finite_shift(st.mx), sy = finite_shift(st.my);
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (!valid[i]) continue;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const acc_t xs = (to_acc(px[i].v[j]) - sx) * k;
+        const acc_t ys = (to_acc(py[i].v[j]) - sy) * k;
+        const acc_t ex = exp2_acc(xs);
+        st.zx += ex;
+        st.zy += exp2_acc(ys);
+        // p_x = 0 contributes 0, never 0 * inf (x = -inf, or y' = -inf where p_x = 0).
+        st.w += ex > acc_t(0) ? ex * (xs - ys) : acc_t(0);
+      }
+    }
+  }
+}
+
+// Per-row constants of the gradient pass, everything in log2 units except f.
+template <typename acc_t>
+struct GradConstants {
+  acc_t mx, my;   // raw maxima; -inf gives NaN gradients, as the CPU kernels do
+  acc_t k;        // log2(e) / T
+  acc_t px_f;     // f / Z_x:      p_x f = 2^x' px_f
+  acc_t py_f;     // f / Z_y
+  acc_t wx;       // f ln2 / Z_x: turns (x' - y') in log2 units back into natural units
+  acc_t c2;       // (log p_x - log p_y - KL) - (x' - y') ln2, divided by ln2
+};
+
+// Writes the gradients of packs [begin, end) of one row, from the row cache (kFromCache) or from
+// global memory (last use: evict-first). kNeedX/kNeedY: which gradients are written (compile-time,
+// so that each output pack is built whole in registers).
+template <typename scalar_t, int N, bool kFromCache, bool kNeedX, bool kNeedY>
+__device__ __forceinline__ void gradient_range(const Pack<scalar_t, N>* x,
+                                               const Pack<scalar_t, N>* y, int64_t begin,
+                                               int64_t end, Pack<scalar_t, N>* grad_x,
+                                               Pack<scalar_t, N>* grad_y,
+                                               const GradConstants<at::opmath_type<scalar_t>>& c) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int U = kGradUnroll<N>;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * U;
+  for (int64_t first = begin + threadIdx.x; first < end; first += step) {
+    Pack<scalar_t, N> px[U], py[U];
+    bool valid[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
+      valid[i] = unit < end;
+      if (valid[i]) {
+        if constexpr (kFromCache) {
+          px[i] = x[unit];
+          py[i] = y[unit];
+        } else {
+          px[i] = load_pack<true>(x, unit);
+          py[i] = load_pack<true>(y, unit);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (!valid[i]) continue;
+      const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
+      Pack<scalar_t, N> gx, gy;
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        const acc_t xs = (to_acc(px[i].v[j]) - c.mx) * c.k;
+        const acc_t ys = (to_acc(py[i].v[j]) - c.my) * c.k;
+        const acc_t ex = exp2_acc(xs);
+        // grad_x = p_x (log p_x - log p_y - KL) f, zero where p_x = 0.
+        if constexpr (kNeedX) {
+          const acc_t g = ex > acc_t(0) ? (ex * c.wx) * (xs - ys + c.c2) : acc_t(0);
+          gx.v[j] = static_cast<scalar_t>(g);
+        }
+        // grad_y = (p_y - p_x) f.
+        if constexpr (kNeedY) gy.v[j] = static_cast<scalar_t>(exp2_acc(ys) * c.py_f - ex * c.px_f);
+      }
+      if constexpr (kNeedX) store_pack(grad_x, unit, gx);
+      if constexpr (kNeedY) store_pack(grad_y, unit, gy);
+    }
+  }
+}
+
+// The gradient pass over the uncached packs (re-read from global memory, most recently read
+// first, as they may still be in L2), then over the cached ones.
+template <typename scalar_t, int N, bool kNeedX, bool kNeedY>
+__device__ __forceinline__ void gradient_row(const Pack<scalar_t, N>* x, const Pack<scalar_t, N>* y,
+                                             const Pack<scalar_t, N>* cache_x,
+                                             const Pack<scalar_t, N>* cache_y, int64_t cached,
+                                             int64_t units, Pack<scalar_t, N>* grad_x,
+                                             Pack<scalar_t, N>* grad_y,
+                                             const GradConstants<at::opmath_type<scalar_t>>& c) {
+  gradient_range<scalar_t, N, false, kNeedX, kNeedY>(x, y, cached, units, grad_x, grad_y, c);
+  gradient_range<scalar_t, N, true, kNeedX, kNeedY>(cache_x, cache_y, 0, cached, grad_x, grad_y, c);
+}
+
+template <typename scalar_t, int N>
+__device__ __forceinline__ void zero_row(Pack<scalar_t, N>* grad, int64_t units) {
+  Pack<scalar_t, N> zero;
+#pragma unroll
+  for (int j = 0; j < N; ++j) zero.v[j] = scalar_t(0);
+  for (int64_t unit = threadIdx.x; unit < units; unit += blockDim.x) store_pack(grad, unit, zero);
+}
+
+// Per-row KL of softmax(x/T) || softmax(y/T) (row_state.cuh), and with kGrad its gradients:
+//   row_loss[r] = sum p_x (log p_x - log p_y)
+//   grad_x[r]   = p_x (log p_x - log p_y - KL) f       grad_y[r] = (p_y - p_x) f
+// Bytes per element (e = sizeof(scalar_t)), each input read from global memory once:
+//   loss only 2e; with one gradient 3e; with both 4e. Packs beyond the shared-memory row cache
+//   are read a second time by the gradient pass, from L2 when the rows in flight fit there.
+// Masked rows: loss 0, gradients 0, inputs never read.
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>)
+    kl_rows_kernel(const KLRowsArgs<scalar_t> args) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  extern __shared__ __align__(16) unsigned char shared[];
+  auto* scratch = reinterpret_cast<RowState<acc_t>*>(shared);
+  P* cache_x = reinterpret_cast<P*>(shared + args.scratch_bytes);
+  P* cache_y = cache_x + args.cached_units;
+
+  const int64_t units = args.vocab / N;
+  const int64_t cached = kGrad ? args.cached_units : 0;
+  const acc_t k = args.k;
+  // Read here, on the device: the counted-row count of batchmean/mean may be a mask's sum.
+  const acc_t f = kGrad ? static_cast<acc_t>(args.factor.value()) : acc_t(0);
+
+  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
+    const int64_t grad_offset = row * args.vocab;
+    P* grad_x = args.grad_x != nullptr ? reinterpret_cast<P*>(args.grad_x + grad_offset) : nullptr;
+    P* grad_y = args.grad_y != nullptr ? reinterpret_cast<P*>(args.grad_y + grad_offset) : nullptr;
+    if (args.mask != nullptr && !args.mask[row]) {  // block-uniform; touches no shared memory
+      if (threadIdx.x == 0) args.row_loss[row] = acc_t(0);
+      if constexpr (kGrad) {
+        if (grad_x != nullptr) zero_row(grad_x, units);
+        if (grad_y != nullptr) zero_row(grad_y, units);
+      }
+      continue;
+    }
+    const P* x = reinterpret_cast<const P*>(args.x + args.x_rows.offset(row));
+    const P* y = reinterpret_cast<const P*>(args.y + args.y_rows.offset(row));
+
+    RowState<acc_t> st = empty_row_state<acc_t>();
+    if constexpr (kGrad) {
+      // The cached prefix is never read from global memory again; the rest is, and is read last
+      // here so that it is the most recent data in L2 when the gradient pass comes back for it.
+      accumulate_range<scalar_t, N, true, true>(st, x, y, 0, cached, cache_x, cache_y, k);
+      accumulate_range<scalar_t, N, false, false>(st, x, y, cached, units, cache_x, cache_y, k);
+    } else {
+      accumulate_range<scalar_t, N, false, true>(st, x, y, 0, units, cache_x, cache_y, k);
+    }
+    st = block_merge(st, k, scratch);  // also orders the row-cache writes before the reads below
+
+    const acc_t log_zx = log2_acc(st.zx), log_zy = log2_acc(st.zy);
+    acc_t kl2 = st.w / st.zx - log_zx + log_zy;  // KL / ln2
+    // A row whose x or y logits are all -inf has no distribution: NaN, as on the CPU.
+    if (st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) kl2 = static_cast<acc_t>(NAN);
+    if (threadIdx.x == 0) args.row_loss[row] = kl2 * static_cast<acc_t>(kLn2);
+
+    if constexpr (kGrad) {
+      GradConstants<acc_t> c;
+      c.mx = st.mx;
+      c.my = st.my;
+      c.k = k;
+      c.px_f = f / st.zx;
+      c.py_f = f / st.zy;
+      c.wx = c.px_f * static_cast<acc_t>(kLn2);
+      c.c2 = log_zy - log_zx - kl2;
+      const auto pass = [&](auto need_x, auto need_y) {
+        gradient_row<scalar_t, N, decltype(need_x)::value, decltype(need_y)::value>(
+            x, y, cache_x, cache_y, cached, units, grad_x, grad_y, c);
+      };
+      if (grad_x != nullptr && grad_y != nullptr) pass(std::true_type{}, std::true_type{});
+      else if (grad_x != nullptr) pass(std::true_type{}, std::false_type{});
+      else pass(std::false_type{}, std::true_type{});
+    }
+    __syncthreads();  // the next row overwrites scratch and the row cache
+  }
+}
+
+// grad[row, :] *= factors[row] (or factors[0]), in place, in acc_t. Rows whose factor is exactly 1
+// are not touched: 2e bytes per element of a scaled row, none otherwise. The factor is read on the
+// device, so backward never waits for the host.
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kMaxThreads)
+    grad_scale_kernel(scalar_t* __restrict__ grad,
+                      const at::opmath_type<scalar_t>* __restrict__ factors, bool per_row,
+                      int64_t rows, int64_t vocab) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  constexpr int U = kUnroll<N>;
+  const int64_t units = vocab / N;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * U;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const acc_t factor = factors[per_row ? row : 0];
+    if (factor == acc_t(1)) continue;  // block-uniform
+    P* g = reinterpret_cast<P*>(grad + row * vocab);
+    for (int64_t first = threadIdx.x; first < units; first += step) {
+      P values[U];
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
+        if (unit < units) values[i] = load_pack<true>(g, unit);
+      }
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
+        if (unit >= units) continue;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          values[i].v[j] = static_cast<scalar_t>(to_acc(values[i].v[j]) * factor);
+        }
+        store_pack(g, unit, values[i]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side.
+
+// Smallest power of two (kMinThreads..max_threads) giving each thread about `per_thread` items.
+int block_threads(int64_t items, int64_t per_thread, int max_threads = kMaxThreads) {
+  int threads = kMinThreads;
+  while (threads < max_threads && threads * per_thread < items) threads *= 2;
+  return threads;
+}
+
+unsigned int grid_blocks(int64_t rows) {
+  return static_cast<unsigned int>(std::min<int64_t>(rows, std::numeric_limits<int32_t>::max()));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Every row of x starts on a 16-byte boundary and holds a whole number of `pack`-element packs.
+bool rows_vectorizable(const void* base, const RowLayout& layout, int64_t vocab, int64_t pack) {
+  if (!aligned16(base) || vocab % pack != 0) return false;
+  for (int d = 0; d < layout.ndim; ++d) {
+    if (layout.strides[d] % pack != 0) return false;
+  }
+  return true;
+}
+
+// Shared memory the gradient kernel may use per block: the device's opt-in limit.
+int max_shared_bytes(int device) {
+  int bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes;
+}
+
+template <typename scalar_t, int N>
+void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, int device, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const int64_t units = args.vocab / N;
+  const int threads = block_threads(units, 2 * kUnroll<N>, kMaxRowThreads<scalar_t>);
+  const int scratch = static_cast<int>((threads / 32 * sizeof(RowState<acc_t>) + 15) / 16 * 16);
+  args.scratch_bytes = scratch;
+  const unsigned int grid = grid_blocks(args.rows);
+  if (!any_grad) {
+    args.cached_units = 0;
+    kl_rows_kernel<scalar_t, N, false><<<grid, threads, scratch, stream>>>(args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // The whole row when it fits (2 V e bytes: the gradient pass then reads nothing from global
+  // memory), else as many leading packs as fit; the remainder is re-read from global memory.
+  const int limit = max_shared_bytes(device);
+  const int64_t budget = std::max<int64_t>(limit - scratch, 0);
+  args.cached_units = std::min<int64_t>(units, budget / static_cast<int64_t>(2 * sizeof(P)));
+  const int64_t shared_bytes = scratch + 2 * args.cached_units * static_cast<int64_t>(sizeof(P));
+  auto kernel = kl_rows_kernel<scalar_t, N, true>;
+  if (shared_bytes > kDefaultSharedBytes) {
+    // Always the device's limit, never this launch's size: the same value from every host
+    // thread, so concurrent launches of different sizes cannot undercut each other.
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
+  }
+  kernel<<<grid, threads, static_cast<size_t>(shared_bytes), stream>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& mask_arg, double temperature, bool reverse,
+    c10::string_view reduction_name, bool student_grad, bool teacher_grad) {
+  check_kl_inputs(student_logits, teacher_logits, mask_arg, temperature, reduction_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
+  const at::Tensor student = rows_readable(student_logits);
+  const at::Tensor teacher = rows_readable(teacher_logits);
+  const int64_t vocab = student.size(-1);
+  const int64_t rows = student.numel() / vocab;
+  const auto leading = student.sizes().slice(0, student.dim() - 1);
+  const std::optional<at::Tensor> mask =
+      mask_arg.has_value() ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
+  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
+  at::Tensor grad_student = empty_row_gradient(student, student_grad);
+  at::Tensor grad_teacher = empty_row_gradient(teacher, teacher_grad);
+  const std::optional<at::Tensor> counted = counted_rows(mask);  // stays on the device
+
+  if (rows > 0) {
+    const RowLayout student_rows = make_row_layout(student).value();
+    const RowLayout teacher_rows = make_row_layout(teacher).value();
+    const GradFactor factor = make_grad_factor(reduction, temperature, vocab, rows, counted);
+    const int device = student.get_device();
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
+                                    "kl_fused_cuda_kl_rows", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto* s = student.const_data_ptr<scalar_t>();
+      const auto* t = teacher.const_data_ptr<scalar_t>();
+      scalar_t* ds = student_grad ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* dt = teacher_grad ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+      KLRowsArgs<scalar_t> args;
+      // x is the distribution the expectation is over (row_state.cuh).
+      args.x = reverse ? s : t;
+      args.y = reverse ? t : s;
+      args.x_rows = reverse ? student_rows : teacher_rows;
+      args.y_rows = reverse ? teacher_rows : student_rows;
+      args.grad_x = reverse ? ds : dt;
+      args.grad_y = reverse ? dt : ds;
+      args.mask = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+      args.row_loss = row_loss.mutable_data_ptr<acc_t>();
+      args.rows = rows;
+      args.vocab = vocab;
+      args.k = static_cast<acc_t>(kLog2E / temperature);
+      args.factor = factor;
+      args.cached_units = 0;
+      args.scratch_bytes = 0;
+
+      constexpr int kPack = 16 / sizeof(scalar_t);
+      const bool vectorized =
+          rows_vectorizable(s, student_rows, vocab, kPack) &&
+          rows_vectorizable(t, teacher_rows, vocab, kPack) &&
+          (ds == nullptr || aligned16(ds)) && (dt == nullptr || aligned16(dt));
+      const bool any_grad = ds != nullptr || dt != nullptr;
+      if (vectorized) launch_kl_rows<scalar_t, kPack>(args, any_grad, device, stream);
+      else launch_kl_rows<scalar_t, 1>(args, any_grad, device, stream);
+    });
+  }
+  return {reduce_row_losses(row_loss, counted, reduction, leading, vocab), grad_student,
+          grad_teacher};
+}
+
+void grad_scale_cuda(at::Tensor& grad, const at::Tensor& upstream) {
+  check_grad_scale_inputs(grad, upstream);
+  const int64_t vocab = grad.size(-1);
+  const int64_t rows = vocab > 0 ? grad.numel() / vocab : 0;
+  if (rows == 0) return;
+  const c10::cuda::OptionalCUDAGuard guard(grad.device());
+  // Converted on the device; nothing here reads a value on the host.
+  const at::Tensor factors =
+      upstream.to(grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  const bool per_row = factors.numel() != 1;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
+                                  "kl_fused_cuda_grad_scale", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const acc_t* f = factors.const_data_ptr<acc_t>();
+    constexpr int kPack = 16 / sizeof(scalar_t);
+    const unsigned int grid = grid_blocks(rows);
+    if (aligned16(g) && vocab % kPack == 0) {
+      const int threads = block_threads(vocab / kPack, 2 * kUnroll<kPack>);
+      grad_scale_kernel<scalar_t, kPack><<<grid, threads, 0, stream>>>(g, f, per_row, rows, vocab);
+    } else {
+      const int threads = block_threads(vocab, 2 * kUnroll<1>);
+      grad_scale_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(g, f, per_row, rows, vocab);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(kl_fused, CUDA, m) {
+  m.impl("kl_div_logits", &kl_div_logits_cuda);
+  m.impl("grad_scale_", &grad_scale_cuda);
+}
+
+}  // namespace kl_fused::cuda
