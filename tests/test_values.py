@@ -14,7 +14,7 @@ SHAPES = [(1, 1), (4, 2), (3, 1271), (1, 70000), (2, 3, 257)]  # V = 1, 2, odd, 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_row_losses_match_reference_and_scipy(device, dtype, shape, direction):
-    student, teacher = make_logits(shape, dtype, device, seed=hash((shape, direction)) % 1000)
+    student, teacher = make_logits(shape, dtype, device, seed=sum(shape) + len(direction))
     with fused_op_must_run():
         rows = kl_fused.kl_div_logits(student, teacher, reduction="none", direction=direction, temperature=1.5)
     expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
@@ -24,8 +24,10 @@ def test_row_losses_match_reference_and_scipy(device, dtype, shape, direction):
     assert_close(rows, ref, tol["loss_rtol"], tol["loss_atol"], "vs float64 reference")
     oracle = torch.from_numpy(scipy_row_kl(student, teacher, 1.5, direction))
     assert_close(rows, oracle, tol["loss_rtol"], tol["loss_atol"], "vs scipy rel_entr")
-    if shape[-1] > 1:
-        assert (rows > 0).all(), "random distinct rows have positive KL"
+    assert (rows >= 0).all(), "KL is never negative"
+    if shape[-1] > 1:  # a one-entry softmax is 1 whatever the logit: KL is 0 there
+        differs = (student != teacher).any(dim=-1)
+        assert (rows[differs] > 0).all(), "rows whose logits differ have positive KL"
 
 
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean", "mean"])

@@ -153,7 +153,9 @@ struct RowSolver {
     const acc_t Z_b = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), zb);
     const acc_t W = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), w);
     const acc_t log_za = std::log(Z_a), log_zb = std::log(Z_b);
-    const acc_t kl = pr.reverse ? W / Z_b - log_zb + log_za : W / Z_a - log_za + log_zb;
+    // KL >= 0 (Gibbs); what rounding leaves below 0 (1e-16 when a row is its own maximum,
+    // V = 1 with T != 1) is clamped. std::max keeps NaN: NaN < 0 is false.
+    const acc_t kl = std::max(pr.reverse ? W / Z_b - log_zb + log_za : W / Z_a - log_za + log_zb, acc_t(0));
     static_cast<acc_t*>(pr.row_loss)[row] = kl;
     if (!keep) return;
 
