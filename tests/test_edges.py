@@ -53,6 +53,36 @@ def test_nan_in_a_counted_row_gives_nan(device, which):
     assert math.isnan(kl_fused.kl_div_logits(student, teacher).item())
 
 
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_nan_gives_nan_even_where_the_averaged_side_has_no_mass(device, direction, which):
+    student, teacher = make_logits((2, 300), torch.float32, device, seed=25)
+    averaged = teacher if direction == "forward" else student
+    averaged[1, 40] = -1e3  # exp(-1e3 - max) is 0 in float32: that entry carries no weight
+    (student if which == "student" else teacher)[1, 40] = float("nan")
+    student.requires_grad_()
+    rows = kl_fused.kl_div_logits(student, teacher, direction=direction, reduction="none")
+    rows.sum().backward()
+    assert math.isnan(rows[1].item()) and math.isfinite(rows[0].item())
+    assert torch.isnan(student.grad[1]).all() and torch.isfinite(student.grad[0]).all()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), "all -inf"])
+def test_undefined_softmax_gives_nan(device, bad):
+    student, teacher = make_logits((2, 50), torch.float32, device, seed=26)
+    if bad == "all -inf":
+        teacher[0] = NEG_INF
+    else:
+        student[0, 3] = bad
+    student.requires_grad_()
+    rows = kl_fused.kl_div_logits(student, teacher, reduction="none")
+    rows.sum().backward()
+    ref, _, _ = reference64(student, teacher, reduction="none")
+    assert math.isnan(ref[0].item()), "the reference calls this row undefined too"
+    assert math.isnan(rows[0].item()) and math.isfinite(rows[1].item())
+    assert torch.isnan(student.grad[0]).all() and torch.isfinite(student.grad[1]).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_huge_logits_are_exact(device, dtype):
     student, teacher = make_logits((4, 1000), dtype, device, seed=24, scale=1.0)

@@ -2,10 +2,14 @@
 // includes it (kernels_generic.cpp, kernels_avx2.cpp) first defines KL_FUSED_CPU_NAMESPACE and,
 // for AVX2, the CPU_CAPABILITY macros, so that at::vec compiles for that instruction set.
 //
-// One row (math in kl_div_common.h), V elements of e bytes each, acc = float (double for float64):
-//   pass 1  maxima:  m_s, m_t                        reads s, t          (2e per element, from memory)
-//   pass 2  sums:    Z_a, Z_b, W; keeps exp(a'), exp(b') in a per-thread scratch row when a
-//                    gradient is wanted             reads s, t          (from cache)
+// One row (math in kl_div_common.h), V elements of e bytes each, acc = float (double for float64),
+// in chunks of kChunk elements (each chunk is one mergeable partial state, as in the design notes):
+//   pass 1  chunk maxima: m_s, m_t                 reads s, t of the chunk (2e per element, the
+//                                                  only read from memory: prefetched during the
+//                                                  previous chunk's pass 2)
+//   pass 2  chunk sums:   Z_a, Z_b, W relative to the chunk's maxima; keeps exp(a'), exp(b') in a
+//                         per-thread scratch row when a gradient is wanted    reads s, t from L1
+//   merge   the chunk states, rescaled to the row maxima -> KL     O(V / kChunk) scalars
 //   pass 3  gradient, forward direction, student:  ds = (q - p) * f     reads scratch, writes ds (e)
 //                    teacher: dt = p (log p - log q - KL) * f          reads s, t again, writes dt
 //                    reverse direction swaps the roles: ds = q (log q - log p - KL) f, dt = (p - q) f
@@ -30,7 +34,8 @@ namespace {
 using at::vec::Vectorized;
 
 // Loads and stores of kStep = 2 * Vec::size() elements as two accumulation-type vectors; a short
-// tail is padded with `pad` (lanes past the row never reach a sum or a store).
+// tail is padded with `pad` (lanes past the row never reach a sum or a store). Always inlined: an
+// out-of-line load returns its vectors through memory.
 template <typename scalar_t>
 struct Lanes {
   using acc_t = at::opmath_type<scalar_t>;
@@ -39,7 +44,7 @@ struct Lanes {
   static constexpr int64_t kStep = 2 * kVec;
   static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
 
-  static void load(const scalar_t* p, int64_t n, acc_t pad, Vec& lo, Vec& hi) {
+  C10_ALWAYS_INLINE static void load(const scalar_t* p, int64_t n, acc_t pad, Vec& lo, Vec& hi) {
     if constexpr (kReduced) {
       static_assert(Vectorized<scalar_t>::size() == kStep);
       auto raw = n == kStep ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
@@ -54,7 +59,7 @@ struct Lanes {
     }
   }
 
-  static void store(scalar_t* p, int64_t n, const Vec& lo, const Vec& hi) {
+  C10_ALWAYS_INLINE static void store(scalar_t* p, int64_t n, const Vec& lo, const Vec& hi) {
     if constexpr (kReduced) {
       auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
       if (n == kStep) packed.store(p); else packed.store(p, n);
@@ -68,33 +73,153 @@ struct Lanes {
   }
 };
 
-template <typename scalar_t>
+// exp(x) for the shifted logits x = logit - row max, which lie in [-inf, 0] (plus a rounding
+// residue above 0) once the row's maxima are known to be finite. Returns exp(x) and sets `live` to
+// the lanes where exp(x) may be nonzero; lanes below kExpFloor (e^-87 ~ 1.6e-38, below every
+// normal float's share of a sum that is >= 1) are exactly 0, -inf included.
+// float on AVX2: x = n ln2 + r with n = round(x log2 e) taken from the low mantissa bits of
+// x log2 e + 1.5 * 2^23, |r| <= ln2 / 2, e^r by at::vec's exp_u20 polynomial (same accuracy as
+// exp_u20), 2^n added to the exponent bits. 12 instructions instead of exp_u20's 18, because the
+// range is known: no clamping, no overflow path.
+template <typename acc_t>
+struct NonPositiveExp {
+  using Vec = Vectorized<acc_t>;
+  static constexpr acc_t kExpFloor = acc_t(-87);
+
+  C10_ALWAYS_INLINE static Vec exp(const Vec& x, Vec& live) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      const __m256 v = x;
+      const __m256 shifted = _mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(12582912.f));
+      const __m256 n = _mm256_sub_ps(shifted, _mm256_set1_ps(12582912.f));
+      const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), v);
+      __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.00828929059f), r, _mm256_set1_ps(0.0418978221f));
+      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166676521f));
+      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.499991506f));
+      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999999701f));
+      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+      const __m256i two_to_n = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
+      const __m256 e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), two_to_n));
+      const __m256 keep = _mm256_cmp_ps(v, _mm256_set1_ps(kExpFloor), _CMP_GE_OQ);
+      live = Vec(keep);
+      return Vec(_mm256_and_ps(e, keep));
+    }
+#endif
+    live = x >= Vec(kExpFloor);
+    // float: at::vec's inline polynomial (a few ulp); double: Sleef's 1-ulp exp.
+    if constexpr (std::is_same_v<acc_t, float>) return x.exp_u20() & live;
+    else return x.exp() & live;
+  }
+};
+
+// One chunk's partial state: its shifts (the chunk's maxima of a and b, or 0 for a side that is
+// all -inf there) and, relative to them, Z_a = sum exp(a'), Z_b = sum exp(b'), W = sum exp(x')(x' - y').
+template <typename acc_t>
+struct ChunkState {
+  acc_t shift_a, shift_b, z_a, z_b, w;
+};
+
+// One row's solution. kReverse picks the direction at compile time: the expectation is over
+// x = a (teacher) for forward KL and x = b (student) for reverse KL.
+template <typename scalar_t, bool kReverse>
 struct RowSolver {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
+  using Exp = NonPositiveExp<acc_t>;
   static constexpr int64_t kVec = L::kVec;
   static constexpr int64_t kStep = L::kStep;
   static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
+  // Rows are processed in chunks of kChunk elements (a multiple of kStep; 2 KiB of bfloat16 per
+  // input, so a chunk's maxima pass reads what the previous chunk's prefetches brought to L1).
+  static constexpr int64_t kChunk = 1024;
+
   const KLRowsProblem& pr;
-  acc_t* scratch_a;  // exp(a') of the current row, padded to a multiple of kStep
-  acc_t* scratch_b;  // exp(b')
+  acc_t* scratch_a;              // exp(a - chunk shift) of the current row, padded to a multiple of kStep
+  acc_t* scratch_b;              // exp(b - chunk shift)
+  ChunkState<acc_t>* chunks;     // one per chunk of the current row
+  acc_t* chunk_scales;           // two per chunk: e^(shift_a - m_a), e^(shift_b - m_b)
 
   static Vec max_reduce(Vec x, Vec y) { return at::vec::maximum(x, y); }
 
-  // exp of x <= 0 (or -inf, or NaN). float: at::vec's inline polynomial (exp_u20, a few ulp,
-  // exact 0 for -inf, NaN kept) instead of Sleef's out-of-line call; double: Sleef's 1-ulp exp.
-  static Vec vexp(const Vec& x) {
-    if constexpr (std::is_same_v<acc_t, float>) return x.exp_u20();
-    else return x.exp();
+  // max(acc, x) where a NaN x may be dropped (one instruction on AVX2 instead of three): pass 2
+  // finds NaN itself. A NaN kept (the portable path) makes the row NaN through the same check.
+  C10_ALWAYS_INLINE static Vec running_max(const Vec& acc, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) return Vec(_mm256_max_ps(x, acc));  // NaN x -> acc
+#endif
+    return at::vec::maximum(acc, x);
   }
 
-  // Zeroes the gradient rows of a row that does not count.
-  void zero_gradients(int64_t row) const {
+  // Calls body(i, n) over the row in steps of kStep elements: the full steps with n a
+  // compile-time kStep, so that their loads and stores carry no tail logic, then the tail.
+  template <typename Body>
+  C10_ALWAYS_INLINE static void for_each_step(int64_t V, const Body& body) {
+    int64_t i = 0;
+    for (; i + kStep <= V; i += kStep) body(i, std::integral_constant<int64_t, kStep>{});
+    if (i < V) body(i, V - i);
+  }
+
+  void fill_gradients(int64_t row, scalar_t value) const {
     const int64_t V = pr.vocab;
-    if (pr.grad_student) std::fill_n(static_cast<scalar_t*>(pr.grad_student) + row * V, V, scalar_t(0));
-    if (pr.grad_teacher) std::fill_n(static_cast<scalar_t*>(pr.grad_teacher) + row * V, V, scalar_t(0));
+    if (pr.grad_student) std::fill_n(static_cast<scalar_t*>(pr.grad_student) + row * V, V, value);
+    if (pr.grad_teacher) std::fill_n(static_cast<scalar_t*>(pr.grad_teacher) + row * V, V, value);
+  }
+
+  // A row that does not count: loss 0, gradient 0, logits never read.
+  void skip(int64_t row) const {
+    static_cast<acc_t*>(pr.row_loss)[row] = acc_t(0);
+    fill_gradients(row, scalar_t(0));
+  }
+
+  // A row whose softmax is undefined (a NaN logit, a +inf one, or every logit -inf): the row's
+  // loss and gradient are NaN, as the reference's are.
+  void undefined(int64_t row) const {
+    static_cast<acc_t*>(pr.row_loss)[row] = std::numeric_limits<acc_t>::quiet_NaN();
+    fill_gradients(row, std::numeric_limits<scalar_t>::quiet_NaN());
+  }
+
+  // Pass 2 over one chunk [begin, begin + len): the sums of one ChunkState, with shifts that are
+  // the chunk's own maxima (0 for a side whose chunk is all -inf: its exponentials are then 0).
+  // Keeps exp(a'), exp(b') in the scratch row when a gradient is wanted, and prefetches the next
+  // chunk, so that the next maxima pass reads from L1 while this one computes.
+  C10_ALWAYS_INLINE ChunkState<acc_t> chunk_sums(const scalar_t* s, const scalar_t* t, int64_t begin, int64_t len,
+                                                 acc_t shift_a, acc_t shift_b, bool keep, Vec& nan_probe) const {
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_a(-shift_a), vneg_b(-shift_b);
+    Vec za(0), zb(0), w(0);
+    s += begin;
+    t += begin;
+    acc_t* ka = keep ? scratch_a + begin : nullptr;
+    acc_t* kb = keep ? scratch_b + begin : nullptr;
+    for_each_step(len, [&](int64_t i, auto n) {
+      __builtin_prefetch(s + i + kChunk);
+      __builtin_prefetch(t + i + kChunk);
+      Vec s_lo, s_hi, t_lo, t_hi;
+      L::load(s + i, n, kNegInf, s_lo, s_hi);
+      L::load(t + i, n, kNegInf, t_lo, t_hi);
+      const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_a), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_a);
+      const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_b), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_b);
+      Vec live_a_lo, live_a_hi, live_b_lo, live_b_hi;
+      const Vec ea_lo = Exp::exp(a_lo, live_a_lo), ea_hi = Exp::exp(a_hi, live_a_hi);
+      const Vec eb_lo = Exp::exp(b_lo, live_b_lo), eb_hi = Exp::exp(b_hi, live_b_hi);
+      za += ea_lo + ea_hi;
+      zb += eb_lo + eb_hi;
+      nan_probe += (a_lo + b_lo) + (a_hi + b_hi);
+      if constexpr (kReverse) {
+        w += ((eb_lo * (b_lo - a_lo)) & live_b_lo) + ((eb_hi * (b_hi - a_hi)) & live_b_hi);
+      } else {
+        w += ((ea_lo * (a_lo - b_lo)) & live_a_lo) + ((ea_hi * (a_hi - b_hi)) & live_a_hi);
+      }
+      if (keep) {
+        ea_lo.store(ka + i);
+        ea_hi.store(ka + i + kVec);
+        eb_lo.store(kb + i);
+        eb_hi.store(kb + i + kVec);
+      }
+    });
+    return {shift_a, shift_b, at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), za),
+            at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), zb), at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), w)};
   }
 
   void solve(int64_t row) const {
@@ -103,122 +228,136 @@ struct RowSolver {
     const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
     const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
     const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
+    constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
-    // Pass 1: maxima of the raw logits (multiplying by 1/T > 0 keeps the order). NaN propagates.
-    Vec ms_lo(kNegInf), ms_hi(kNegInf), mt_lo(kNegInf), mt_hi(kNegInf);
-    for (int64_t i = 0; i < V; i += kStep) {
-      const int64_t n = std::min(kStep, V - i);
-      Vec lo, hi;
-      L::load(s + i, n, kNegInf, lo, hi);
-      ms_lo = at::vec::maximum(ms_lo, lo);
-      ms_hi = at::vec::maximum(ms_hi, hi);
-      L::load(t + i, n, kNegInf, lo, hi);
-      mt_lo = at::vec::maximum(mt_lo, lo);
-      mt_hi = at::vec::maximum(mt_hi, hi);
+    // Passes 1 and 2, chunk by chunk: the chunk's maxima of the raw logits (multiplying by
+    // 1/T > 0 keeps the order), then its sums. nan_probe sums a' + b' over the row: <= 0 or -inf,
+    // and NaN exactly when the row holds a NaN (which running_max may have dropped).
+    acc_t m_a = kNegInf, m_b = kNegInf;
+    Vec nan_probe(0);
+    const int64_t n_chunks = (V + kChunk - 1) / kChunk;
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
+      Vec ms_lo(kNegInf), ms_hi(kNegInf), mt_lo(kNegInf), mt_hi(kNegInf);
+      for_each_step(len, [&](int64_t i, auto n) {
+        Vec lo, hi;
+        L::load(s + begin + i, n, kNegInf, lo, hi);
+        ms_lo = running_max(ms_lo, lo);
+        ms_hi = running_max(ms_hi, hi);
+        L::load(t + begin + i, n, kNegInf, lo, hi);
+        mt_lo = running_max(mt_lo, lo);
+        mt_hi = running_max(mt_hi, hi);
+      });
+      const acc_t cm_b = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(ms_lo, ms_hi)) * inv_t;
+      const acc_t cm_a = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(mt_lo, mt_hi)) * inv_t;
+      // A +inf (or NaN) maximum leaves the softmax undefined; past this check every shifted
+      // logit lies in [-inf, 0] (or is NaN), the range NonPositiveExp serves.
+      if (!(cm_a < kInf) || !(cm_b < kInf)) return undefined(row);
+      m_a = std::max(m_a, cm_a);
+      m_b = std::max(m_b, cm_b);
+      chunks[k] = chunk_sums(s, t, begin, len, cm_a == kNegInf ? acc_t(0) : cm_a,
+                             cm_b == kNegInf ? acc_t(0) : cm_b, keep, nan_probe);
     }
-    const acc_t m_b = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(ms_lo, ms_hi)) * inv_t;
-    const acc_t m_a = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(mt_lo, mt_hi)) * inv_t;
+    // Every logit -inf on one side also leaves the softmax undefined.
+    if (m_a == kNegInf || m_b == kNegInf) return undefined(row);
+    if (std::isnan(at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), nan_probe))) return undefined(row);
 
-    // Pass 2: Z_a, Z_b and W over shifted logits a' = a - m_a <= 0, b' = b - m_b <= 0.
-    // W weighs (x' - y') by exp(x') where x is the distribution the expectation is over; a zero
-    // weight contributes 0, not 0 * inf (a teacher logit of -inf has probability 0).
-    const Vec vinv_t(inv_t), vneg_ma(-m_a), vneg_mb(-m_b), zero(acc_t(0));
-    Vec za(0), zb(0), w(0);
-    for (int64_t i = 0; i < V; i += kStep) {
-      const int64_t n = std::min(kStep, V - i);
-      Vec s_lo, s_hi, t_lo, t_hi;
-      L::load(s + i, n, kNegInf, s_lo, s_hi);
-      L::load(t + i, n, kNegInf, t_lo, t_hi);
-      const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_ma), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_ma);
-      const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_mb), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_mb);
-      const Vec ea_lo = vexp(a_lo), ea_hi = vexp(a_hi);
-      const Vec eb_lo = vexp(b_lo), eb_hi = vexp(b_hi);
-      za += ea_lo + ea_hi;
-      zb += eb_lo + eb_hi;
-      if (pr.reverse) {
-        w += Vec::blendv(zero, eb_lo * (b_lo - a_lo), eb_lo > zero) +
-             Vec::blendv(zero, eb_hi * (b_hi - a_hi), eb_hi > zero);
+    // Merge the chunks (the design notes' merge of partial states): rescale each chunk's sums
+    // from its shifts to the row maxima. A chunk whose expectation side is all -inf (Z = 0)
+    // contributes nothing, and is skipped so that 0 * e^(0 - m) cannot overflow into NaN.
+    acc_t Z_a = 0, Z_b = 0, W = 0;
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const ChunkState<acc_t>& c = chunks[k];
+      const acc_t scale_a = c.z_a > 0 ? std::exp(c.shift_a - m_a) : acc_t(0);
+      const acc_t scale_b = c.z_b > 0 ? std::exp(c.shift_b - m_b) : acc_t(0);
+      Z_a += c.z_a * scale_a;
+      Z_b += c.z_b * scale_b;
+      // x' - y' against the row maxima = against the chunk shifts - (m_x - shift_x) + (m_y - shift_y).
+      if constexpr (kReverse) {
+        if (c.z_b > 0) W += scale_b * (c.w + ((m_a - c.shift_a) - (m_b - c.shift_b)) * c.z_b);
       } else {
-        w += Vec::blendv(zero, ea_lo * (a_lo - b_lo), ea_lo > zero) +
-             Vec::blendv(zero, ea_hi * (a_hi - b_hi), ea_hi > zero);
+        if (c.z_a > 0) W += scale_a * (c.w + ((m_b - c.shift_b) - (m_a - c.shift_a)) * c.z_a);
       }
-      if (keep) {
-        ea_lo.store(scratch_a + i);
-        ea_hi.store(scratch_a + i + kVec);
-        eb_lo.store(scratch_b + i);
-        eb_hi.store(scratch_b + i + kVec);
-      }
+      chunk_scales[2 * k] = scale_a;
+      chunk_scales[2 * k + 1] = scale_b;
     }
-    const acc_t Z_a = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), za);
-    const acc_t Z_b = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), zb);
-    const acc_t W = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), w);
     const acc_t log_za = std::log(Z_a), log_zb = std::log(Z_b);
     // KL >= 0 (Gibbs); what rounding leaves below 0 (1e-16 when a row is its own maximum,
     // V = 1 with T != 1) is clamped. std::max keeps NaN: NaN < 0 is false.
-    const acc_t kl = std::max(pr.reverse ? W / Z_b - log_zb + log_za : W / Z_a - log_za + log_zb, acc_t(0));
+    const acc_t kl = std::max(kReverse ? W / Z_b - log_zb + log_za : W / Z_a - log_za + log_zb, acc_t(0));
     static_cast<acc_t*>(pr.row_loss)[row] = kl;
     if (!keep) return;
 
-    // Pass 3: gradients. p = exp(a') / Z_a, q = exp(b') / Z_b; log p - log q = a' - b' + c.
+    // Pass 3: gradients. p = exp(a - m_a) / Z_a = scratch_a * (chunk scale) / Z_a, likewise q;
+    // log p - log q = a' - b' + c with a' = a - m_a, b' = b - m_b.
     const acc_t f = static_cast<acc_t>(pr.grad_factor);
-    const Vec fp(f / Z_a), fq(f / Z_b);
-    const Vec c(pr.reverse ? log_za - log_zb - kl : log_zb - log_za - kl);
+    const Vec vinv_t(inv_t), vneg_ma(-m_a), vneg_mb(-m_b), zero(acc_t(0));
+    const Vec c(kReverse ? log_za - log_zb - kl : log_zb - log_za - kl);
     scalar_t* ds = pr.grad_student ? static_cast<scalar_t*>(pr.grad_student) + row * V : nullptr;
     scalar_t* dt = pr.grad_teacher ? static_cast<scalar_t*>(pr.grad_teacher) + row * V : nullptr;
     // The "difference of probabilities" gradient only needs the scratch row; the other one needs
     // log p - log q and so the logits again (still in cache).
-    scalar_t* diff_grad = pr.reverse ? dt : ds;       // forward: ds = (q - p) f; reverse: dt = (p - q) f
-    scalar_t* weighted_grad = pr.reverse ? ds : dt;   // forward: dt = p (log p/q - KL) f; reverse: ds = q (log q/p - KL) f
-    for (int64_t i = 0; i < V; i += kStep) {
-      const int64_t n = std::min(kStep, V - i);
-      const Vec ea_lo = Vec::loadu(scratch_a + i), ea_hi = Vec::loadu(scratch_a + i + kVec);
-      const Vec eb_lo = Vec::loadu(scratch_b + i), eb_hi = Vec::loadu(scratch_b + i + kVec);
-      const Vec p_lo = ea_lo * fp, p_hi = ea_hi * fp;   // p * f
-      const Vec q_lo = eb_lo * fq, q_hi = eb_hi * fq;   // q * f
-      if (diff_grad) {
-        if (pr.reverse) L::store(diff_grad + i, n, p_lo - q_lo, p_hi - q_hi);
-        else L::store(diff_grad + i, n, q_lo - p_lo, q_hi - p_hi);
-      }
-      if (weighted_grad) {
-        Vec s_lo, s_hi, t_lo, t_hi;
-        L::load(s + i, n, acc_t(0), s_lo, s_hi);
-        L::load(t + i, n, acc_t(0), t_lo, t_hi);
-        const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_ma), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_ma);
-        const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_mb), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_mb);
-        Vec g_lo, g_hi;
-        if (pr.reverse) {  // q (b' - a' + c), zero where q = 0
-          g_lo = Vec::blendv(zero, q_lo * (b_lo - a_lo + c), eb_lo > zero);
-          g_hi = Vec::blendv(zero, q_hi * (b_hi - a_hi + c), eb_hi > zero);
-        } else {           // p (a' - b' + c), zero where p = 0
-          g_lo = Vec::blendv(zero, p_lo * (a_lo - b_lo + c), ea_lo > zero);
-          g_hi = Vec::blendv(zero, p_hi * (a_hi - b_hi + c), ea_hi > zero);
+    scalar_t* diff_grad = kReverse ? dt : ds;       // forward: ds = (q - p) f; reverse: dt = (p - q) f
+    scalar_t* weighted_grad = kReverse ? ds : dt;   // forward: dt = p (log p/q - KL) f; reverse: ds = q (log q/p - KL) f
+    for (int64_t k = 0; k < n_chunks; ++k) {
+      const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
+      const Vec fp(f / Z_a * chunk_scales[2 * k]), fq(f / Z_b * chunk_scales[2 * k + 1]);
+      for_each_step(len, [&](int64_t j, auto n) {
+        const int64_t i = begin + j;
+        const Vec ea_lo = Vec::loadu(scratch_a + i), ea_hi = Vec::loadu(scratch_a + i + kVec);
+        const Vec eb_lo = Vec::loadu(scratch_b + i), eb_hi = Vec::loadu(scratch_b + i + kVec);
+        const Vec p_lo = ea_lo * fp, p_hi = ea_hi * fp;   // p * f
+        const Vec q_lo = eb_lo * fq, q_hi = eb_hi * fq;   // q * f
+        if (diff_grad) {
+          if constexpr (kReverse) L::store(diff_grad + i, n, p_lo - q_lo, p_hi - q_hi);
+          else L::store(diff_grad + i, n, q_lo - p_lo, q_hi - p_hi);
         }
-        L::store(weighted_grad + i, n, g_lo, g_hi);
-      }
+        if (weighted_grad) {
+          Vec s_lo, s_hi, t_lo, t_hi;
+          L::load(s + i, n, acc_t(0), s_lo, s_hi);
+          L::load(t + i, n, acc_t(0), t_lo, t_hi);
+          const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_ma), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_ma);
+          const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_mb), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_mb);
+          Vec g_lo, g_hi;
+          if constexpr (kReverse) {  // q (b' - a' + c), zero where q = 0
+            g_lo = Vec::blendv(zero, q_lo * (b_lo - a_lo + c), eb_lo > zero);
+            g_hi = Vec::blendv(zero, q_hi * (b_hi - a_hi + c), eb_hi > zero);
+          } else {                   // p (a' - b' + c), zero where p = 0
+            g_lo = Vec::blendv(zero, p_lo * (a_lo - b_lo + c), ea_lo > zero);
+            g_hi = Vec::blendv(zero, p_hi * (a_hi - b_hi + c), ea_hi > zero);
+          }
+          L::store(weighted_grad + i, n, g_lo, g_hi);
+        }
+      });
     }
   }
 };
 
-template <typename scalar_t>
-void kl_rows_typed(const KLRowsProblem& pr) {
-  using Solver = RowSolver<scalar_t>;
+template <typename scalar_t, bool kReverse>
+void kl_rows_directed(const KLRowsProblem& pr) {
+  using Solver = RowSolver<scalar_t, kReverse>;
   using acc_t = typename Solver::acc_t;
   const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
+  const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
   // Enough rows per task that tiny vocabularies do not pay one task per row.
   const int64_t grain = std::max<int64_t>(1, 16384 / pr.vocab);
   at::parallel_for(0, pr.rows, grain, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<acc_t[]> scratch(keep ? new acc_t[2 * padded] : nullptr);
-    const Solver solver{pr, scratch.get(), scratch.get() + (keep ? padded : 0)};
+    std::unique_ptr<acc_t[]> scratch(new acc_t[(keep ? 2 * padded : 0) + 2 * n_chunks]);
+    std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
+    acc_t* scales = scratch.get() + (keep ? 2 * padded : 0);
+    const Solver solver{pr, scratch.get(), scratch.get() + (keep ? padded : 0), chunks.get(), scales};
     for (int64_t row = begin; row < end; ++row) {
-      if (pr.mask != nullptr && !pr.mask[row]) {
-        static_cast<acc_t*>(pr.row_loss)[row] = acc_t(0);
-        solver.zero_gradients(row);
-        continue;
-      }
-      solver.solve(row);
+      if (pr.mask != nullptr && !pr.mask[row]) solver.skip(row);
+      else solver.solve(row);
     }
   });
+}
+
+template <typename scalar_t>
+void kl_rows_typed(const KLRowsProblem& pr) {
+  if (pr.reverse) kl_rows_directed<scalar_t, true>(pr);
+  else kl_rows_directed<scalar_t, false>(pr);
 }
 
 // grad[row, :] *= upstream[row or 0]; rows whose factor is exactly 1 are left untouched.
