@@ -84,6 +84,41 @@ void check_kl_inputs(const at::Tensor& student, const at::Tensor& teacher,
   }
 }
 
+PreparedRows prepare_rows(const at::Tensor& student, const at::Tensor& teacher,
+                          const std::optional<at::Tensor>& mask, double temperature,
+                          std::string_view reduction) {
+  check_kl_inputs(student, teacher, mask, temperature, reduction);
+  PreparedRows prepared;
+  prepared.student = rows_readable(student);
+  prepared.teacher = rows_readable(teacher);
+  prepared.mask = mask.has_value() ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
+  prepared.vocab = prepared.student.size(-1);
+  prepared.rows = prepared.student.numel() / prepared.vocab;
+  prepared.acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (prepared.rows > 0) {
+    prepared.student_rows = make_row_layout(prepared.student).value();
+    prepared.teacher_rows = make_row_layout(prepared.teacher).value();
+  }
+  return prepared;
+}
+
+void check_full_row_stats(const PreparedRows& rows, const at::Tensor& stats, const at::Tensor& row_factor) {
+  const auto device = rows.student.device();
+  TORCH_CHECK_TYPE(stats.scalar_type() == rows.acc_dtype && row_factor.scalar_type() == rows.acc_dtype,
+                   "stats and row_factor must be ", rows.acc_dtype, " for ", rows.student.scalar_type(),
+                   " logits, got ", stats.scalar_type(), " and ", row_factor.scalar_type());
+  TORCH_CHECK_VALUE(stats.device() == device && row_factor.device() == device,
+                    "stats and row_factor must be on the logits' device ", device, ", got ",
+                    stats.device(), " and ", row_factor.device());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == rows.rows && stats.size(1) == 5 &&
+                        stats.is_contiguous(),
+                    "stats must be a contiguous (rows, 5) tensor with rows = ", rows.rows,
+                    ", got shape ", stats.sizes());
+  TORCH_CHECK_VALUE(row_factor.dim() == 1 && row_factor.size(0) == rows.rows && row_factor.is_contiguous(),
+                    "row_factor must be a contiguous (rows,) tensor with rows = ", rows.rows,
+                    ", got shape ", row_factor.sizes());
+}
+
 void check_grad_scale_inputs(const at::Tensor& grad, const at::Tensor& upstream) {
   TORCH_CHECK_TYPE(grad.is_floating_point(), "grad must be a floating-point tensor, got ",
                    grad.scalar_type());

@@ -75,6 +75,29 @@ void check_kl_inputs(const at::Tensor& student, const at::Tensor& teacher,
                      const std::optional<at::Tensor>& mask, double temperature,
                      std::string_view reduction);
 
+// The rows of a checked (student, teacher) pair as every kernel reads them: unit stride along V
+// (copied only where a RowLayout cannot address them) and the mask made contiguous.
+struct PreparedRows {
+  at::Tensor student;
+  at::Tensor teacher;
+  std::optional<at::Tensor> mask;
+  int64_t vocab;
+  int64_t rows;
+  at::ScalarType acc_dtype;  // float, or double for float64 logits
+  RowLayout student_rows;    // valid when rows > 0
+  RowLayout teacher_rows;
+  at::IntArrayRef leading() const { return student.sizes().slice(0, student.dim() - 1); }
+};
+
+// check_kl_inputs, then the rows ready for a kernel.
+PreparedRows prepare_rows(const at::Tensor& student, const at::Tensor& teacher,
+                          const std::optional<at::Tensor>& mask, double temperature,
+                          std::string_view reduction);
+
+// The inputs of kl_grad_from_stats beyond the logits: (rows, 5) statistics of the full rows and
+// (rows,) factors, both contiguous in the accumulation type on the logits' device.
+void check_full_row_stats(const PreparedRows& rows, const at::Tensor& stats, const at::Tensor& row_factor);
+
 // Counted rows as a 0-dim int64 tensor on the mask's device (no host synchronisation), or
 // nullopt when there is no mask and every row counts.
 std::optional<at::Tensor> counted_rows(const std::optional<at::Tensor>& mask);

@@ -67,6 +67,20 @@ if _C is not None:
     def _grad_scale_fake(grad, upstream):
         return None
 
+    @torch.library.register_fake("kl_fused::kl_row_states")
+    def _kl_row_states_fake(student, teacher, mask, temperature, reverse):
+        torch._check(student.shape == teacher.shape, lambda: "student and teacher shapes differ")
+        acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+        rows = student.numel() // student.shape[-1]
+        return student.new_empty((rows, 5), dtype=acc)
+
+    @torch.library.register_fake("kl_fused::kl_grad_from_stats")
+    def _kl_grad_from_stats_fake(student, teacher, mask, stats, row_factor, temperature, reverse, student_grad, teacher_grad):
+        torch._check(student.shape == teacher.shape, lambda: "student and teacher shapes differ")
+        grad_student = student.new_empty(student.shape if student_grad else (0,))
+        grad_teacher = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+        return grad_student, grad_teacher
+
     def _scale(grad, upstream):
         """grad * upstream per row. In eager the buffer is ours alone, so it is scaled in place (and
         rows whose factor is 1 are skipped on the device). A traced graph (torch.compile, export,

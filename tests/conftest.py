@@ -75,7 +75,8 @@ def assert_grad_close(actual, expected, dtype, what=""):
     """Gradient comparison: rtol of the dtype, atol relative to the gradient's scale."""
     tol = TOLERANCES[dtype]
     expected = torch.as_tensor(expected).detach().double().cpu()
-    scale = expected.abs().max().item() if expected.numel() else 0.0
+    finite = expected[expected.isfinite()]
+    scale = finite.abs().max().item() if finite.numel() else 0.0
     assert_close(actual, expected, rtol=tol["grad_rtol"], atol=tol["grad_atol"] + tol["grad_rtol"] * 0.05 * scale, what=what)
 
 
@@ -90,13 +91,15 @@ class _CountOps(TorchDispatchMode):
 
 
 @contextlib.contextmanager
-def fused_op_must_run():
-    """Fails the test unless torch.ops.kl_fused.kl_div_logits ran (not the reference fallback)."""
+def fused_op_must_run(*ops):
+    """Fails the test unless each of `ops` (default: torch.ops.kl_fused.kl_div_logits) ran, that is,
+    the compiled kernel and not the reference fallback."""
+    ops = ops or (torch.ops.kl_fused.kl_div_logits.default,)
     mode = _CountOps()
     with mode:
         yield
-    ran = [f for f in mode.calls if f is torch.ops.kl_fused.kl_div_logits.default]
-    assert ran, "the fused op did not run (fell back to the reference?)"
+    for op in ops:
+        assert op in mode.calls, f"{op} did not run (fell back to plain PyTorch?)"
 
 
 @pytest.fixture(params=DEVICES)

@@ -22,6 +22,10 @@ struct KLRowsProblem {
   double inv_temperature;
   bool reverse;               // KL(student || teacher) instead of KL(teacher || student)
   double grad_factor;         // d(loss)/d(row loss) / T, already resolved on the host
+  // The vocab-parallel entry points, where each rank holds a shard of every row:
+  void* row_states;           // row_states: (rows, 5) partial state m_a, m_b, Z_a, Z_b, W (acc type)
+  const void* global_stats;   // grad_from_stats: (rows, 5) m_a, m_b, log Z_a, log Z_b, KL of full rows
+  const void* row_factor;     // grad_from_stats: (rows,) d(loss)/d(row KL) / T
 };
 
 struct GradScaleProblem {
@@ -35,6 +39,8 @@ struct GradScaleProblem {
 #define KL_FUSED_DECLARE_CPU_KERNELS(capability)                          \
   namespace capability {                                                  \
   void kl_rows(c10::ScalarType dtype, const KLRowsProblem& problem);      \
+  void row_states(c10::ScalarType dtype, const KLRowsProblem& problem);   \
+  void grad_from_stats(c10::ScalarType dtype, const KLRowsProblem& problem); \
   void grad_scale(c10::ScalarType dtype, const GradScaleProblem& problem); \
   }
 

@@ -25,6 +25,8 @@
 #include "cpu_kernels.h"
 namespace kl_fused::cpu::avx2 {
 void kl_rows(c10::ScalarType dtype, const KLRowsProblem& p) { generic::kl_rows(dtype, p); }
+void row_states(c10::ScalarType dtype, const KLRowsProblem& p) { generic::row_states(dtype, p); }
+void grad_from_stats(c10::ScalarType dtype, const KLRowsProblem& p) { generic::grad_from_stats(dtype, p); }
 void grad_scale(c10::ScalarType dtype, const GradScaleProblem& p) { generic::grad_scale(dtype, p); }
 }  // namespace kl_fused::cpu::avx2
 #endif

@@ -42,48 +42,77 @@ void advise_huge_pages(const at::Tensor& buffer) {
 #endif
 }
 
+// The fields of a KLRowsProblem that describe the rows to read.
+KLRowsProblem rows_problem(const PreparedRows& in, double temperature, bool reverse) {
+  KLRowsProblem problem{};
+  problem.student = in.student.const_data_ptr();
+  problem.teacher = in.teacher.const_data_ptr();
+  problem.student_rows = in.student_rows;
+  problem.teacher_rows = in.teacher_rows;
+  problem.mask = in.mask.has_value() ? in.mask->const_data_ptr<bool>() : nullptr;
+  problem.rows = in.rows;
+  problem.vocab = in.vocab;
+  problem.inv_temperature = 1.0 / temperature;
+  problem.reverse = reverse;
+  return problem;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cpu(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-    const std::optional<at::Tensor>& mask_arg, double temperature, bool reverse,
+    const std::optional<at::Tensor>& mask, double temperature, bool reverse,
     c10::string_view reduction_name, bool student_grad, bool teacher_grad) {
-  check_kl_inputs(student_logits, teacher_logits, mask_arg, temperature, reduction_name);
+  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask, temperature, reduction_name);
   const Reduction reduction = parse_reduction(reduction_name);
-  const at::Tensor student = rows_readable(student_logits);
-  const at::Tensor teacher = rows_readable(teacher_logits);
-  const int64_t vocab = student.size(-1);
-  const int64_t rows = student.numel() / vocab;
-  const auto leading = student.sizes().slice(0, student.dim() - 1);
-  const std::optional<at::Tensor> mask =
-      mask_arg.has_value() ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-
-  at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
-  at::Tensor grad_student = empty_row_gradient(student, student_grad);
-  at::Tensor grad_teacher = empty_row_gradient(teacher, teacher_grad);
+  at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(in.acc_dtype));
+  at::Tensor grad_student = empty_row_gradient(in.student, student_grad);
+  at::Tensor grad_teacher = empty_row_gradient(in.teacher, teacher_grad);
   advise_huge_pages(grad_student);
   advise_huge_pages(grad_teacher);
-  const std::optional<at::Tensor> counted = counted_rows(mask);
+  const std::optional<at::Tensor> counted = counted_rows(in.mask);
 
-  if (rows > 0) {
-    KLRowsProblem problem;
-    problem.student = student.const_data_ptr();
-    problem.teacher = teacher.const_data_ptr();
-    problem.student_rows = make_row_layout(student).value();
-    problem.teacher_rows = make_row_layout(teacher).value();
-    problem.mask = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
+  if (in.rows > 0) {
+    KLRowsProblem problem = rows_problem(in, temperature, reverse);
     problem.row_loss = row_loss.mutable_data_ptr();
     problem.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
     problem.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
-    problem.rows = rows;
-    problem.vocab = vocab;
-    problem.inv_temperature = 1.0 / temperature;
-    problem.reverse = reverse;
-    problem.grad_factor = make_grad_factor(reduction, temperature, vocab, rows, counted).value();
-    if (cpu_has_avx2()) avx2::kl_rows(student.scalar_type(), problem);
-    else generic::kl_rows(student.scalar_type(), problem);
+    problem.grad_factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted).value();
+    (cpu_has_avx2() ? avx2::kl_rows : generic::kl_rows)(in.student.scalar_type(), problem);
   }
-  return {reduce_row_losses(row_loss, counted, reduction, leading, vocab), grad_student,
+  return {reduce_row_losses(row_loss, counted, reduction, in.leading(), in.vocab), grad_student,
           grad_teacher};
+}
+
+at::Tensor kl_row_states_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+                             const std::optional<at::Tensor>& mask, double temperature, bool reverse) {
+  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask, temperature, "sum");
+  at::Tensor states = at::empty({in.rows, 5}, in.student.options().dtype(in.acc_dtype));
+  if (in.rows > 0) {
+    KLRowsProblem problem = rows_problem(in, temperature, reverse);
+    problem.row_states = states.mutable_data_ptr();
+    (cpu_has_avx2() ? avx2::row_states : generic::row_states)(in.student.scalar_type(), problem);
+  }
+  return states;
+}
+
+std::tuple<at::Tensor, at::Tensor> kl_grad_from_stats_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& mask, const at::Tensor& stats, const at::Tensor& row_factor,
+    double temperature, bool reverse, bool student_grad, bool teacher_grad) {
+  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask, temperature, "sum");
+  check_full_row_stats(in, stats, row_factor);
+  at::Tensor grad_student = empty_row_gradient(in.student, student_grad);
+  at::Tensor grad_teacher = empty_row_gradient(in.teacher, teacher_grad);
+  advise_huge_pages(grad_student);
+  advise_huge_pages(grad_teacher);
+  if (in.rows > 0 && (student_grad || teacher_grad)) {
+    KLRowsProblem problem = rows_problem(in, temperature, reverse);
+    problem.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
+    problem.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
+    problem.global_stats = stats.const_data_ptr();
+    problem.row_factor = row_factor.const_data_ptr();
+    (cpu_has_avx2() ? avx2::grad_from_stats : generic::grad_from_stats)(in.student.scalar_type(), problem);
+  }
+  return {grad_student, grad_teacher};
 }
 
 void grad_scale_cpu(at::Tensor& grad, const at::Tensor& upstream) {
@@ -104,6 +133,8 @@ void grad_scale_cpu(at::Tensor& grad, const at::Tensor& upstream) {
 TORCH_LIBRARY_IMPL(kl_fused, CPU, m) {
   m.impl("kl_div_logits", &kl_div_logits_cpu);
   m.impl("grad_scale_", &grad_scale_cpu);
+  m.impl("kl_row_states", &kl_row_states_cpu);
+  m.impl("kl_grad_from_stats", &kl_grad_from_stats_cpu);
 }
 
 }  // namespace kl_fused::cpu

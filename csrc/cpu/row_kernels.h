@@ -119,6 +119,13 @@ struct ChunkState {
   acc_t shift_a, shift_b, z_a, z_b, w;
 };
 
+// A row's (or a shard of a row's) merged partial state; see RowSolver::gather.
+template <typename acc_t>
+struct RowState {
+  acc_t m_a, m_b, z_a, z_b, w;
+  bool defined;
+};
+
 // One row's solution. kReverse picks the direction at compile time: the expectation is over
 // x = a (teacher) for forward KL and x = b (student) for reverse KL.
 template <typename scalar_t, bool kReverse>
@@ -142,6 +149,10 @@ struct RowSolver {
   acc_t* chunk_scales;           // two per chunk: e^(shift_a - m_a), e^(shift_b - m_b)
 
   static Vec max_reduce(Vec x, Vec y) { return at::vec::maximum(x, y); }
+
+  // The shift of a side whose maximum is m: m itself, or 0 where the side is all -inf (its
+  // exponentials are then 0 whatever the shift, and -inf - (-inf) would be NaN).
+  static acc_t shift_of(acc_t m) { return m == kNegInf ? acc_t(0) : m; }
 
   // max(acc, x) where a NaN x may be dropped (one instruction on AVX2 instead of three): pass 2
   // finds NaN itself. A NaN kept (the portable path) makes the row NaN through the same check.
@@ -222,18 +233,20 @@ struct RowSolver {
             at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), zb), at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), w)};
   }
 
-  void solve(int64_t row) const {
+  // Passes 1 and 2 and the merge over row elements [0, V): the row's partial state. m_a, m_b are
+  // the maxima of a and b (-inf for a side that is all -inf); Z_a, Z_b and W are relative to the
+  // shifts m (0 where m is -inf). `defined` is false when the row holds a NaN or a +inf, which
+  // leave the softmax undefined. With `keep`, the scratch rows hold exp(a - chunk shift) and
+  // exp(b - chunk shift) and chunk_scales the factors that rescale them to the row's shifts.
+  RowState<acc_t> gather(const scalar_t* s, const scalar_t* t, bool keep) const {
     const int64_t V = pr.vocab;
-    const scalar_t* s = static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row);
-    const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
-    const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
     const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
     constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, false};
 
-    // Passes 1 and 2, chunk by chunk: the chunk's maxima of the raw logits (multiplying by
-    // 1/T > 0 keeps the order), then its sums. nan_probe sums a' + b' over the row: <= 0 or -inf,
-    // and NaN exactly when the row holds a NaN (which running_max may have dropped).
-    acc_t m_a = kNegInf, m_b = kNegInf;
+    // Chunk by chunk: the chunk's maxima of the raw logits (multiplying by 1/T > 0 keeps the
+    // order), then its sums. nan_probe sums a' + b' over the row: <= 0 or -inf, and NaN exactly
+    // when the row holds a NaN (which running_max may have dropped).
     Vec nan_probe(0);
     const int64_t n_chunks = (V + kChunk - 1) / kChunk;
     for (int64_t k = 0; k < n_chunks; ++k) {
@@ -250,37 +263,70 @@ struct RowSolver {
       });
       const acc_t cm_b = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(ms_lo, ms_hi)) * inv_t;
       const acc_t cm_a = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(mt_lo, mt_hi)) * inv_t;
-      // A +inf (or NaN) maximum leaves the softmax undefined; past this check every shifted
-      // logit lies in [-inf, 0] (or is NaN), the range NonPositiveExp serves.
-      if (!(cm_a < kInf) || !(cm_b < kInf)) return undefined(row);
-      m_a = std::max(m_a, cm_a);
-      m_b = std::max(m_b, cm_b);
-      chunks[k] = chunk_sums(s, t, begin, len, cm_a == kNegInf ? acc_t(0) : cm_a,
-                             cm_b == kNegInf ? acc_t(0) : cm_b, keep, nan_probe);
+      // Past this check every shifted logit lies in [-inf, 0] (or is NaN), the range
+      // NonPositiveExp serves.
+      if (!(cm_a < kInf) || !(cm_b < kInf)) return st;
+      st.m_a = std::max(st.m_a, cm_a);
+      st.m_b = std::max(st.m_b, cm_b);
+      chunks[k] = chunk_sums(s, t, begin, len, shift_of(cm_a), shift_of(cm_b), keep, nan_probe);
     }
-    // Every logit -inf on one side also leaves the softmax undefined.
-    if (m_a == kNegInf || m_b == kNegInf) return undefined(row);
-    if (std::isnan(at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), nan_probe))) return undefined(row);
+    if (std::isnan(at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), nan_probe))) return st;
 
     // Merge the chunks (the design notes' merge of partial states): rescale each chunk's sums
-    // from its shifts to the row maxima. A chunk whose expectation side is all -inf (Z = 0)
-    // contributes nothing, and is skipped so that 0 * e^(0 - m) cannot overflow into NaN.
-    acc_t Z_a = 0, Z_b = 0, W = 0;
+    // from its shifts to the row's. A chunk whose side is all -inf (Z = 0) contributes nothing,
+    // and is skipped so that 0 * e^(0 - m) cannot overflow into NaN.
+    const acc_t sa = shift_of(st.m_a), sb = shift_of(st.m_b);
     for (int64_t k = 0; k < n_chunks; ++k) {
       const ChunkState<acc_t>& c = chunks[k];
-      const acc_t scale_a = c.z_a > 0 ? std::exp(c.shift_a - m_a) : acc_t(0);
-      const acc_t scale_b = c.z_b > 0 ? std::exp(c.shift_b - m_b) : acc_t(0);
-      Z_a += c.z_a * scale_a;
-      Z_b += c.z_b * scale_b;
-      // x' - y' against the row maxima = against the chunk shifts - (m_x - shift_x) + (m_y - shift_y).
+      const acc_t scale_a = c.z_a > 0 ? std::exp(c.shift_a - sa) : acc_t(0);
+      const acc_t scale_b = c.z_b > 0 ? std::exp(c.shift_b - sb) : acc_t(0);
+      st.z_a += c.z_a * scale_a;
+      st.z_b += c.z_b * scale_b;
+      // x' - y' against the row's shifts = against the chunk's - (s_x - shift_x) + (s_y - shift_y).
       if constexpr (kReverse) {
-        if (c.z_b > 0) W += scale_b * (c.w + ((m_a - c.shift_a) - (m_b - c.shift_b)) * c.z_b);
+        if (c.z_b > 0) st.w += scale_b * (c.w + ((sa - c.shift_a) - (sb - c.shift_b)) * c.z_b);
       } else {
-        if (c.z_a > 0) W += scale_a * (c.w + ((m_b - c.shift_b) - (m_a - c.shift_a)) * c.z_a);
+        if (c.z_a > 0) st.w += scale_a * (c.w + ((sb - c.shift_b) - (sa - c.shift_a)) * c.z_a);
       }
       chunk_scales[2 * k] = scale_a;
       chunk_scales[2 * k + 1] = scale_b;
     }
+    st.defined = true;
+    return st;
+  }
+
+  // kl_row_states: the row's partial state for a vocab-parallel merge across ranks, as
+  // (m_a, m_b, Z_a, Z_b, W). A row that does not count is the empty state (-inf, -inf, 0, 0, 0);
+  // an undefined one (-inf, -inf, NaN, NaN, NaN), which poisons any merge it enters.
+  void write_state(int64_t row) const {
+    acc_t* out = static_cast<acc_t*>(pr.row_states) + 5 * row;
+    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, true};
+    if (pr.mask == nullptr || pr.mask[row]) {
+      st = gather(static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row),
+                  static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row), false);
+    }
+    if (!st.defined) {
+      constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+      st = {kNegInf, kNegInf, kNaN, kNaN, kNaN, false};
+    }
+    out[0] = st.m_a;
+    out[1] = st.m_b;
+    out[2] = st.z_a;
+    out[3] = st.z_b;
+    out[4] = st.w;
+  }
+
+  void solve(int64_t row) const {
+    const int64_t V = pr.vocab;
+    const scalar_t* s = static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row);
+    const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
+    const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
+    const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
+    const RowState<acc_t> st = gather(s, t, keep);
+    // A NaN or +inf logit, or every logit -inf on one side, leaves the softmax undefined.
+    if (!st.defined || st.m_a == kNegInf || st.m_b == kNegInf) return undefined(row);
+    const acc_t m_a = st.m_a, m_b = st.m_b, Z_a = st.z_a, Z_b = st.z_b, W = st.w;
+    const int64_t n_chunks = (V + kChunk - 1) / kChunk;
     const acc_t log_za = std::log(Z_a), log_zb = std::log(Z_b);
     // KL >= 0 (Gibbs); what rounding leaves below 0 (1e-16 when a row is its own maximum,
     // V = 1 with T != 1) is clamped. std::max keeps NaN: NaN < 0 is false.
@@ -331,13 +377,65 @@ struct RowSolver {
       });
     }
   }
+
+  // kl_grad_from_stats: the gradient of one shard of a row, given the statistics of the full row
+  // (m_a, m_b, log Z_a, log Z_b, KL) and f = d(loss)/d(row KL) / T. One pass over the shard,
+  // two exponentials per element (the shard's own exponentials are not kept across the
+  // collective): la = a - m_a - log Z_a = log p <= 0, lb = b - m_b - log Z_b = log q <= 0, and
+  //   forward: ds = (q - p) f,                 dt = p (la - lb - KL) f   (0 where p = 0)
+  //   reverse: ds = q (lb - la - KL) f  (0 where q = 0),    dt = (p - q) f
+  // reads s, t (2e per element), writes e per gradient.
+  void gradient_from_stats(int64_t row) const {
+    if (pr.mask != nullptr && !pr.mask[row]) return fill_gradients(row, scalar_t(0));
+    const acc_t* stats = static_cast<const acc_t*>(pr.global_stats) + 5 * row;
+    const acc_t m_a = stats[0], m_b = stats[1], log_za = stats[2], log_zb = stats[3], kl = stats[4];
+    // An undefined row (NaN KL, or no finite maximum) has a NaN gradient, as in kl_div_logits.
+    if (std::isnan(kl) || !std::isfinite(m_a) || !std::isfinite(m_b) || !std::isfinite(log_za) ||
+        !std::isfinite(log_zb)) {
+      return fill_gradients(row, std::numeric_limits<scalar_t>::quiet_NaN());
+    }
+    const int64_t V = pr.vocab;
+    const scalar_t* s = static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row);
+    const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
+    scalar_t* ds = pr.grad_student ? static_cast<scalar_t*>(pr.grad_student) + row * V : nullptr;
+    scalar_t* dt = pr.grad_teacher ? static_cast<scalar_t*>(pr.grad_teacher) + row * V : nullptr;
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_ma(-m_a), vneg_mb(-m_b);
+    const Vec vlog_za(log_za), vlog_zb(log_zb), vkl(kl), vf(static_cast<const acc_t*>(pr.row_factor)[row]);
+    auto log_prob = [&](const Vec& x, const Vec& neg_m, const Vec& log_z) {
+      return at::vec::fmadd(x, vinv_t, neg_m) - log_z;
+    };
+    for_each_step(V, [&](int64_t i, auto n) {
+      Vec s_lo, s_hi, t_lo, t_hi;
+      L::load(s + i, n, kNegInf, s_lo, s_hi);
+      L::load(t + i, n, kNegInf, t_lo, t_hi);
+      const Vec la_lo = log_prob(t_lo, vneg_ma, vlog_za), la_hi = log_prob(t_hi, vneg_ma, vlog_za);
+      const Vec lb_lo = log_prob(s_lo, vneg_mb, vlog_zb), lb_hi = log_prob(s_hi, vneg_mb, vlog_zb);
+      Vec live_a_lo, live_a_hi, live_b_lo, live_b_hi;
+      const Vec p_lo = Exp::exp(la_lo, live_a_lo), p_hi = Exp::exp(la_hi, live_a_hi);
+      const Vec q_lo = Exp::exp(lb_lo, live_b_lo), q_hi = Exp::exp(lb_hi, live_b_hi);
+      if constexpr (kReverse) {
+        if (ds) {
+          L::store(ds + i, n, ((q_lo * (lb_lo - la_lo - vkl)) & live_b_lo) * vf,
+                   ((q_hi * (lb_hi - la_hi - vkl)) & live_b_hi) * vf);
+        }
+        if (dt) L::store(dt + i, n, (p_lo - q_lo) * vf, (p_hi - q_hi) * vf);
+      } else {
+        if (ds) L::store(ds + i, n, (q_lo - p_lo) * vf, (q_hi - p_hi) * vf);
+        if (dt) {
+          L::store(dt + i, n, ((p_lo * (la_lo - lb_lo - vkl)) & live_a_lo) * vf,
+                   ((p_hi * (la_hi - lb_hi - vkl)) & live_a_hi) * vf);
+        }
+      }
+    });
+  }
 };
 
-template <typename scalar_t, bool kReverse>
-void kl_rows_directed(const KLRowsProblem& pr) {
+// Runs visit(solver, row) over every row in parallel, each thread with its own solver and scratch
+// (the exponentials of one row when `keep`, and the chunk states).
+template <typename scalar_t, bool kReverse, typename Visit>
+void for_each_row(const KLRowsProblem& pr, bool keep, const Visit& visit) {
   using Solver = RowSolver<scalar_t, kReverse>;
   using acc_t = typename Solver::acc_t;
-  const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
   const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
   // Enough rows per task that tiny vocabularies do not pay one task per row.
@@ -347,17 +445,42 @@ void kl_rows_directed(const KLRowsProblem& pr) {
     std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
     acc_t* scales = scratch.get() + (keep ? 2 * padded : 0);
     const Solver solver{pr, scratch.get(), scratch.get() + (keep ? padded : 0), chunks.get(), scales};
-    for (int64_t row = begin; row < end; ++row) {
-      if (pr.mask != nullptr && !pr.mask[row]) solver.skip(row);
-      else solver.solve(row);
-    }
+    for (int64_t row = begin; row < end; ++row) visit(solver, row);
   });
+}
+
+// Calls run.template operator()<kReverse>() with the problem's direction as a compile-time flag.
+template <typename Run>
+void with_direction(const KLRowsProblem& pr, const Run& run) {
+  if (pr.reverse) run(std::true_type{});
+  else run(std::false_type{});
 }
 
 template <typename scalar_t>
 void kl_rows_typed(const KLRowsProblem& pr) {
-  if (pr.reverse) kl_rows_directed<scalar_t, true>(pr);
-  else kl_rows_directed<scalar_t, false>(pr);
+  const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
+  with_direction(pr, [&](auto reverse) {
+    for_each_row<scalar_t, decltype(reverse)::value>(pr, keep, [&](const auto& solver, int64_t row) {
+      if (pr.mask != nullptr && !pr.mask[row]) solver.skip(row);
+      else solver.solve(row);
+    });
+  });
+}
+
+template <typename scalar_t>
+void row_states_typed(const KLRowsProblem& pr) {
+  with_direction(pr, [&](auto reverse) {
+    for_each_row<scalar_t, decltype(reverse)::value>(
+        pr, false, [](const auto& solver, int64_t row) { solver.write_state(row); });
+  });
+}
+
+template <typename scalar_t>
+void grad_from_stats_typed(const KLRowsProblem& pr) {
+  with_direction(pr, [&](auto reverse) {
+    for_each_row<scalar_t, decltype(reverse)::value>(
+        pr, false, [](const auto& solver, int64_t row) { solver.gradient_from_stats(row); });
+  });
 }
 
 // grad[row, :] *= upstream[row or 0]; rows whose factor is exactly 1 are left untouched.
@@ -390,6 +513,16 @@ void grad_scale_typed(const GradScaleProblem& pr) {
 void kl_rows(c10::ScalarType dtype, const KLRowsProblem& problem) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_kl_rows",
                                   [&] { kl_rows_typed<scalar_t>(problem); });
+}
+
+void row_states(c10::ScalarType dtype, const KLRowsProblem& problem) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_row_states",
+                                  [&] { row_states_typed<scalar_t>(problem); });
+}
+
+void grad_from_stats(c10::ScalarType dtype, const KLRowsProblem& problem) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_grad_from_stats",
+                                  [&] { grad_from_stats_typed<scalar_t>(problem); });
 }
 
 void grad_scale(c10::ScalarType dtype, const GradScaleProblem& problem) {

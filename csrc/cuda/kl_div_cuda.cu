@@ -399,26 +399,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& mask_arg, double temperature, bool reverse,
     c10::string_view reduction_name, bool student_grad, bool teacher_grad) {
-  check_kl_inputs(student_logits, teacher_logits, mask_arg, temperature, reduction_name);
-  const Reduction reduction = parse_reduction(reduction_name);
   const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
-  const at::Tensor student = rows_readable(student_logits);
-  const at::Tensor teacher = rows_readable(teacher_logits);
-  const int64_t vocab = student.size(-1);
-  const int64_t rows = student.numel() / vocab;
-  const auto leading = student.sizes().slice(0, student.dim() - 1);
-  const std::optional<at::Tensor> mask =
-      mask_arg.has_value() ? std::optional<at::Tensor>(mask_arg->contiguous()) : std::nullopt;
-  const auto acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask_arg, temperature, reduction_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  const at::Tensor& student = in.student;
+  const at::Tensor& teacher = in.teacher;
+  const std::optional<at::Tensor>& mask = in.mask;
+  const int64_t vocab = in.vocab;
+  const int64_t rows = in.rows;
 
-  at::Tensor row_loss = at::empty({rows}, student.options().dtype(acc_dtype));
+  at::Tensor row_loss = at::empty({rows}, student.options().dtype(in.acc_dtype));
   at::Tensor grad_student = empty_row_gradient(student, student_grad);
   at::Tensor grad_teacher = empty_row_gradient(teacher, teacher_grad);
   const std::optional<at::Tensor> counted = counted_rows(mask);  // stays on the device
 
   if (rows > 0) {
-    const RowLayout student_rows = make_row_layout(student).value();
-    const RowLayout teacher_rows = make_row_layout(teacher).value();
+    const RowLayout& student_rows = in.student_rows;
+    const RowLayout& teacher_rows = in.teacher_rows;
     const GradFactor factor = make_grad_factor(reduction, temperature, vocab, rows, counted);
     const int device = student.get_device();
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
@@ -456,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
       else launch_kl_rows<scalar_t, 1>(args, any_grad, device, stream);
     });
   }
-  return {reduce_row_losses(row_loss, counted, reduction, leading, vocab), grad_student,
+  return {reduce_row_losses(row_loss, counted, reduction, in.leading(), vocab), grad_student,
           grad_teacher};
 }
 

@@ -1,0 +1,280 @@
+"""Vocab-parallel KL over torch.distributed: one loss when the vocabulary is split across ranks.
+
+Under tensor parallelism the output layer is split along the vocabulary, and rank r holds
+``logits[..., v_start(r):v_end(r)]`` of the same rows. No rank has a whole row, so no full-row
+loss applies. :func:`kl_div_logits_vocab_parallel` computes the KL of the full rows anyway, from
+the shards, with the fused kernels split at the seam of the online-softmax merge (the math is in
+``kl_fused/_shard_math.py``).
+
+Data-parallel training on top (each data-parallel rank has different rows): a masked
+``batchmean`` must divide by the number of counted rows of the whole global batch, not of the
+local one. Take ``reduction="sum"`` and divide by the global count::
+
+    import torch.distributed as dist
+    import kl_fused
+    from kl_fused.distributed import kl_div_logits_vocab_parallel
+
+    loss_sum = kl_div_logits_vocab_parallel(student_shard, teacher_shard, mask=mask,
+                                            reduction="sum", group=tp_group)
+    counted = mask.sum().to(loss_sum.dtype)            # this data-parallel rank's tokens
+    dist.all_reduce(counted, group=dp_group)           # tokens of the global batch
+    loss = loss_sum / counted.clamp_min(1)
+    loss.backward()   # the data-parallel gradient all-reduce (DDP, FSDP) then sums the ranks'
+                      # gradients, which is the gradient of the global per-token mean
+
+(Without tensor parallelism, use ``kl_fused.kl_div_logits(..., reduction="sum")`` the same way.)
+"""
+
+import math
+import struct
+import warnings
+
+import torch
+import torch.distributed as dist
+
+from kl_fused import _shard_math
+from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
+
+_DTYPE_CODES = {dtype: code for code, dtype in enumerate(SUPPORTED_DTYPES)}
+_MESSAGE_BYTES = 320
+_META_FIELDS = ("ok", "rows", "width", "dtype", "direction", "reduction", "temperature", "mask", "counted", "leading")
+_warned_fallback = set()
+
+
+def kl_div_logits_vocab_parallel(
+    student_shard,
+    teacher_shard,
+    *,
+    group=None,
+    temperature=1.0,
+    reduction="batchmean",
+    direction="forward",
+    mask=None,
+):
+    r"""KL divergence of full rows whose vocabulary is split across the ranks of ``group``.
+
+    Same contract as :func:`kl_fused.kl_div_logits`, on shards: each rank passes its own
+    ``(..., V_r)`` slice of the student and teacher logits (the same rows on every rank, widths
+    may differ, each at least 1; the full vocabulary is their concatenation in rank order, although
+    the order does not change the result). Every rank returns the loss of the full rows, identical
+    on all ranks; backward gives each rank the gradient of its own shard. ``mask`` (the leading
+    shape, the same on every rank) and ``"mean"`` (which divides by the full vocabulary
+    ``sum(V_r)``) work as in ``kl_div_logits``.
+
+    Communication per call, on the group (payload, accumulation type: float32 for 16-bit and
+    float32 logits, float64 for float64):
+
+    * one ``all_gather`` of a fixed 400-byte record per rank, which checks that the ranks agree
+      on rows, dtype, options and mask, and that every rank's arguments are valid, so that a bad
+      call raises the same clear ``ValueError`` on every rank instead of hanging one of them;
+    * one ``all_reduce(MAX)`` of the row maxima: 2 values per row;
+    * one ``all_reduce(SUM)`` of the rescaled sums Z_a, Z_b, W: 3 values per row.
+
+    That is 20 bytes per row (40 in float64), never O(rows x V). Backward needs no collective: the
+    full rows' statistics are kept from forward (5 values per row), so it cannot deadlock, even
+    when some rank's rows are all masked. Reading the agreement record back is one host
+    synchronisation per call on a GPU.
+
+    Works with any backend (gloo on CPU, NCCL on GPU: collectives run on the logits' device, or on
+    the CPU for gloo) and the default group or a sub-group. The shard's statistics and gradient
+    come from the fused kernels where the device has them (see
+    ``kl_fused.distributed.is_fused_available``); elsewhere from plain PyTorch, with a warning.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "kl_div_logits_vocab_parallel needs torch.distributed: call torch.distributed.init_process_group first"
+        )
+    total_vocab = _agree_on_the_call(student_shard, teacher_shard, temperature, reduction, direction, mask, group)
+    if not _shard_math.has_fused_shard_kernels(student_shard.device):
+        _warn_fallback_once(student_shard.device.type)
+    return _VocabParallelKL.apply(
+        student_shard, teacher_shard, mask, group, float(temperature), direction == "reverse", reduction, total_vocab
+    )
+
+
+def is_fused_available(device) -> bool:
+    """True where compiled kernels compute the shard statistics and gradients on `device`."""
+    return _shard_math.has_fused_shard_kernels(device)
+
+
+def collective_bytes_per_call(rows, dtype):
+    """Payload bytes one rank contributes per call: the agreement record, then 5 values per row."""
+    value_bytes = 8 if dtype == torch.float64 else 4
+    return _record_bytes() + 5 * value_bytes * rows
+
+
+def _record_bytes():
+    return 8 * (len(_META_FIELDS) + _MESSAGE_BYTES // 8)
+
+
+def _warn_fallback_once(device_type):
+    if device_type in _warned_fallback:
+        return
+    _warned_fallback.add(device_type)
+    warnings.warn(
+        f"kl_fused.distributed: no compiled shard kernels for device '{device_type}'; the shard statistics "
+        "and gradients run in plain PyTorch (correct, slower, O(rows x V_r) temporaries)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, mask, group, temperature, reverse, reduction, total_vocab):
+        vocab = student.shape[-1]
+        leading = student.shape[:-1]
+        s2, t2 = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+        m1 = mask.reshape(-1).contiguous() if mask is not None else None
+        states = _shard_math.shard_states(s2, t2, m1, temperature, reverse)
+
+        comm = _collective_device(group, states.device)
+        maxima = states[:, :2].to(comm, copy=True)
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        maxima = maxima.to(states.device)
+        sums = _shard_math.rescaled_sums(states, maxima, reverse).to(comm)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        row_kl, stats = _shard_math.finish_rows(maxima, sums.to(states.device), m1, reverse)
+
+        counted = m1.sum() if m1 is not None else None
+        ctx.save_for_backward(student, teacher, mask, stats, counted)
+        ctx.options = (temperature, reverse, reduction, total_vocab)
+        return _reduce(row_kl, counted, reduction, leading, total_vocab)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        student, teacher, mask, stats, counted = ctx.saved_tensors
+        temperature, reverse, reduction, total_vocab = ctx.options
+        need_student, need_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_student or need_teacher):
+            return (None,) * 8
+        vocab = student.shape[-1]
+        rows = stats.shape[0]
+        # d(loss)/d(row KL) / T, on the device: no host synchronisation.
+        per_row = grad_loss.reshape(-1) if reduction == "none" else grad_loss.reshape(1)
+        factor = per_row.to(stats.dtype) / temperature
+        if reduction in ("batchmean", "mean"):
+            count = counted.clamp_min(1).to(stats.dtype) if counted is not None else float(max(rows, 1))
+            factor = factor / count
+            if reduction == "mean":
+                factor = factor / total_vocab
+        factor = factor.expand(rows).contiguous()
+        m1 = mask.reshape(-1).contiguous() if mask is not None else None
+        grad_student, grad_teacher = _shard_math.shard_grads(
+            student.reshape(-1, vocab), teacher.reshape(-1, vocab), m1, stats, factor,
+            temperature, reverse, need_student, need_teacher,
+        )
+        return (
+            grad_student.view(student.shape) if need_student else None,
+            grad_teacher.view(teacher.shape) if need_teacher else None,
+            None, None, None, None, None, None,
+        )
+
+
+def _reduce(row_kl, counted, reduction, leading, total_vocab):
+    if reduction == "none":
+        return row_kl.view(leading)
+    total = row_kl.sum()
+    if reduction == "sum":
+        return total
+    per_row = total_vocab if reduction == "mean" else 1
+    if counted is not None:
+        denominator = counted.clamp_min(1).to(torch.float64) * per_row
+    else:
+        denominator = torch.tensor(float(max(row_kl.numel(), 1) * per_row), dtype=torch.float64)
+    return (total.to(torch.float64) / denominator.to(total.device)).to(row_kl.dtype)
+
+
+def _collective_device(group, device):
+    """Where this group's collectives run: the logits' device, or the CPU for a backend without it."""
+    backend = str(dist.get_backend(group)).lower()
+    if device.type == "cpu" or backend == "nccl" or device.type in backend:
+        return device
+    return torch.device("cpu")
+
+
+def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask, group):
+    """All-gathers one record per rank and raises the same ValueError on every rank when a rank's
+    arguments are invalid or the ranks disagree. Returns the full vocabulary size."""
+    try:
+        check_kl_args(student, teacher, temperature, reduction, direction, mask)
+        local_error = None
+    except (TypeError, ValueError) as error:
+        local_error = error
+    record = _local_record(student, mask, temperature, reduction, direction, local_error)
+    device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+    if str(dist.get_backend(group)).lower() == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    record = record.to(_collective_device(group, device))
+    gathered = [torch.empty_like(record) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, record, group=group)
+    records = [r.cpu() for r in gathered]
+    fields = [dict(zip(_META_FIELDS, r[: len(_META_FIELDS)].tolist())) for r in records]
+
+    failed = [rank for rank, f in enumerate(fields) if not f["ok"]]
+    if failed:
+        if local_error is not None:
+            raise local_error
+        rank = failed[0]
+        message = records[rank][len(_META_FIELDS):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
+        raise ValueError(
+            f"kl_div_logits_vocab_parallel: rank {rank} of the group rejected its arguments ({message}); "
+            f"ranks that failed: {failed}"
+        )
+    for name, what in (
+        ("rows", "the number of rows"),
+        ("leading", "the leading shape"),
+        ("dtype", "the logits' dtype"),
+        ("direction", "direction"),
+        ("reduction", "reduction"),
+        ("temperature", "temperature"),
+        ("mask", "whether a mask is given"),
+        ("counted", "the mask's counted rows"),
+    ):
+        values = [f[name] for f in fields]
+        if len(set(values)) > 1:
+            shown = [_describe(name, v) for v in values]
+            raise ValueError(
+                f"kl_div_logits_vocab_parallel: the ranks of the group disagree on {what} "
+                f"(rank by rank: {shown}); every rank must pass the same rows and options"
+            )
+    return sum(f["width"] for f in fields)
+
+
+def _local_record(student, mask, temperature, reduction, direction, error):
+    values = dict.fromkeys(_META_FIELDS, 0)
+    message = b""
+    if error is None:
+        vocab = student.shape[-1]
+        leading = tuple(student.shape[:-1])
+        values.update(
+            ok=1,
+            rows=math.prod(leading),
+            width=vocab,
+            dtype=_DTYPE_CODES[student.dtype],
+            direction=int(direction == "reverse"),
+            reduction=REDUCTIONS.index(reduction),
+            temperature=struct.unpack("<q", struct.pack("<d", float(temperature)))[0],
+            mask=int(mask is not None),
+            counted=int(mask.sum().item()) if mask is not None else -1,
+            # tuple hashes of ints are the same in every process (no hash randomisation)
+            leading=hash(leading),
+        )
+    else:
+        message = f"{type(error).__name__}: {error}".encode("utf-8")[:_MESSAGE_BYTES]
+    padded = message.ljust(_MESSAGE_BYTES, b"\0")
+    text = torch.frombuffer(bytearray(padded), dtype=torch.int64)
+    return torch.cat([torch.tensor([values[name] for name in _META_FIELDS], dtype=torch.int64), text])
+
+
+def _describe(name, value):
+    if name == "dtype":
+        return str(SUPPORTED_DTYPES[value])
+    if name == "temperature":
+        return struct.unpack("<d", struct.pack("<q", value))[0]
+    if name == "reduction":
+        return REDUCTIONS[value]
+    if name == "direction":
+        return ("forward", "reverse")[value]
+    return value
