@@ -190,6 +190,13 @@ def _build_parser():
     parser.add_argument("--plot", metavar="PATH", help="plot GB/s against vocab to a PNG (needs matplotlib)")
     parser.add_argument("--no-check", action="store_true", help="skip the agreement check against float64")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) before running")
+    parser.add_argument(
+        "--vocab-parallel",
+        type=int,
+        metavar="N",
+        help="instead of the providers: kl_fused.distributed on N CPU processes (gloo), each with a vocabulary "
+        "shard and its share of the threads, next to the single-process fused kernel (fwd+bwd)",
+    )
     return parser
 
 
@@ -210,6 +217,8 @@ def parse_args(argv):
             raise ValueError(f"--temperature must be finite and positive, got {args.temperature}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        if args.vocab_parallel is not None and (args.vocab_parallel < 1 or args.device.type != "cpu"):
+            raise ValueError("--vocab-parallel needs N >= 1 and the cpu device (it spawns gloo processes)")
     except ValueError as error:
         parser.error(str(error))
     return args
@@ -601,6 +610,10 @@ def main(argv=None):
         f"{environment['device']} ({environment['device_name']}), {environment['threads']} threads, "
         f"fused kernel available: {environment['fused_available']}"
     )
+    if args.vocab_parallel is not None:
+        from kl_fused import _bench_vocab_parallel
+
+        return _bench_vocab_parallel.main(args, environment)
     drop_unavailable_providers(args)
     print(
         f"providers: {', '.join(args.providers) or 'none'}; "

@@ -1,0 +1,157 @@
+"""`kl-fused-bench --vocab-parallel N`: the vocab-parallel loss on N CPU processes (gloo) next to the
+single-process fused kernel on the full rows, forward + backward.
+
+The single-process kernel runs first with all the threads the benchmark has; then N ranks start,
+each with its share of those threads and its slice of the same logits (widths as even as
+possible, as a tensor-parallel output layer splits them). A step on the ranks is timed from a
+barrier to the end of backward, and its time is the slowest rank's. The collectives alone, with
+the same payload, are timed as well, and bytes sent per rank come from the payload of the three
+collectives (kl_fused.distributed.collective_bytes_per_call).
+"""
+
+import datetime
+import json
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import kl_fused
+from kl_fused.distributed import collective_bytes_per_call, kl_div_logits_vocab_parallel
+
+AGREEMENT_RTOL = 1e-4
+
+
+def shard_widths(vocab, ranks):
+    """Widths as even as possible; the first vocab % ranks shards get one more."""
+    base, extra = divmod(vocab, ranks)
+    return [base + (1 if r < extra else 0) for r in range(ranks)]
+
+
+def _percentiles(samples):
+    from kl_fused.bench import percentile
+
+    return {f"{name}_ms": percentile(samples, q) for name, q in (("median", 0.5), ("p10", 0.1), ("p90", 0.9))}
+
+
+def _time_single_process(case, args):
+    from kl_fused.bench import make_inputs, make_step, time_interleaved
+
+    student, teacher = make_inputs(case, torch.device("cpu"))
+    step = make_step(lambda s, t: kl_fused.kl_div_logits(s, t, temperature=args.temperature), student, teacher, True)
+    samples = time_interleaved({"fused": step}, args.warmup, args.reps, torch.device("cpu"))["fused"]
+    return _percentiles(samples)
+
+
+def _rank_main(rank, ranks, init_file, out_file, case, args_dict):
+    from kl_fused.bench import make_inputs
+
+    threads = args_dict["threads_per_rank"]
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,
+                            timeout=datetime.timedelta(seconds=300))
+    try:
+        student, teacher = make_inputs(case, torch.device("cpu"))
+        widths = shard_widths(case.vocab, ranks)
+        start = sum(widths[:rank])
+        shard_s = student.detach()[:, start:start + widths[rank]].clone().requires_grad_()
+        shard_t = teacher[:, start:start + widths[rank]].clone()
+        temperature = args_dict["temperature"]
+
+        def step():
+            shard_s.grad = None
+            loss = kl_div_logits_vocab_parallel(shard_s, shard_t, temperature=temperature)
+            loss.backward()
+            return loss
+
+        loss = step().item()
+        if rank == 0:  # agreement with the single-process kernel on the full rows
+            full = kl_fused.kl_div_logits(student.detach(), teacher, temperature=temperature).item()
+            agreement = abs(loss - full) / max(abs(full), 1e-30)
+        del student, teacher
+
+        acc = torch.float64 if case.dtype == torch.float64 else torch.float32
+        record = torch.zeros(50, dtype=torch.int64)
+        maxima, sums = torch.zeros(case.rows, 2, dtype=acc), torch.zeros(case.rows, 3, dtype=acc)
+
+        def collectives_only():
+            dist.all_gather([torch.empty_like(record) for _ in range(ranks)], record)
+            dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
+            dist.all_reduce(sums)
+
+        timings = {}
+        for name, fn in (("step", step), ("comm", collectives_only)):
+            for _ in range(args_dict["warmup"]):
+                fn()
+            samples = []
+            for _ in range(args_dict["reps"]):
+                dist.barrier()
+                began = time.perf_counter()
+                fn()
+                elapsed = torch.tensor([(time.perf_counter() - began) * 1e3], dtype=torch.float64)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
+                samples.append(elapsed.item())
+            timings[name] = samples
+        if rank == 0:
+            with open(out_file, "w") as out:
+                json.dump({"loss": loss, "relative_difference": agreement, "widths": widths, **timings}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_ranks(case, ranks, args):
+    threads_per_rank = max(1, torch.get_num_threads() // ranks)
+    args_dict = {"threads_per_rank": threads_per_rank, "temperature": args.temperature,
+                 "warmup": args.warmup, "reps": args.reps}
+    with tempfile.TemporaryDirectory() as tmp:
+        out_file = os.path.join(tmp, "rank0.json")
+        mp.start_processes(_rank_main, args=(ranks, os.path.join(tmp, "rendezvous"), out_file, case, args_dict),
+                           nprocs=ranks, join=True, start_method="spawn")
+        with open(out_file) as result:
+            return json.load(result), threads_per_rank
+
+
+def main(args, environment):
+    """Runs every case of args.cases; prints a table and writes --json records. Returns the exit code."""
+    from kl_fused.bench import write_json
+
+    ranks = args.vocab_parallel
+    records, failed = [], False
+    common = {key: environment[key] for key in ("device", "device_name", "torch_version", "kl_fused_version", "date")}
+    header = (f"{'provider':<16} {'ranks':>5} {'thr/rank':>8} {'dtype':<9} {'rows':>6} {'vocab':>7} {'median_ms':>10} "
+              f"{'p10_ms':>8} {'p90_ms':>8} {'comm_ms':>8} {'bytes/rank':>11} {'x_single':>8}")
+    lines = [header]
+    for index, case in enumerate(args.cases, start=1):
+        print(f"[{index}/{len(args.cases)}] {case} fwd+bwd, 1 process then {ranks} ranks ...", flush=True)
+        single = _time_single_process(case, args)
+        ranked, threads_per_rank = _run_ranks(case, ranks, args)
+        step, comm = _percentiles(ranked["step"]), _percentiles(ranked["comm"])
+        sent = collective_bytes_per_call(case.rows, case.dtype)
+        base = {"pass": "fwd+bwd", "dtype": case.dtype_name, "rows": case.rows, "vocab": case.vocab,
+                "temperature": args.temperature, **common}
+        records.append({"provider": "fused", "ranks": 1, "threads_per_rank": torch.get_num_threads(), **single, **base})
+        records.append({
+            "provider": "vocab-parallel", "ranks": ranks, "threads_per_rank": threads_per_rank, **step,
+            "comm_median_ms": comm["median_ms"], "bytes_sent_per_rank": sent, "shard_widths": ranked["widths"],
+            "relative_difference_vs_fused": ranked["relative_difference"],
+            "speedup_vs_single_process": single["median_ms"] / step["median_ms"], **base,
+        })
+        if not ranked["relative_difference"] <= AGREEMENT_RTOL:
+            print(f"FAILED: vocab-parallel loss differs from the single-process loss by "
+                  f"{ranked['relative_difference']:.3g} (relative) on {case}")
+            failed = True
+        lines.append(f"{'fused':<16} {1:>5} {torch.get_num_threads():>8} {case.dtype_name:<9} {case.rows:>6} "
+                     f"{case.vocab:>7} {single['median_ms']:>10.3f} {single['p10_ms']:>8.3f} {single['p90_ms']:>8.3f} "
+                     f"{'-':>8} {'-':>11} {'1.00x':>8}")
+        lines.append(f"{'vocab-parallel':<16} {ranks:>5} {threads_per_rank:>8} {case.dtype_name:<9} {case.rows:>6} "
+                     f"{case.vocab:>7} {step['median_ms']:>10.3f} {step['p10_ms']:>8.3f} {step['p90_ms']:>8.3f} "
+                     f"{comm['median_ms']:>8.3f} {sent:>11} {single['median_ms'] / step['median_ms']:>7.2f}x")
+    print("\n".join(lines))
+    if args.json:
+        write_json(args.json, records)
+    if not failed:
+        print(f"agreement check: the vocab-parallel loss matches the single-process fused loss (rtol {AGREEMENT_RTOL:g})")
+    return 1 if failed else 0

@@ -1,0 +1,36 @@
+"""The benchmark CLI runs end to end on a tiny case and writes the records it promises (its figures
+themselves live in bench/results/, never in tests)."""
+
+import json
+
+import torch
+
+from kl_fused import bench
+from kl_fused.distributed import collective_bytes_per_call
+
+
+def test_bench_writes_one_checked_record_per_provider(tmp_path):
+    out = tmp_path / "records.json"
+    code = bench.main(["--cases", "8x1000:float32", "--providers", "fused,eager,reference",
+                       "--reps", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    records = records["records"] if isinstance(records, dict) else records
+    assert sorted(r["provider"] for r in records) == ["eager", "fused", "reference"]
+    for record in records:
+        assert record["rows"] == 8 and record["vocab"] == 1000 and record["dtype"] == "float32"
+        assert record["median_ms"] > 0 and record["torch_version"] == torch.__version__
+
+
+def test_bench_vocab_parallel_mode(tmp_path):
+    out = tmp_path / "vp.json"
+    code = bench.main(["--vocab-parallel", "2", "--cases", "16x3001:bfloat16", "--reps", "2", "--warmup", "1",
+                       "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    records = records["records"] if isinstance(records, dict) else records
+    single, parallel = records
+    assert single["provider"] == "fused" and parallel["provider"] == "vocab-parallel" and parallel["ranks"] == 2
+    assert parallel["shard_widths"] == [1501, 1500]
+    assert parallel["bytes_sent_per_rank"] == collective_bytes_per_call(16, torch.bfloat16) == 400 + 16 * 20
+    assert parallel["relative_difference_vs_fused"] < 1e-4
