@@ -43,6 +43,10 @@ def test_vocab_parallel_edge_rows(world_size):
     _spawn(world_size, "edge_rows")
 
 
+def test_data_parallel_normalisation_recipe():
+    _spawn(4, "data_parallel_batchmean")
+
+
 def test_vocab_parallel_sub_group():
     _spawn(3, "sub_group")
 

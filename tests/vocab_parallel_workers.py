@@ -165,6 +165,38 @@ def bad_calls_raise_everywhere(rank, world_size):
     _check(student, teacher, widths, rank, what="after the errors")
 
 
+def data_parallel_batchmean(rank, world_size):
+    """The README's recipe on 4 ranks, 2-way data parallel x 2-way tensor parallel: reduction="sum"
+    divided by the global count of counted rows gives, on every rank, the global per-token mean
+    and the gradient of its rows and vocabulary shard."""
+    assert world_size == 4
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    dp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    dp_rank, tp_rank = divmod(rank, 2)
+    tp_group, dp_group = tp_groups[dp_rank], dp_groups[tp_rank]
+    widths = [700, 301]
+    student, teacher = make_logits((2, 6, sum(widths)), torch.float32, "cpu", seed=99)
+    mask = torch.tensor([[True, True, False, True, True, True], [False, True, False, False, True, False]])
+    start, end = _bounds(widths, tp_rank)
+
+    s = student[dp_rank, :, start:end].clone().requires_grad_()
+    t = teacher[dp_rank, :, start:end]
+    loss_sum = kl_div_logits_vocab_parallel(s, t, mask=mask[dp_rank], reduction="sum", group=tp_group)
+    counted = mask[dp_rank].sum().to(loss_sum.dtype)
+    dist.all_reduce(counted, group=dp_group)
+    loss = loss_sum / counted.clamp_min(1)
+    loss.backward()
+
+    full_student = student.clone().requires_grad_()
+    expected = kl_fused.kl_div_logits(full_student, teacher, mask=mask)  # batchmean of the global batch
+    expected.backward()
+    global_loss = loss.detach().clone()
+    dist.all_reduce(global_loss, group=dp_group)
+    assert_close(global_loss, expected, 2e-5, 2e-6, f"rank {rank}: global batchmean")
+    assert_grad_close(s.grad, full_student.grad[dp_rank, :, start:end], torch.float32, f"rank {rank}: gradient")
+
+
 SCENARIOS = {
-    f.__name__: f for f in (compare_with_full_rows, edge_rows, sub_group, bad_calls_raise_everywhere)
+    f.__name__: f
+    for f in (compare_with_full_rows, edge_rows, sub_group, bad_calls_raise_everywhere, data_parallel_batchmean)
 }
