@@ -1,26 +1,11 @@
 """kl_fused.kl_div_logits: the public function."""
 
-import warnings
-
 import torch
 
 from kl_fused import reference
 from kl_fused._ops import FUSED_DEVICE_TYPES, fused_unavailable_reason
 from kl_fused._validate import check_kl_args
-
-_warned_device_types = set()
-
-
-def _warn_fallback_once(device_type):
-    if device_type in _warned_device_types:
-        return
-    _warned_device_types.add(device_type)
-    warnings.warn(
-        f"kl_fused: no fused kernel for device '{device_type}' ({fused_unavailable_reason(device_type)}); "
-        "using the pure-PyTorch reference, which is slower and uses more memory",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+from kl_fused._warn_once import warn_once
 
 
 def kl_div_logits(
@@ -56,7 +41,11 @@ def kl_div_logits(
     check_kl_args(student_logits, teacher_logits, temperature, reduction, direction, mask)
     device_type = student_logits.device.type
     if device_type not in FUSED_DEVICE_TYPES:
-        _warn_fallback_once(device_type)
+        warn_once(
+            ("kl_div_logits", device_type),
+            f"kl_fused: no fused kernel for device '{device_type}' ({fused_unavailable_reason(device_type)}); "
+            "using the pure-PyTorch reference, which is slower and uses more memory",
+        )
         return reference.kl_div_logits(
             student_logits,
             teacher_logits,

@@ -27,18 +27,17 @@ local one. Take ``reduction="sum"`` and divide by the global count::
 
 import math
 import struct
-import warnings
 
 import torch
 import torch.distributed as dist
 
 from kl_fused import _shard_math
 from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
+from kl_fused._warn_once import warn_once
 
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(SUPPORTED_DTYPES)}
 _MESSAGE_BYTES = 320
 _META_FIELDS = ("ok", "rows", "width", "dtype", "direction", "reduction", "temperature", "mask", "counted", "leading")
-_warned_fallback = set()
 
 
 def kl_div_logits_vocab_parallel(
@@ -66,7 +65,9 @@ def kl_div_logits_vocab_parallel(
 
     * one ``all_gather`` of a fixed 400-byte record per rank, which checks that the ranks agree
       on rows, dtype, options and mask, and that every rank's arguments are valid, so that a bad
-      call raises the same clear ``ValueError`` on every rank instead of hanging one of them;
+      call raises on every rank instead of hanging one of them (a rank whose own arguments are
+      invalid raises its TypeError/ValueError, the others a ValueError that names that rank and
+      quotes its message; ranks that disagree all raise a ValueError listing the values);
     * one ``all_reduce(MAX)`` of the row maxima: 2 values per row;
     * one ``all_reduce(SUM)`` of the rescaled sums Z_a, Z_b, W: 3 values per row.
 
@@ -86,7 +87,12 @@ def kl_div_logits_vocab_parallel(
         )
     total_vocab = _agree_on_the_call(student_shard, teacher_shard, temperature, reduction, direction, mask, group)
     if not _shard_math.has_fused_shard_kernels(student_shard.device):
-        _warn_fallback_once(student_shard.device.type)
+        device_type = student_shard.device.type
+        warn_once(
+            ("vocab_parallel", device_type),
+            f"kl_fused.distributed: no compiled shard kernels for device '{device_type}'; the shard statistics "
+            "and gradients run in plain PyTorch (correct, slower, O(rows x V_r) temporaries)",
+        )
     return _VocabParallelKL.apply(
         student_shard, teacher_shard, mask, group, float(temperature), direction == "reverse", reduction, total_vocab
     )
@@ -105,18 +111,6 @@ def collective_bytes_per_call(rows, dtype):
 
 def _record_bytes():
     return 8 * (len(_META_FIELDS) + _MESSAGE_BYTES // 8)
-
-
-def _warn_fallback_once(device_type):
-    if device_type in _warned_fallback:
-        return
-    _warned_fallback.add(device_type)
-    warnings.warn(
-        f"kl_fused.distributed: no compiled shard kernels for device '{device_type}'; the shard statistics "
-        "and gradients run in plain PyTorch (correct, slower, O(rows x V_r) temporaries)",
-        RuntimeWarning,
-        stacklevel=3,
-    )
 
 
 class _VocabParallelKL(torch.autograd.Function):

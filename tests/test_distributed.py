@@ -127,3 +127,33 @@ def test_vocab_parallel_needs_an_initialised_process_group():
     student, teacher = make_logits((2, 10), torch.float32, "cpu", seed=65)
     with pytest.raises(RuntimeError, match="init_process_group"):
         kl_div_logits_vocab_parallel(student, teacher)
+
+
+def test_devices_without_shard_kernels_run_the_same_math_in_pytorch_and_say_so(monkeypatch, tmp_path):
+    import warnings
+
+    import torch.distributed as dist
+
+    import kl_fused
+    from kl_fused import _warn_once
+    from kl_fused.distributed import kl_div_logits_vocab_parallel
+
+    monkeypatch.setattr(_shard_math, "has_fused_shard_kernels", lambda device: False)
+    _warn_once.forget(("vocab_parallel", "cpu"))
+    student, teacher = make_logits((3, 4, 300), torch.float32, "cpu", seed=66)
+    student.requires_grad_()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loss = kl_div_logits_vocab_parallel(student, teacher, direction="reverse", temperature=1.5)
+            kl_div_logits_vocab_parallel(student, teacher)
+        (grad,) = torch.autograd.grad(loss, student)
+    finally:
+        dist.destroy_process_group()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "plain PyTorch" in messages[0]
+    expected = kl_fused.kl_div_logits(student, teacher, direction="reverse", temperature=1.5)
+    (expected_grad,) = torch.autograd.grad(expected, student)
+    assert_close(loss, expected, 2e-5, 2e-6, "loss")
+    assert_grad_close(grad, expected_grad, torch.float32, "gradient")
