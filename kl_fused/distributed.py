@@ -73,8 +73,8 @@ def kl_div_logits_vocab_parallel(
 
     That is 20 bytes per row (40 in float64), never O(rows x V). Backward needs no collective: the
     full rows' statistics are kept from forward (5 values per row), so it cannot deadlock, even
-    when some rank's rows are all masked. Reading the agreement record back is one host
-    synchronisation per call on a GPU.
+    when some rank's rows are all masked. On a GPU the agreement check costs two host
+    synchronisations per call (the mask's count, and reading the gathered records).
 
     Works with any backend (gloo on CPU, NCCL on GPU: collectives run on the logits' device, or on
     the CPU for gloo) and the default group or a sub-group. The shard's statistics and gradient
