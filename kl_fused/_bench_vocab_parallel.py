@@ -12,6 +12,7 @@ collectives (kl_fused.distributed.collective_bytes_per_call).
 import datetime
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -100,6 +101,12 @@ def _rank_main(rank, ranks, init_file, out_file, case, args_dict):
                 json.dump({"loss": loss, "relative_difference": agreement, "widths": widths, **timings}, out)
     finally:
         dist.destroy_process_group()
+    # A rank that succeeded ends without Python's finalisation: a gloo worker thread may still be
+    # releasing a finished all_reduce's tensors then, needs the GIL, and aborts the process (a
+    # torch race seen here about once in 12 runs; tests/vocab_parallel_workers.py has the trace).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_ranks(case, ranks, args):
