@@ -21,18 +21,23 @@ except ImportError as error:  # an install without the compiled extension
     IMPORT_ERROR = error
 
 OP_NAME = "kl_fused::kl_div_logits"
+SHARD_OP_NAMES = ("kl_fused::kl_row_states", "kl_fused::kl_grad_from_stats")
 
 
-def _compiled_device_types():
+def compiled_device_types(op_names):
+    """The device types on which every op in op_names has a compiled kernel (read once, at import)."""
     if _C is None:
         return frozenset()
     keys = {"cpu": "CPU", "cuda": "CUDA"}
     return frozenset(
-        device for device, key in keys.items() if torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, key)
+        device
+        for device, key in keys.items()
+        if all(torch._C._dispatch_has_kernel_for_dispatch_key(name, key) for name in op_names)
     )
 
 
-FUSED_DEVICE_TYPES = _compiled_device_types()
+FUSED_DEVICE_TYPES = compiled_device_types((OP_NAME,))
+SHARD_DEVICE_TYPES = compiled_device_types(SHARD_OP_NAMES)
 
 
 def is_fused_available(device) -> bool:

@@ -18,22 +18,12 @@ are also the tests' independent oracle for those kernels.
 
 import torch
 
-from kl_fused._ops import _C
-
-STATE_OP = "kl_fused::kl_row_states"
-GRAD_OP = "kl_fused::kl_grad_from_stats"
-_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+from kl_fused._ops import SHARD_DEVICE_TYPES
 
 
 def has_fused_shard_kernels(device) -> bool:
     """True where compiled kernels compute a shard's partial state and gradient on `device`."""
-    key = _DISPATCH_KEYS.get(torch.device(device).type)
-    return (
-        _C is not None
-        and key is not None
-        and torch._C._dispatch_has_kernel_for_dispatch_key(STATE_OP, key)
-        and torch._C._dispatch_has_kernel_for_dispatch_key(GRAD_OP, key)
-    )
+    return torch.device(device).type in SHARD_DEVICE_TYPES
 
 
 def acc_dtype(dtype):
