@@ -66,6 +66,29 @@ __device__ __forceinline__ at::opmath_type<scalar_t> to_acc(scalar_t v) {
   return static_cast<at::opmath_type<scalar_t>>(v);
 }
 
+// Loads the U packs of one thread step (units first, first + blockDim.x, ...) that lie below end,
+// all before any is used, so that they are in flight together; valid[i] says which exist.
+// kFromCache reads the shared-memory row cache, otherwise global memory (evict-first when kLastUse).
+template <bool kFromCache, bool kLastUse, typename scalar_t, int N, int U>
+__device__ __forceinline__ void load_step(const Pack<scalar_t, N>* x, const Pack<scalar_t, N>* y,
+                                          int64_t first, int64_t end, Pack<scalar_t, N> (&px)[U],
+                                          Pack<scalar_t, N> (&py)[U], bool (&valid)[U]) {
+#pragma unroll
+  for (int i = 0; i < U; ++i) {
+    const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
+    valid[i] = unit < end;
+    if (valid[i]) {
+      if constexpr (kFromCache) {
+        px[i] = x[unit];
+        py[i] = y[unit];
+      } else {
+        px[i] = load_pack<kLastUse>(x, unit);
+        py[i] = load_pack<kLastUse>(y, unit);
+      }
+    }
+  }
+}
+
 // Folds packs [begin, end) of one row into st, in strides of blockDim.x packs per thread step.
 // kStore parks the packs in the shared-memory row cache for the gradient pass.
 template <typename scalar_t, int N, bool kStore, bool kLastUse>
@@ -81,15 +104,7 @@ __device__ __forceinline__ void accumulate_range(RowState<at::opmath_type<scalar
   for (int64_t first = begin + threadIdx.x; first < end; first += step) {
     Pack<scalar_t, N> px[U], py[U];
     bool valid[U];
-#pragma unroll
-    for (int i = 0; i < U; ++i) {  // all loads first: they are in flight together
-      const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
-      valid[i] = unit < end;
-      if (valid[i]) {
-        px[i] = load_pack<kLastUse>(x, unit);
-        py[i] = load_pack<kLastUse>(y, unit);
-      }
-    }
+    load_step<false, kLastUse>(x, y, first, end, px, py, valid);
     if constexpr (kStore) {
 #pragma unroll
       for (int i = 0; i < U; ++i) {
@@ -158,20 +173,7 @@ __device__ __forceinline__ void gradient_range(const Pack<scalar_t, N>* x,
   for (int64_t first = begin + threadIdx.x; first < end; first += step) {
     Pack<scalar_t, N> px[U], py[U];
     bool valid[U];
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
-      valid[i] = unit < end;
-      if (valid[i]) {
-        if constexpr (kFromCache) {
-          px[i] = x[unit];
-          py[i] = y[unit];
-        } else {
-          px[i] = load_pack<true>(x, unit);
-          py[i] = load_pack<true>(y, unit);
-        }
-      }
-    }
+    load_step<kFromCache, true>(x, y, first, end, px, py, valid);
 #pragma unroll
     for (int i = 0; i < U; ++i) {
       if (!valid[i]) continue;
