@@ -2,15 +2,12 @@
 have a compiled kernel.
 
 torch.ops.kl_fused.kl_div_logits computes the loss and, when asked, the gradients of that loss
-(at upstream gradient 1) in the same pass. Backward then only scales those saved gradients by the
-upstream gradient, in place, with no host synchronisation (the kernel reads the factor on the
-device and skips rows whose factor is 1). A second backward through a retained graph finds the
-buffers already handed out and recomputes them from the saved logits.
+(at upstream gradient 1) in the same pass; its autograd is the shared one of _fused_loss.py.
 """
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch._subclasses.functional_tensor import FunctionalTensor
+
+from kl_fused._fused_loss import register_fused_loss_autograd
 
 try:
     from kl_fused import _C  # noqa: F401  (loading the library registers torch.ops.kl_fused)
@@ -86,50 +83,5 @@ if _C is not None:
         grad_teacher = teacher.new_empty(teacher.shape if teacher_grad else (0,))
         return grad_student, grad_teacher
 
-    def _scale(grad, upstream):
-        """grad * upstream per row. In eager the buffer is ours alone, so it is scaled in place (and
-        rows whose factor is 1 are skipped on the device). A traced graph (torch.compile, export,
-        opcheck) is functional anyway: there the same arithmetic runs out of place, so that the
-        graph never mutates a tensor its forward returned."""
-        if isinstance(grad, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling():
-            acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
-            factors = upstream.to(acc).reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim()))
-            return (grad.to(acc) * factors).to(grad.dtype)
-        torch.ops.kl_fused.grad_scale_(grad, upstream)
-        return grad
-
-    def _setup_context(ctx, inputs, output):
-        student, teacher, mask, temperature, reverse, reduction, student_grad, teacher_grad = inputs
-        _, grad_student, grad_teacher = output
-        ctx.mark_non_differentiable(grad_student, grad_teacher)
-        # Otherwise autograd hands backward two (rows x V) zero tensors for those outputs.
-        ctx.set_materialize_grads(False)
-        # Kept as attributes, not saved tensors: the first backward takes them over and scales
-        # them in place, which a saved tensor's version counter would forbid.
-        ctx.fresh_grads = (grad_student if student_grad else None, grad_teacher if teacher_grad else None)
-        ctx.save_for_backward(student, teacher, mask)
-        ctx.options = (temperature, reverse, reduction)
-
-    def _backward(ctx, grad_loss, _grad_of_grad_student, _grad_of_grad_teacher):
-        if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
-            raise RuntimeError(
-                "kl_fused.kl_div_logits supports first-order gradients only (backward with create_graph=True "
-                "asks for second-order ones); use kl_fused.reference.kl_div_logits for those"
-            )
-        need_student, need_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grads, ctx.fresh_grads = ctx.fresh_grads, None
-        if grad_loss is None:  # the loss did not reach the backward's root
-            return None, None, None, None, None, None, None, None
-        if grads is None or (need_student and grads[0] is None) or (need_teacher and grads[1] is None):
-            # A second backward through a retained graph, or a gradient forward did not compute.
-            student, teacher, mask = ctx.saved_tensors
-            temperature, reverse, reduction = ctx.options
-            _, grad_student, grad_teacher = torch.ops.kl_fused.kl_div_logits(
-                student, teacher, mask, temperature, reverse, reduction, need_student, need_teacher
-            )
-            grads = (grad_student, grad_teacher)
-        grad_student = _scale(grads[0], grad_loss) if need_student else None
-        grad_teacher = _scale(grads[1], grad_loss) if need_teacher else None
-        return grad_student, grad_teacher, None, None, None, None, None, None
-
-    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+    # kl_div_logits(student, teacher, mask, temperature, reverse, reduction, student_grad, teacher_grad)
+    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 1), grad_flags=(6, 7))

@@ -27,90 +27,12 @@
 #include <memory>
 
 #include "cpu_kernels.h"
+#include "vec_lanes.h"
 
 namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE {
 namespace {
 
 using at::vec::Vectorized;
-
-// Loads and stores of kStep = 2 * Vec::size() elements as two accumulation-type vectors; a short
-// tail is padded with `pad` (lanes past the row never reach a sum or a store). Always inlined: an
-// out-of-line load returns its vectors through memory.
-template <typename scalar_t>
-struct Lanes {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kVec = Vec::size();
-  static constexpr int64_t kStep = 2 * kVec;
-  static constexpr bool kReduced = !std::is_same_v<scalar_t, acc_t>;
-
-  C10_ALWAYS_INLINE static void load(const scalar_t* p, int64_t n, acc_t pad, Vec& lo, Vec& hi) {
-    if constexpr (kReduced) {
-      static_assert(Vectorized<scalar_t>::size() == kStep);
-      auto raw = n == kStep ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
-      std::tie(lo, hi) = at::vec::convert_to_float<scalar_t>(raw);
-    } else {
-      lo = n >= kVec ? Vec::loadu(p) : Vec::loadu(p, n);
-      hi = n == kStep ? Vec::loadu(p + kVec) : (n > kVec ? Vec::loadu(p + kVec, n - kVec) : Vec(pad));
-    }
-    if (n < kStep) {
-      lo = Vec::set(Vec(pad), lo, std::min<int64_t>(n, kVec));
-      hi = Vec::set(Vec(pad), hi, std::max<int64_t>(n - kVec, 0));
-    }
-  }
-
-  C10_ALWAYS_INLINE static void store(scalar_t* p, int64_t n, const Vec& lo, const Vec& hi) {
-    if constexpr (kReduced) {
-      auto packed = at::vec::convert_from_float<scalar_t>(lo, hi);
-      if (n == kStep) packed.store(p); else packed.store(p, n);
-    } else if (n == kStep) {
-      lo.store(p);
-      hi.store(p + kVec);
-    } else {
-      lo.store(p, std::min<int64_t>(n, kVec));
-      if (n > kVec) hi.store(p + kVec, n - kVec);
-    }
-  }
-};
-
-// exp(x) for the shifted logits x = logit - row max, which lie in [-inf, 0] (plus a rounding
-// residue above 0) once the row's maxima are known to be finite. Returns exp(x) and sets `live` to
-// the lanes where exp(x) may be nonzero; lanes below kExpFloor (e^-87 ~ 1.6e-38, below every
-// normal float's share of a sum that is >= 1) are exactly 0, -inf included.
-// float on AVX2: x = n ln2 + r with n = round(x log2 e) taken from the low mantissa bits of
-// x log2 e + 1.5 * 2^23, |r| <= ln2 / 2, e^r by at::vec's exp_u20 polynomial (same accuracy as
-// exp_u20), 2^n added to the exponent bits. 12 instructions instead of exp_u20's 18, because the
-// range is known: no clamping, no overflow path.
-template <typename acc_t>
-struct NonPositiveExp {
-  using Vec = Vectorized<acc_t>;
-  static constexpr acc_t kExpFloor = acc_t(-87);
-
-  C10_ALWAYS_INLINE static Vec exp(const Vec& x, Vec& live) {
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      const __m256 v = x;
-      const __m256 shifted = _mm256_fmadd_ps(v, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(12582912.f));
-      const __m256 n = _mm256_sub_ps(shifted, _mm256_set1_ps(12582912.f));
-      const __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693147182f), v);
-      __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(0.00828929059f), r, _mm256_set1_ps(0.0418978221f));
-      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.166676521f));
-      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.499991506f));
-      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.999999701f));
-      p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
-      const __m256i two_to_n = _mm256_slli_epi32(_mm256_castps_si256(shifted), 23);
-      const __m256 e = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), two_to_n));
-      const __m256 keep = _mm256_cmp_ps(v, _mm256_set1_ps(kExpFloor), _CMP_GE_OQ);
-      live = Vec(keep);
-      return Vec(_mm256_and_ps(e, keep));
-    }
-#endif
-    live = x >= Vec(kExpFloor);
-    // float: at::vec's inline polynomial (a few ulp); double: Sleef's 1-ulp exp.
-    if constexpr (std::is_same_v<acc_t, float>) return x.exp_u20() & live;
-    else return x.exp() & live;
-  }
-};
 
 // One chunk's partial state: its shifts (the chunk's maxima of a and b, or 0 for a side that is
 // all -inf there) and, relative to them, Z_a = sum exp(a'), Z_b = sum exp(b'), W = sum exp(x')(x' - y').
@@ -163,13 +85,10 @@ struct RowSolver {
     return at::vec::maximum(acc, x);
   }
 
-  // Calls body(i, n) over the row in steps of kStep elements: the full steps with n a
-  // compile-time kStep, so that their loads and stores carry no tail logic, then the tail.
+  // body(i, n) over the row in steps of this solver's kStep (vec_lanes.h).
   template <typename Body>
   C10_ALWAYS_INLINE static void for_each_step(int64_t V, const Body& body) {
-    int64_t i = 0;
-    for (; i + kStep <= V; i += kStep) body(i, std::integral_constant<int64_t, kStep>{});
-    if (i < V) body(i, V - i);
+    for_each_lane_step<kStep>(V, body);
   }
 
   void fill_gradients(int64_t row, scalar_t value) const {

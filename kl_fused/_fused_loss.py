@@ -1,0 +1,85 @@
+"""The autograd shape every kl_fused loss op shares, written once.
+
+A fused loss op takes its tensors and options and returns ``(loss, *grads)``: the reduced loss and,
+for each differentiable input whose flag argument is True, the gradient of that loss with respect
+to the input at upstream gradient 1, computed by the same kernel launch as the loss (the row is
+on-chip then). Backward only scales those buffers by the upstream gradient, in place and without a
+host synchronisation (``grad_scale_`` reads the factor on the device and skips rows whose factor is
+1). A second backward through a retained graph finds the buffers already handed out and calls the
+op again, with the flags set to the gradients it now needs.
+
+kl_div_logits, jsd_logits and sparse_kl_div all have this shape; each registers with
+:func:`register_fused_loss_autograd` and states which arguments are its differentiable inputs and
+which are their flags.
+"""
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
+
+
+def scale_by_upstream(grad, upstream):
+    """grad * upstream per row (upstream: one value, or one per row of the (..., X) grad).
+
+    In eager the buffer is ours alone, so it is scaled in place. A traced graph (torch.compile,
+    export, opcheck) is functional anyway: there the same arithmetic runs out of place, so that the
+    graph never mutates a tensor its forward returned."""
+    if isinstance(grad, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling():
+        acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
+        factors = upstream.to(acc).reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim()))
+        return (grad.to(acc) * factors).to(grad.dtype)
+    torch.ops.kl_fused.grad_scale_(grad, upstream)
+    return grad
+
+
+def register_fused_loss_autograd(op_name, grad_inputs, grad_flags):
+    """Registers autograd for a fused loss op ``op(*args) -> (loss, *grads)``.
+
+    grad_inputs[i] is the position in args of the input that grads[i] belongs to, grad_flags[i]
+    the position of the bool argument that asks the op for it. Every other argument is treated as
+    non-differentiable (masks, indices, options).
+    """
+    grad_inputs, grad_flags = tuple(grad_inputs), tuple(grad_flags)
+    if len(grad_inputs) != len(grad_flags):
+        raise ValueError("grad_inputs and grad_flags must pair up")
+    name = op_name.split("::")[-1]
+    op = getattr(torch.ops.kl_fused, name)
+
+    def setup_context(ctx, inputs, output):
+        grads = output[1:]
+        ctx.mark_non_differentiable(*grads)
+        # Otherwise autograd hands backward (rows x V) zero tensors for those outputs.
+        ctx.set_materialize_grads(False)
+        # Kept as attributes, not saved tensors: the first backward takes them over and scales
+        # them in place, which a saved tensor's version counter would forbid.
+        ctx.fresh_grads = tuple(grad if inputs[flag] else None for grad, flag in zip(grads, grad_flags))
+        tensor_positions = tuple(i for i, arg in enumerate(inputs) if isinstance(arg, torch.Tensor))
+        ctx.save_for_backward(*(inputs[i] for i in tensor_positions))
+        ctx.tensor_positions = tensor_positions
+        ctx.other_args = tuple(None if i in tensor_positions else arg for i, arg in enumerate(inputs))
+
+    def backward(ctx, grad_loss, *_grads_of_grads):
+        if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
+            raise RuntimeError(
+                f"kl_fused.{name} supports first-order gradients only (backward with create_graph=True asks "
+                f"for second-order ones); use kl_fused.reference.{name} for those"
+            )
+        result = [None] * len(ctx.other_args)
+        needed = tuple(ctx.needs_input_grad[i] for i in grad_inputs)
+        grads, ctx.fresh_grads = ctx.fresh_grads, None
+        if grad_loss is None:  # the loss did not reach the backward's root
+            return tuple(result)
+        if grads is None or any(need and grad is None for need, grad in zip(needed, grads)):
+            # A second backward through a retained graph, or a gradient forward did not compute.
+            args = list(ctx.other_args)
+            for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
+                args[position] = tensor
+            for flag, need in zip(grad_flags, needed):
+                args[flag] = need
+            grads = op(*args)[1:]
+        for position, need, grad in zip(grad_inputs, needed, grads):
+            if need:
+                result[position] = scale_by_upstream(grad, grad_loss)
+        return tuple(result)
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
