@@ -1,0 +1,33 @@
+// The schemas of every kl_fused op, defined once. ops.cpp declares them as the `kl_fused`
+// library; the CUDA emulator of the tests declares the same schemas under its own namespace, so
+// that the emulated kernels are called exactly as the real ones.
+#pragma once
+
+#include <torch/library.h>
+
+namespace kl_fused {
+
+inline void define_op_schemas(torch::Library& m) {
+  // Loss of (..., V) logits reduced as `reduction`, and, when asked for, the gradients of that
+  // loss with respect to each input at upstream gradient 1, computed in the same pass.
+  // reverse=False: KL(softmax(t/T) || softmax(s/T)); reverse=True: KL(softmax(s/T) || softmax(t/T)).
+  m.def(
+      "kl_div_logits(Tensor student, Tensor teacher, Tensor? mask, float temperature, "
+      "bool reverse, str reduction, bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  // grad[row] *= upstream[row] (or upstream[0]), in place; rows whose factor is 1 are not touched.
+  m.def("grad_scale_(Tensor(a!) grad, Tensor upstream) -> ()");
+  // Vocab-parallel (kl_fused.distributed): each rank holds a shard (..., V_k) of every row.
+  // The partial state of each row's shard, (rows, 5) in the accumulation type: the maxima m_a, m_b
+  // of a = t/T and b = s/T, and Z_a, Z_b, W relative to them (see kl_div_common.h). Masked rows
+  // give the empty state (-inf, -inf, 0, 0, 0), undefined ones (-inf, -inf, NaN, NaN, NaN).
+  m.def("kl_row_states(Tensor student, Tensor teacher, Tensor? mask, float temperature, bool reverse) -> Tensor");
+  // The gradients of a shard, given the full rows' statistics stats = (m_a, m_b, log Z_a, log Z_b,
+  // KL) per row and row_factor = d(loss)/d(row KL) / T per row.
+  m.def(
+      "kl_grad_from_stats(Tensor student, Tensor teacher, Tensor? mask, Tensor stats, "
+      "Tensor row_factor, float temperature, bool reverse, bool student_grad, bool teacher_grad) "
+      "-> (Tensor grad_student, Tensor grad_teacher)");
+}
+
+}  // namespace kl_fused
