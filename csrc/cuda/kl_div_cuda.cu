@@ -10,29 +10,22 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <type_traits>
 
 #include "../kl_div_common.h"
+#include "launch.cuh"
 #include "row_state.cuh"
 
 namespace kl_fused::cuda {
 namespace {
 
-constexpr int kMaxThreads = 1024;
-constexpr int kMinThreads = 32;
 // fp64 exp2/log2 are software routines: at 1024 threads (64 registers each) they spill.
 template <typename scalar_t>
 constexpr int kMaxRowThreads = sizeof(scalar_t) == 8 ? 512 : kMaxThreads;
-constexpr int kDefaultSharedBytes = 48 * 1024;  // above this a kernel must opt in
-
 // Packs loaded per thread before any of them is used, so several loads are in flight per thread:
 // 2 x 16 bytes per tensor on the vector path, 8 elements on the scalar one.
 template <int N>
@@ -231,7 +224,7 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>)
     kl_rows_kernel(const KLRowsArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
-  extern __shared__ __align__(16) unsigned char shared[];
+  KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
   auto* scratch = reinterpret_cast<RowState<acc_t>*>(shared);
   P* cache_x = reinterpret_cast<P*>(shared + args.scratch_bytes);
   P* cache_y = cache_x + args.cached_units;
@@ -334,74 +327,28 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Host side.
-
-// Smallest power of two (kMinThreads..max_threads) giving each thread about `per_thread` items.
-int block_threads(int64_t items, int64_t per_thread, int max_threads = kMaxThreads) {
-  int threads = kMinThreads;
-  while (threads < max_threads && threads * per_thread < items) threads *= 2;
-  return threads;
-}
-
-unsigned int grid_blocks(int64_t rows) {
-  return static_cast<unsigned int>(std::min<int64_t>(rows, std::numeric_limits<int32_t>::max()));
-}
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// Every row of x starts on a 16-byte boundary and holds a whole number of `pack`-element packs.
-bool rows_vectorizable(const void* base, const RowLayout& layout, int64_t vocab, int64_t pack) {
-  if (!aligned16(base) || vocab % pack != 0) return false;
-  for (int d = 0; d < layout.ndim; ++d) {
-    if (layout.strides[d] % pack != 0) return false;
-  }
-  return true;
-}
-
-// Shared memory the gradient kernel may use per block: the device's opt-in limit.
-int max_shared_bytes(int device) {
-  int bytes = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes;
-}
+// Host side (launch.cuh: the same code runs on the GPU and under the SIMT emulator of the tests).
 
 template <typename scalar_t, int N>
-void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, int device, cudaStream_t stream) {
+void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  using P = Pack<scalar_t, N>;
-  const int64_t units = args.vocab / N;
-  const int threads = block_threads(units, 2 * kUnroll<N>, kMaxRowThreads<scalar_t>);
-  const int scratch = static_cast<int>((threads / 32 * sizeof(RowState<acc_t>) + 15) / 16 * 16);
-  args.scratch_bytes = scratch;
-  const unsigned int grid = grid_blocks(args.rows);
+  const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxRowThreads<scalar_t>,
+                                           sizeof(RowState<acc_t>), sizeof(Pack<scalar_t, N>), any_grad, limits);
+  args.scratch_bytes = plan.scratch_bytes;
+  args.cached_units = plan.cached_units;
   if (!any_grad) {
-    args.cached_units = 0;
-    kl_rows_kernel<scalar_t, N, false><<<grid, threads, scratch, stream>>>(args);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel<kl_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
     return;
   }
-  // The whole row when it fits (2 V e bytes: the gradient pass then reads nothing from global
-  // memory), else as many leading packs as fit; the remainder is re-read from global memory.
-  const int limit = max_shared_bytes(device);
-  const int64_t budget = std::max<int64_t>(limit - scratch, 0);
-  args.cached_units = std::min<int64_t>(units, budget / static_cast<int64_t>(2 * sizeof(P)));
-  const int64_t shared_bytes = scratch + 2 * args.cached_units * static_cast<int64_t>(sizeof(P));
-  auto kernel = kl_rows_kernel<scalar_t, N, true>;
-  if (shared_bytes > kDefaultSharedBytes) {
-    // Always the device's limit, never this launch's size: the same value from every host
-    // thread, so concurrent launches of different sizes cannot undercut each other.
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
-  }
-  kernel<<<grid, threads, static_cast<size_t>(shared_bytes), stream>>>(args);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (plan.opt_in) allow_dynamic_shared<kl_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);
+  launch_kernel<kl_rows_kernel<scalar_t, N, true>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits,
     const std::optional<at::Tensor>& mask_arg, double temperature, bool reverse,
     c10::string_view reduction_name, bool student_grad, bool teacher_grad) {
-  const c10::cuda::OptionalCUDAGuard guard(student_logits.device());
+  const DeviceGuard guard(student_logits.device());
   const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask_arg, temperature, reduction_name);
   const Reduction reduction = parse_reduction(reduction_name);
   const at::Tensor& student = in.student;
@@ -420,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
     const RowLayout& teacher_rows = in.teacher_rows;
     const GradFactor factor = make_grad_factor(reduction, temperature, vocab, rows, counted);
     const int device = student.get_device();
-    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+    const Stream stream = current_stream(device);
+    const DeviceLimits limits = device_limits(device);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
                                     "kl_fused_cuda_kl_rows", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -451,8 +399,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
           rows_vectorizable(t, teacher_rows, vocab, kPack) &&
           (ds == nullptr || aligned16(ds)) && (dt == nullptr || aligned16(dt));
       const bool any_grad = ds != nullptr || dt != nullptr;
-      if (vectorized) launch_kl_rows<scalar_t, kPack>(args, any_grad, device, stream);
-      else launch_kl_rows<scalar_t, 1>(args, any_grad, device, stream);
+      if (vectorized) launch_kl_rows<scalar_t, kPack>(args, any_grad, limits, stream);
+      else launch_kl_rows<scalar_t, 1>(args, any_grad, limits, stream);
     });
   }
   return {reduce_row_losses(row_loss, counted, reduction, in.leading(), vocab), grad_student,
@@ -464,33 +412,33 @@ void grad_scale_cuda(at::Tensor& grad, const at::Tensor& upstream) {
   const int64_t vocab = grad.size(-1);
   const int64_t rows = vocab > 0 ? grad.numel() / vocab : 0;
   if (rows == 0) return;
-  const c10::cuda::OptionalCUDAGuard guard(grad.device());
+  const DeviceGuard guard(grad.device());
   // Converted on the device; nothing here reads a value on the host.
   const at::Tensor factors =
       upstream.to(grad.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   const bool per_row = factors.numel() != 1;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(grad.get_device()).stream();
+  const Stream stream = current_stream(grad.get_device());
+  const DeviceLimits limits = device_limits(grad.get_device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "kl_fused_cuda_grad_scale", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const acc_t* f = factors.const_data_ptr<acc_t>();
     constexpr int kPack = 16 / sizeof(scalar_t);
-    const unsigned int grid = grid_blocks(rows);
+    const unsigned int grid = grid_blocks(rows, limits);
     if (aligned16(g) && vocab % kPack == 0) {
       const int threads = block_threads(vocab / kPack, 2 * kUnroll<kPack>);
-      grad_scale_kernel<scalar_t, kPack><<<grid, threads, 0, stream>>>(g, f, per_row, rows, vocab);
+      launch_kernel<grad_scale_kernel<scalar_t, kPack>>(grid, threads, 0, stream, g, f, per_row, rows, vocab);
     } else {
       const int threads = block_threads(vocab, 2 * kUnroll<1>);
-      grad_scale_kernel<scalar_t, 1><<<grid, threads, 0, stream>>>(g, f, per_row, rows, vocab);
+      launch_kernel<grad_scale_kernel<scalar_t, 1>>(grid, threads, 0, stream, g, f, per_row, rows, vocab);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(kl_fused, CUDA, m) {
+TORCH_LIBRARY_IMPL(KL_FUSED_CUDA_LIBRARY, KL_FUSED_CUDA_DISPATCH_KEY, m) {
   m.impl("kl_div_logits", &kl_div_logits_cuda);
   m.impl("grad_scale_", &grad_scale_cuda);
 }

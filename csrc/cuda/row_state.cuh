@@ -19,18 +19,16 @@
 #include <cstdint>
 #include <cstring>
 
+#include "device_compat.cuh"
+
 namespace kl_fused::cuda {
 
 constexpr double kLog2E = 1.4426950408889634;  // log2(e)
 constexpr double kLn2 = 0.6931471805599453;     // ln(2)
 
-__device__ __forceinline__ float exp2_acc(float x) {
-  // ~2 ulp; -inf -> +0, NaN -> NaN. Results below 2^-126 flush to 0: such terms are below fp32
-  // resolution of a sum that contains the row's maximum (which contributes exactly 1).
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
+// <= 2 ulp; -inf -> +0, NaN -> NaN. Results below 2^-126 flush to 0: such terms are below fp32
+// resolution of a sum that contains the row's maximum (which contributes about 1).
+__device__ __forceinline__ float exp2_acc(float x) { return ex2_approx_ftz(x); }
 __device__ __forceinline__ double exp2_acc(double x) { return ::exp2(x); }
 __device__ __forceinline__ float log2_acc(float x) { return ::log2f(x); }
 __device__ __forceinline__ double log2_acc(double x) { return ::log2(x); }

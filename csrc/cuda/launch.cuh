@@ -1,0 +1,87 @@
+// The host side of a kernel launch, behind one small interface that two runtimes implement: the
+// CUDA runtime (through c10::cuda: current stream, device guard, launch check) and the SIMT
+// emulator of the tests (tests/simt/, with KL_FUSED_EMULATOR defined), which runs the launch on
+// CPU fibers with sanitizer checks. The op implementations and their launch plans are written once
+// against this interface, so the emulator exercises the same host code path as the GPU.
+//
+//   DeviceGuard guard(device);                       select the tensors' device
+//   Stream stream = current_stream(device);          the stream ATen uses
+//   DeviceLimits limits = device_limits(device);     SMs, opt-in shared memory, max grid
+//   allow_dynamic_shared<kernel>(bytes);             opt a kernel in to > 48 KB of shared memory
+//   launch_kernel<kernel>(grid, block, shared_bytes, stream, args...);   launch, then check it
+//
+// KL_FUSED_CUDA_LIBRARY / KL_FUSED_CUDA_DISPATCH_KEY name where TORCH_LIBRARY_IMPL registers the
+// CUDA implementations: kl_fused/CUDA on the GPU, the emulator's own namespace on its CPU tensors.
+#pragma once
+
+#include "launch_plan.h"
+
+#if defined(KL_FUSED_EMULATOR)
+#include "simt/cuda_host.h"
+
+#define KL_FUSED_CUDA_LIBRARY kl_fused_emulated
+#define KL_FUSED_CUDA_DISPATCH_KEY CPU
+
+namespace kl_fused::cuda {
+using Stream = ::simt::Stream;
+using DeviceGuard = ::simt::DeviceGuard;
+using ::simt::allow_dynamic_shared;
+using ::simt::current_stream;
+using ::simt::launch_kernel;
+
+// The emulated device's limits, which a test may shrink.
+inline DeviceLimits device_limits(int) {
+  const ::simt::DeviceProperties props = ::simt::device_properties();
+  DeviceLimits limits;
+  limits.sm_count = props.sm_count;
+  limits.max_shared_optin = props.max_shared_optin;
+  limits.max_grid_x = props.max_grid_x;
+  return limits;
+}
+}  // namespace kl_fused::cuda
+
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/core/Device.h>
+
+#define KL_FUSED_CUDA_LIBRARY kl_fused
+#define KL_FUSED_CUDA_DISPATCH_KEY CUDA
+
+namespace kl_fused::cuda {
+
+using Stream = cudaStream_t;
+
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device device) : guard(device) {}
+  c10::cuda::OptionalCUDAGuard guard;
+};
+
+inline Stream current_stream(int device) { return c10::cuda::getCurrentCUDAStream(device).stream(); }
+
+inline DeviceLimits device_limits(int device) {
+  DeviceLimits limits;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limits.max_shared_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  int max_grid_x = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_grid_x, cudaDevAttrMaxGridDimX, device));
+  limits.max_grid_x = max_grid_x;
+  return limits;
+}
+
+// Always the device's limit, never one launch's size: the same value from every host thread, so
+// concurrent launches of different sizes cannot undercut each other.
+template <auto kKernel>
+void allow_dynamic_shared(int bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+template <auto kKernel, typename... Args>
+void launch_kernel(unsigned int grid, int block, int64_t shared_bytes, Stream stream, const Args&... args) {
+  kKernel<<<grid, block, static_cast<size_t>(shared_bytes), stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace kl_fused::cuda
+#endif
