@@ -1,0 +1,114 @@
+"""Mutation check of the emulated CUDA tests: inject plausible kernel bugs, one at a time, into the
+real sources, and show that tests/test_cuda_emulated.py fails on each.
+
+    python tests/simt/mutation_check.py            every mutation
+    python tests/simt/mutation_check.py NAME ...   some of them
+
+Each mutation replaces one exact piece of csrc/cuda/ text (it must occur exactly once), rebuilds the
+emulator, runs the emulated tests, and restores the file whatever happens. A mutation the tests do
+not catch is reported as SURVIVED and makes the exit status 1. Not part of `make test` (each
+mutation rebuilds a kernel unit): run it after changing a kernel or its tests.
+"""
+
+import pathlib
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+CUDA = ROOT / "csrc" / "cuda"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    old: str
+    new: str
+    why: str
+
+
+MUTATIONS = [
+    Mutation("cached_prefix_off_by_one", "kl_div_cuda.cu",
+             "accumulate_range<scalar_t, N, true, true>(st, x, y, 0, cached, cache_x, cache_y, k);\n"
+             "      accumulate_range<scalar_t, N, false, false>(st, x, y, cached, units, cache_x, cache_y, k);",
+             "accumulate_range<scalar_t, N, true, true>(st, x, y, 0, cached - 1, cache_x, cache_y, k);\n"
+             "      accumulate_range<scalar_t, N, false, false>(st, x, y, cached - 1, units, cache_x, cache_y, k);",
+             "the last cached pack is read from global memory but never parked in the row cache"),
+    Mutation("uncached_range_off_by_one", "kl_div_cuda.cu",
+             "gradient_range<scalar_t, N, false, kNeedX, kNeedY>(x, y, cached, units, grad_x, grad_y, c);",
+             "gradient_range<scalar_t, N, false, kNeedX, kNeedY>(x, y, cached + 1, units, grad_x, grad_y, c);",
+             "the first pack after the cached prefix gets no gradient"),
+    Mutation("missing_syncthreads_in_block_merge", "row_state.cuh",
+             "  if (lane == 0) scratch[warp] = s;\n  __syncthreads();",
+             "  if (lane == 0) scratch[warp] = s;",
+             "warps read the per-warp states before every warp has written its own"),
+    Mutation("missing_syncthreads_between_rows", "kl_div_cuda.cu",
+             "    __syncthreads();  // the next row overwrites scratch and the row cache",
+             "",
+             "a block's next row overwrites scratch while slower warps still read it"),
+    Mutation("wrong_shuffle_offset", "row_state.cuh",
+             "for (int offset = 16; offset > 0; offset >>= 1) {",
+             "for (int offset = 8; offset > 0; offset >>= 1) {",
+             "the butterfly merges only half-warps"),
+    Mutation("dropped_rescale_in_merge", "row_state.cuh",
+             "  rescale(a, mx, my, k);\n  rescale(b, mx, my, k);",
+             "  rescale(a, mx, my, k);",
+             "one side of a merge keeps sums relative to its own maxima"),
+    Mutation("wrong_gradient_factor", "kl_div_cuda.cu",
+             "c.wx = c.px_f * static_cast<acc_t>(kLn2);",
+             "c.wx = c.px_f;",
+             "the weighted gradient forgets the log2 -> ln conversion"),
+    Mutation("unaligned_vector_path", "launch_plan.h",
+             "if (!aligned16(base) || vocab % pack != 0) return false;",
+             "if (vocab % pack != 0) return false;",
+             "misaligned rows take the 16-byte vector path"),
+    Mutation("missing_opt_in", "kl_div_cuda.cu",
+             "  if (plan.opt_in) allow_dynamic_shared<kl_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);\n",
+             "",
+             "more than 48 KB of shared memory without cudaFuncSetAttribute"),
+    Mutation("cache_budget_ignores_scratch", "launch_plan.h",
+             "const int64_t budget = std::max<int64_t>(limits.max_shared_optin - plan.scratch_bytes, 0);",
+             "const int64_t budget = limits.max_shared_optin;",
+             "the row cache overlaps the per-warp merge states' share of the budget"),
+]
+
+
+def run(mutation):
+    path = CUDA / mutation.file
+    original = path.read_text()
+    if original.count(mutation.old) != 1:
+        return "STALE", f"the text to mutate occurs {original.count(mutation.old)} times in {mutation.file}"
+    try:
+        path.write_text(original.replace(mutation.old, mutation.new))
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_cuda_emulated.py"],
+            cwd=ROOT, capture_output=True, text=True)
+    finally:
+        path.write_text(original)
+    output = result.stdout + result.stderr
+    if result.returncode == 0:
+        return "SURVIVED", output.strip().splitlines()[-1]
+    failed = re.search(r"^FAILED (\S+)", output, re.M)
+    error = re.search(r"^E\s+(.+)$", output, re.M)
+    test = failed[1].split("::", 1)[-1] if failed else "(collection or build)"
+    return "CAUGHT", f"{test}: {error[1].strip()[:300] if error else output.strip().splitlines()[-1]}"
+
+
+def main(names):
+    chosen = [m for m in MUTATIONS if not names or m.name in names]
+    unknown = set(names) - {m.name for m in MUTATIONS}
+    if unknown:
+        sys.exit(f"unknown mutations {sorted(unknown)}; choose from {[m.name for m in MUTATIONS]}")
+    survived = 0
+    for mutation in chosen:
+        verdict, detail = run(mutation)
+        survived += verdict != "CAUGHT"
+        print(f"{verdict:8} {mutation.name} ({mutation.why})\n         {detail}", flush=True)
+    subprocess.run([sys.executable, str(ROOT / "tests" / "simt" / "build.py")], cwd=ROOT, capture_output=True)
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

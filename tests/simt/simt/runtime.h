@@ -1,0 +1,61 @@
+// The interface between the emulated CUDA code (cuda_device.h and cuda_host.h, compiled into the
+// kernels' translation units with -fsanitize=thread) and the emulator's runtime (runtime.cpp,
+// compiled without instrumentation). Everything a kernel asks of "the hardware" crosses here by
+// value, so that the kernel's own memory accesses are the only ones the sanitizer sees.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace simt {
+
+struct uint3 {
+  unsigned int x, y, z;
+};
+
+struct dim3 {
+  unsigned int x, y, z;
+  constexpr dim3(unsigned int x_ = 1, unsigned int y_ = 1, unsigned int z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+// ---- device side: the current fiber's view of the launch
+uint3 thread_idx();
+uint3 block_idx();
+dim3 block_dim();
+dim3 grid_dim();
+void* dynamic_shared();
+void syncthreads(const char* file, int line);
+
+enum class ShuffleKind { Idx, Up, Down, Xor };
+// One lane's part of a warp shuffle of up to 8 bytes; returns the bits the lane receives once every
+// lane named in `mask` has arrived at the same shuffle (lock-step at the intrinsic).
+uint64_t shuffle(ShuffleKind kind, const char* file, int line, unsigned int mask, uint64_t bits, int arg, int width);
+
+// A vector load/store intrinsic (__ldg, __ldcs, __stcs) of `bytes` at p: global memory only, and
+// aligned to its size.
+void check_vector_access(const void* p, std::size_t bytes, const char* intrinsic);
+
+// PTX ex2.approx.ftz.f32 with its documented semantics: subnormal inputs and results flushed to
+// zero, and an error as large as the documented bound (2 ulp), deterministic in the input.
+float ex2_approx_ftz(float x);
+
+// ---- host side
+struct DeviceProperties {
+  int sm_count;
+  int max_shared_optin;    // bytes a kernel may opt in to with cudaFuncSetAttribute
+  int64_t max_grid_x;
+};
+DeviceProperties device_properties();
+
+using KernelEntry = void (*)(const void* params);
+// kernel_id identifies the kernel (its address), pretty_name is __PRETTY_FUNCTION__ of a template
+// naming it. Runs the whole grid before returning; throws c10::Error on a launch failure or
+// whatever the sanitizer finds.
+void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 block, int64_t shared_bytes,
+            const void* params, std::size_t params_bytes, KernelEntry entry);
+// cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
+void set_max_dynamic_shared(const char* pretty_name, const void* kernel_id, int bytes);
+// Called once per kernel instantiation that host code can launch (at library load).
+bool register_launchable(const char* pretty_name);
+
+}  // namespace simt

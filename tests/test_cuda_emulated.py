@@ -1,0 +1,422 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU under the SIMT emulator (tests/simt), against the
+same float64 reference and scipy oracle as the CPU kernels.
+
+The emulator compiles the unchanged .cu sources with the host compiler: every block's threads run as
+fibers, __syncthreads is a real barrier, warp shuffles exchange values in lock-step, ex2.approx errs
+as much as the hardware may, and every memory access is checked (bounds, alignment, shared-memory
+races, uninitialised shared memory). The host code path is the real one too: launch plan, opt-in
+shared memory, vectorised-or-scalar choice, grid size. Each test asserts which kernel instantiation
+ran with which launch configuration, and the last test checks that every instantiation the host
+code can launch ran at least once.
+"""
+
+import math
+import pathlib
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, make_logits, reference64, scipy_row_kl
+from simt.emulator import DEFAULT_LIMITS, Emulator
+
+NEG_INF = float("-inf")
+CXX_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
+RESOURCES = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / "cuda-resources.md"
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return Emulator()
+
+
+def pack_of(dtype):
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def emulated_kl(emu, student, teacher, *, mask=None, temperature=1.0, direction="forward", reduction="sum",
+                student_grad=True, teacher_grad=True):
+    (loss, grad_s, grad_t), launches = emu.call(
+        "kl_div_logits", student, teacher, mask, float(temperature), direction == "reverse", reduction,
+        student_grad, teacher_grad)
+    return loss, grad_s, grad_t, launches
+
+
+def only_launch(launches, name="kl_rows_kernel"):
+    assert [launch.name for launch in launches] == [name], f"expected one {name} launch, got {launches}"
+    return launches[0]
+
+
+def check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, *, student_grad=True, teacher_grad=True,
+                            **options):
+    """Loss and the gradients at upstream 1 against the float64 reference's autograd."""
+    ref, s64, t64 = reference64(student, teacher, **options)
+    tol = TOLERANCES[dtype]
+    assert_close(loss, ref, tol["loss_rtol"], tol["loss_atol"], "loss vs float64 reference")
+    ref.backward(torch.ones_like(ref))
+    if student_grad:
+        assert grad_s.dtype == dtype and grad_s.shape == student.shape
+        assert_grad_close(grad_s, s64.grad, dtype, "student grad")
+    else:
+        assert grad_s.numel() == 0
+    if teacher_grad:
+        assert grad_t.dtype == dtype and grad_t.shape == teacher.shape
+        assert_grad_close(grad_t, t64.grad, dtype, "teacher grad")
+    else:
+        assert grad_t.numel() == 0
+
+
+# ------------------------------------------------------------------------------------- the emulator
+
+
+def test_probe_kernel_computes_block_sums_and_warp_prefix_sums(emu):
+    data = torch.randn(3, 96, generator=torch.Generator().manual_seed(1))
+    out, launches = emu.probe("block_sum", data)
+    assert launches[0].kernel == "probe_block_sum" and launches[0].grid == 3 and launches[0].block == 96
+    torch.testing.assert_close(out[:3], data.sum(1), rtol=1e-6, atol=1e-5)
+    prefix = data.view(3, 3, 32).cumsum(-1).view(3, 96)
+    torch.testing.assert_close(out[3:].view(3, 96), prefix, rtol=1e-6, atol=1e-5)
+
+
+SANITIZER_PROBES = {
+    "shared_out_of_bounds": r"out-of-bounds shared-memory write of 4 bytes at offset 124 \(the launch has 124 bytes"
+                            r".* in kernel probe_shared_out_of_bounds, block \(0,0,0\), thread \(31,0,0\)",
+    "global_read_out_of_bounds": r"out-of-bounds global read of 4 bytes at address 0x[0-9a-f]+, 0 bytes past the end of "
+                                 r"input 0 .* in kernel probe_global_read_out_of_bounds, block \(0,0,0\), thread \(31,0,0\)",
+    "global_write_out_of_bounds": r"out-of-bounds global write of 4 bytes.*thread \(31,0,0\)",
+    "misaligned_vector_load": r"misaligned 16-byte __ldg .*\(4 bytes past a 16-byte boundary\) in kernel "
+                              r"probe_misaligned_vector_load, block \(0,0,0\), thread \(0,0,0\)",
+    "misaligned_shared": r"misaligned 16-byte access to 'struct float4' .*\(4 bytes past a 16-byte boundary\) at "
+                         r"probe_kernels.cpp:\d+ in kernel probe_misaligned_shared, block \(0,0,0\), thread \(0,0,0\)",
+    "divergent_barrier": r"divergent __syncthreads: thread \(0,0,0\) waits at probe_kernels.cpp:\d+, thread \(16,0,0\) "
+                         r"at probe_kernels.cpp:\d+ in kernel probe_divergent_barrier",
+    "exit_before_barrier": r"thread \(3,0,0\) exited while other threads of its block wait at __syncthreads",
+    "race_read_after_write": r"shared-memory race at offset 0: written by thread \(0,0,0\) and read by this thread "
+                             r".*\(read after write\) .*thread \(1,0,0\)",
+    "race_write_after_read": r"shared-memory race at offset 4: read by thread \(0,0,0\) and written by this thread "
+                             r".*\(write after read\).*thread \(1,0,0\)",
+    "race_write_after_write": r"shared-memory race at offset 0: written by thread \(0,0,0\) and written by this thread"
+                              r".*\(write after write\).*thread \(1,0,0\)",
+    "uninitialised_shared": r"read of uninitialised shared memory at offset 128 .*thread \(31,0,0\)",
+    "shuffle_after_exit": r"lane 16 exited while its warp waits at __shfl_xor_sync",
+    "too_many_threads": r"CUDA error: invalid configuration argument .*block of 2048x1x1 threads",
+    "shared_above_default_without_opt_in": r"CUDA error: invalid argument .*49168 bytes of dynamic shared memory, "
+                                           r"above the 49152 a kernel may use without cudaFuncSetAttribute",
+    "shared_above_opt_in": r"CUDA error: invalid argument .*65552 bytes .* above the 65536 the kernel opted in to",
+    "opt_in_above_device_limit": r"CUDA error: invalid argument .*above the device's opt-in limit of 232448 bytes",
+    "grid_above_device_limit": r"CUDA error: invalid configuration argument .*grid of 2147483648x1x1",
+}
+
+
+@pytest.mark.parametrize("probe", sorted(SANITIZER_PROBES))
+def test_sanitizer_reports_each_bug_with_kernel_block_thread_and_offset(emu, probe):
+    data = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match=SANITIZER_PROBES[probe]):
+        emu.probe(probe, data)
+
+
+def test_a_launch_may_use_the_opt_in_maximum_once_opted_in(emu):
+    out, launches = emu.probe("opted_in_large_shared", torch.ones(1, 64))
+    assert launches[0].shared == DEFAULT_LIMITS["max_shared_optin"]
+    assert torch.equal(out[:64], torch.ones(64))
+
+
+def test_a_launch_outside_a_call_may_touch_no_global_memory(emu):
+    student, teacher = make_logits((2, 64), torch.float32, "cpu", seed=3)
+    with pytest.raises(RuntimeError, match=r"out-of-bounds global read .*(not given to this launch's call|every tensor given to the launch)"):
+        torch.ops.kl_fused_emulated.kl_div_logits(student, teacher, None, 1.0, False, "sum", False, False)
+
+
+def test_ex2_approx_has_the_documented_semantics_and_error(emu):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.cat([torch.empty(20000).uniform_(-140.0, 130.0, generator=gen), torch.empty(20000).uniform_(-1, 1, generator=gen)])
+    got = torch.ops.simt.ex2_approx_ftz(x)
+    exact = torch.exp2(x.double())
+    normal = (exact >= 2.0**-126) & (exact < 2.0**128)
+    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1] - 24)  # float32 ulp at the result
+    error_ulps = ((got.double() - exact).abs() / ulp)[normal]
+    assert error_ulps.max() <= 2.5, "within 2 ulp of the correctly rounded value"
+    assert (error_ulps > 1.0).float().mean() > 0.2, "the emulator errs as much as the hardware may, not less"
+    assert (got[exact < 2.0**-126] == 0).all(), "results below the normal range flush to zero"
+    specials = torch.tensor([NEG_INF, float("inf"), float("nan"), 1e-40, -1e-40])
+    out = torch.ops.simt.ex2_approx_ftz(specials)
+    assert out[0] == 0 and out[1] == math.inf and math.isnan(out[2])
+    assert torch.equal(out[3:], torch.ops.simt.ex2_approx_ftz(torch.zeros(2))), "subnormal inputs flush to zero"
+    assert torch.equal(got, torch.ops.simt.ex2_approx_ftz(x)), "deterministic"
+
+
+# ------------------------------------------------------------------------------------- kl_div_logits
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+@pytest.mark.parametrize("grads", ["student", "teacher", "both", "none"])
+def test_values_and_gradients_on_the_vector_path(emu, dtype, direction, temperature, grads):
+    student, teacher = make_logits((5, 320), dtype, "cpu", seed=10 + len(grads) + len(direction))
+    need_s, need_t = grads in ("student", "both"), grads in ("teacher", "both")
+    loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, temperature=temperature, direction=direction,
+                                                 student_grad=need_s, teacher_grad=need_t)
+    launch = only_launch(launches)
+    any_grad = need_s or need_t
+    assert launch.template_args == [CXX_TYPES[dtype], str(pack_of(dtype)), "true" if any_grad else "false"]
+    check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, student_grad=need_s, teacher_grad=need_t,
+                            temperature=temperature, direction=direction, reduction="sum")
+    rows, _, _, _ = emulated_kl(emu, student, teacher, temperature=temperature, direction=direction, reduction="none",
+                                student_grad=False, teacher_grad=False)
+    tol = TOLERANCES[dtype]
+    assert_close(rows, scipy_row_kl(student, teacher, temperature, direction), tol["loss_rtol"], tol["loss_atol"], "vs scipy")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("with_grad", [True, False])
+def test_values_and_gradients_on_the_scalar_path(emu, dtype, direction, with_grad):
+    """V = 333 is no multiple of any pack: one element per access."""
+    student, teacher = make_logits((4, 333), dtype, "cpu", seed=15 + len(direction))
+    loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, temperature=0.9, direction=direction,
+                                                 student_grad=with_grad, teacher_grad=with_grad)
+    assert only_launch(launches).template_args == [CXX_TYPES[dtype], "1", "true" if with_grad else "false"]
+    check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, student_grad=with_grad, teacher_grad=with_grad,
+                            temperature=0.9, direction=direction, reduction="sum")
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "batchmean", "mean"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_reductions_and_masks_holding_nan(emu, reduction, masked, direction):
+    student, teacher = make_logits((3, 4, 96), torch.float32, "cpu", seed=20)
+    mask = None
+    if masked:
+        mask = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+        student[~mask] = float("nan")  # masked rows are never read
+        teacher[~mask] = float("nan")
+    loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, mask=mask, reduction=reduction,
+                                                 direction=direction, temperature=0.8)
+    only_launch(launches)
+    check_against_reference(loss, grad_s, grad_t, student, teacher, torch.float32, mask=mask, reduction=reduction,
+                            direction=direction, temperature=0.8)
+    if masked:
+        assert (grad_s[~mask] == 0).all() and (grad_t[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_upstream_weights_through_grad_scale(emu, dtype, reduction):
+    """Backward's arithmetic on the device: the forward's gradients, scaled by grad_scale_."""
+    student, teacher = make_logits((2, 3, 200), dtype, "cpu", seed=21)
+    weights = torch.tensor([[0.5, 0.0, 2.0], [-1.0, 1.0, 3.0]]) if reduction == "none" else torch.tensor(-2.5)
+    _, grad_s, grad_t, _ = emulated_kl(emu, student, teacher, reduction=reduction, temperature=1.3)
+    for grad in (grad_s, grad_t):
+        _, launches = emu.call("grad_scale_", grad, weights)
+        assert only_launch(launches, "grad_scale_kernel").template_args[1] == str(pack_of(dtype))
+    ref, s64, t64 = reference64(student, teacher, reduction=reduction, temperature=1.3)
+    ref.backward(weights.double())
+    assert_grad_close(grad_s, s64.grad, dtype, "student grad, weighted")
+    assert_grad_close(grad_t, t64.grad, dtype, "teacher grad, weighted")
+
+
+@pytest.mark.parametrize(
+    "vocab, dtype",
+    [(1, torch.float32), (7, torch.float32), (31, torch.bfloat16), (1271, torch.float32), (1272, torch.float16),
+     (4096, torch.float32), (20000, torch.float32), (20000, torch.bfloat16), (6000, torch.float64)],
+    ids=str,
+)
+def test_vocabulary_sizes_and_the_shared_memory_row_cache(emu, vocab, dtype):
+    """With 16 KB of opt-in shared memory, small rows are cached whole and large ones in part."""
+    optin = 16 * 1024
+    student, teacher = make_logits((3, vocab), dtype, "cpu", seed=vocab)
+    with emu.limits(max_shared_optin=optin):
+        loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, temperature=1.2)
+    launch = only_launch(launches)
+    element = student.element_size()
+    pack = pack_of(dtype) if vocab % pack_of(dtype) == 0 else 1
+    assert launch.template_args[1] == str(pack)
+    units = vocab // pack
+    per_thread = 2 * (2 if pack > 1 else 8)
+    max_threads = 512 if dtype == torch.float64 else 1024
+    threads = 32
+    while threads < max_threads and threads * per_thread < units:
+        threads *= 2
+    assert launch.block == threads
+    state_bytes = 5 * (8 if dtype == torch.float64 else 4)
+    scratch = (threads // 32 * state_bytes + 15) // 16 * 16
+    whole_row = scratch + 2 * vocab * element
+    if whole_row <= optin:
+        assert launch.shared == whole_row, "the whole row is cached"
+    else:
+        cached_units = (optin - scratch) // (2 * pack * element)
+        assert 0 < cached_units < units and launch.shared == scratch + 2 * cached_units * pack * element, "part of the row"
+    check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, temperature=1.2, reduction="sum")
+
+
+def test_long_rows_use_1024_threads_and_opt_in_shared_memory(emu):
+    student, teacher = make_logits((2, 70000), torch.bfloat16, "cpu", seed=30)
+    loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, direction="reverse")
+    launch = only_launch(launches)
+    assert launch.block == 1024 and launch.shared == DEFAULT_LIMITS["max_shared_optin"] // 16 * 16
+    check_against_reference(loss, grad_s, grad_t, student, teacher, torch.bfloat16, direction="reverse", reduction="sum")
+    rows, _, _, launches = emulated_kl(emu, student, teacher, direction="reverse", reduction="none",
+                                       student_grad=False, teacher_grad=False)
+    assert only_launch(launches).shared == 1024 // 32 * 20, "without a gradient only the merge scratch"
+    assert_close(rows, scipy_row_kl(student, teacher, 1.0, "reverse"), 1e-4, 1e-5, "vs scipy")
+
+
+def _views():
+    gen = torch.Generator().manual_seed(31)
+    base = torch.randn(6, 1, 264, generator=gen, dtype=torch.float64) * 3
+    return {
+        # element offset 1: rows start 4 bytes past a 16-byte boundary
+        "misaligned": (lambda x: x.reshape(-1)[1 : 1 + 5 * 256].view(5, 256), 1),
+        # a shifted view: every row starts one element past a 16-byte boundary
+        "strided_odd": (lambda x: x.reshape(6, 264)[:, 1:257], 1),
+        # non-contiguous leading dims whose rows stay 16-byte aligned: the vector path reads them in place
+        "strided_aligned": (lambda x: x.reshape(6, 264)[::2, :256], 4),
+        "transposed_leading": (lambda x: x.reshape(2, 3, 264)[..., :256].transpose(0, 1), 4),
+    }, base
+
+
+@pytest.mark.parametrize("view", ["misaligned", "strided_odd", "strided_aligned", "transposed_leading"])
+def test_views_choose_the_scalar_or_vector_path_and_are_read_in_place(emu, view):
+    views, base = _views()
+    make_view, pack = views[view]
+    teacher_base = base.float()
+    student_base = (0.7 * base + torch.randn(base.shape, generator=torch.Generator().manual_seed(32), dtype=torch.float64)).float()
+    student, teacher = make_view(student_base), make_view(teacher_base)
+    loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, temperature=2.0)
+    assert only_launch(launches).template_args[1] == str(pack)
+    check_against_reference(loss, grad_s, grad_t, student, teacher, torch.float32, temperature=2.0, reduction="sum")
+
+
+def test_a_small_grid_walks_the_rows_grid_stride(emu):
+    """Each block takes several rows, with several warps: the per-warp merge states and the row cache
+    are reused from row to row, which is where a missing barrier between rows would race."""
+    student, teacher = make_logits((11, 2000), torch.float32, "cpu", seed=33)
+    mask = torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    with emu.limits(max_grid_x=3):
+        loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, mask=mask, reduction="batchmean")
+        launch = only_launch(launches)
+        assert launch.grid == 3 and launch.block == 128
+        scaled, launches = emu.call("grad_scale_", grad_s, torch.linspace(0.5, 1.5, 11))
+        assert only_launch(launches, "grad_scale_kernel").grid == 3
+    ref, s64, _ = reference64(student, teacher, mask=mask, reduction="batchmean")
+    ref.backward(torch.ones_like(ref))
+    assert_close(loss, ref, 2e-5, 2e-6, "loss")
+    assert_grad_close(grad_s, s64.grad * torch.linspace(0.5, 1.5, 11, dtype=torch.float64)[:, None], torch.float32, "grad")
+
+
+# ------------------------------------------------------------------------------------- edges
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_zero_probability_entries(emu, dtype, direction):
+    student, teacher = make_logits((3, 64), dtype, "cpu", seed=40)
+    (teacher if direction == "forward" else student)[:, ::3] = NEG_INF
+    loss, grad_s, grad_t, _ = emulated_kl(emu, student, teacher, direction=direction, reduction="none")
+    assert torch.isfinite(loss).all() and torch.isfinite(grad_s.float()).all() and torch.isfinite(grad_t.float()).all()
+    check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, direction=direction, reduction="none")
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_missing_mass_where_the_other_side_has_it_is_infinite(emu, direction):
+    student, teacher = make_logits((2, 40), torch.float32, "cpu", seed=41)
+    (student if direction == "forward" else teacher)[0, 5] = NEG_INF
+    rows, _, _, _ = emulated_kl(emu, student, teacher, direction=direction, reduction="none", student_grad=False,
+                                teacher_grad=False)
+    assert rows[0].item() == math.inf and math.isfinite(rows[1].item())
+
+
+@pytest.mark.parametrize("which", ["student", "teacher"])
+def test_nan_in_a_counted_row(emu, which):
+    student, teacher = make_logits((3, 100), torch.float32, "cpu", seed=42)
+    (student if which == "student" else teacher)[1, 17] = float("nan")
+    rows, grad_s, _, _ = emulated_kl(emu, student, teacher, reduction="none")
+    assert math.isnan(rows[1].item()) and torch.isfinite(rows[[0, 2]]).all()
+    assert torch.isnan(grad_s[1]).all() and torch.isfinite(grad_s[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_huge_logits_are_exact(emu, dtype):
+    student, teacher = make_logits((4, 50), dtype, "cpu", seed=43)
+    student = student + torch.tensor([1e4, -1e4, 0.0, 1e4], dtype=dtype)[:, None]
+    teacher = teacher + torch.tensor([1e4, -1e4, 1e4, 0.0], dtype=dtype)[:, None]
+    loss, grad_s, grad_t, _ = emulated_kl(emu, student, teacher, reduction="none")
+    check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, reduction="none")
+
+
+def test_all_rows_masked_and_zero_rows(emu):
+    student, teacher = make_logits((4, 30), torch.float32, "cpu", seed=44)
+    mask = torch.zeros(4, dtype=torch.bool)
+    for reduction in ("sum", "batchmean", "mean"):
+        loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, mask=mask, reduction=reduction)
+        only_launch(launches)
+        assert loss.item() == 0.0 and (grad_s == 0).all() and (grad_t == 0).all()
+    loss, grad_s, _, launches = emulated_kl(emu, student[:0], teacher[:0], reduction="batchmean")
+    assert launches == [] and loss.item() == 0.0 and grad_s.shape == (0, 30)
+
+
+# ------------------------------------------------------------------------------------- grad_scale_
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [5, 64])
+def test_grad_scale_per_row_scalar_and_factor_one(emu, dtype, vocab):
+    gen = torch.Generator().manual_seed(50)
+    grad = torch.randn(4, vocab, generator=gen, dtype=torch.float64).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    factors = torch.tensor([2.0, 1.0, -0.5, 1.0], dtype=acc)
+    scaled = grad.clone()
+    _, launches = emu.call("grad_scale_", scaled, factors)
+    assert only_launch(launches, "grad_scale_kernel").template_args[1] == str(pack_of(dtype) if vocab % pack_of(dtype) == 0 else 1)
+    assert torch.equal(scaled[[1, 3]], grad[[1, 3]]), "rows whose factor is exactly 1 are not touched"
+    expected = (grad.to(acc) * factors[:, None]).to(dtype)
+    assert torch.equal(scaled, expected)
+    scalar = grad.clone()
+    emu.call("grad_scale_", scalar, torch.tensor(0.25, dtype=acc))
+    assert torch.equal(scalar, (grad.to(acc) * 0.25).to(dtype))
+    unchanged = grad.clone()
+    emu.call("grad_scale_", unchanged, torch.tensor(1.0, dtype=acc))
+    assert torch.equal(unchanged, grad)
+
+
+# ------------------------------------------------------------------------------------- determinism
+
+
+def test_bitwise_determinism(emu):
+    student, teacher = make_logits((3, 70000), torch.bfloat16, "cpu", seed=60)
+    mask = torch.tensor([True, False, True])
+    first = emulated_kl(emu, student, teacher, mask=mask, reduction="none", temperature=1.5)[:3]
+    second = emulated_kl(emu, student, teacher, mask=mask, reduction="none", temperature=1.5)[:3]
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------- coverage (keep last)
+
+
+def _recorded_resources():
+    """{(arch, kernel): (registers, max threads per block)} from bench/results/cuda-resources.md."""
+    rows = {}
+    for line in RESOURCES.read_text().splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and re.fullmatch(r"sm_\d+", cells[0]):
+            rows[(cells[0], cells[1])] = (int(cells[2]), int(cells[3]))
+    return rows
+
+
+def test_every_launchable_kernel_ran_and_fits_its_compiled_resources(emu):
+    """Every kernel instantiation the host code can launch ran in this file (run the whole file), and
+    its largest block fits its launch bounds and the register file per the audit of the compiled code."""
+    launchable = emu.launchable_kernels()
+    assert launchable, "the emulator found no launchable kernels"
+    missing = [kernel for kernel in launchable if kernel not in emu.launched]
+    assert not missing, f"never launched by these tests: {missing}"
+    resources = _recorded_resources()
+    audited = sorted({kernel for _, kernel in resources})
+    assert audited == launchable, "the compiled kernels (resource audit) and the host's launchable ones differ"
+    for (arch, kernel), (registers, max_threads) in resources.items():
+        block = emu.launched[kernel]
+        assert block <= max_threads, f"{kernel} launched with {block} threads, above its launch bounds {max_threads}"
+        assert registers * block <= 65536, f"{arch} {kernel}: {registers} registers x {block} threads > 64K"
