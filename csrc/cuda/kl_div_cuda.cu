@@ -26,6 +26,10 @@ namespace {
 // fp64 exp2/log2 are software routines: at 1024 threads (64 registers each) they spill.
 template <typename scalar_t>
 constexpr int kMaxRowThreads = sizeof(scalar_t) == 8 ? 512 : kMaxThreads;
+// The launch bound's minimum of one resident block per SM lets ptxas use the whole register budget
+// of kMaxRowThreads (128 registers at 512 threads): without it, ptxas held the fp64 vector
+// kernel to 64 registers on sm_80 and spilled (tests/cuda_resources.py).
+constexpr int kMinRowBlocksPerSM = 1;
 // Packs loaded per thread before any of them is used, so several loads are in flight per thread:
 // 2 x 16 bytes per tensor on the vector path, 8 elements on the scalar one.
 template <int N>
@@ -220,7 +224,7 @@ __device__ __forceinline__ void zero_row(Pack<scalar_t, N>* grad, int64_t units)
 //   are read a second time by the gradient pass, from L2 when the rows in flight fit there.
 // Masked rows: loss 0, gradients 0, inputs never read.
 template <typename scalar_t, int N, bool kGrad>
-__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>)
+__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     kl_rows_kernel(const KLRowsArgs<scalar_t> args) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;

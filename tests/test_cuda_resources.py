@@ -1,0 +1,42 @@
+"""Static resource audit of the compiled CUDA kernels (tests/cuda_resources.py): no kernel spills,
+every kernel's registers x its largest block fit the register file, and the recorded table in
+bench/results/cuda-resources.md is the one the code compiles to today. Needs nvcc, not a GPU."""
+
+import pytest
+
+import cuda_resources
+
+NVCC = cuda_resources.find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="no nvcc: the CUDA kernels cannot be compiled here")
+
+
+@pytest.fixture(scope="module")
+def records():
+    return cuda_resources.audit(NVCC)
+
+
+def test_both_architectures_and_every_source_are_audited(records):
+    assert {r.arch for r in records} == {f"sm_{arch}" for arch in cuda_resources.ARCHS}
+    per_arch = {arch: sorted(r.kernel for r in records if r.arch == arch) for arch in {r.arch for r in records}}
+    assert len({tuple(kernels) for kernels in per_arch.values()}) == 1, "every architecture has the same kernels"
+    assert any(r.kernel.startswith("kl_rows_kernel<") for r in records)
+
+
+def test_no_kernel_spills(records):
+    spilling = [r for r in records if r.spill_stores or r.spill_loads]
+    assert not spilling, "kernels that spill registers to local memory: " + ", ".join(
+        f"{r.arch} {r.kernel} ({r.spill_stores} B stores, {r.spill_loads} B loads at {r.registers} registers)" for r in spilling)
+
+
+def test_registers_fit_the_register_file_at_the_largest_block(records):
+    too_big = [r for r in records if r.register_demand > cuda_resources.REGISTER_FILE or r.registers > 255]
+    assert not too_big, "launches would fail with 'too many resources requested': " + ", ".join(
+        f"{r.arch} {r.kernel}: {r.registers} registers x {r.max_threads} threads" for r in too_big)
+
+
+def test_the_recorded_table_is_current(records):
+    expected = cuda_resources.render(records, cuda_resources.nvcc_version(NVCC))
+    recorded = cuda_resources.TABLE.read_text() if cuda_resources.TABLE.exists() else ""
+    assert recorded == expected, (
+        f"{cuda_resources.TABLE.name} is stale: run `python tests/cuda_resources.py --write` and commit it"
+    )
