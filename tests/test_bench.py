@@ -34,3 +34,42 @@ def test_bench_vocab_parallel_mode(tmp_path):
     assert parallel["shard_widths"] == [1501, 1500]
     assert parallel["bytes_sent_per_rank"] == collective_bytes_per_call(16, torch.bfloat16) == 400 + 16 * 20
     assert parallel["relative_difference_vs_fused"] < 1e-4
+
+
+def test_bench_package_has_no_import_circle():
+    """Modes import the shared core only; the core imports no mode; nothing imports cli.py but the
+    package's entry point (on call). A circle would make the import order matter again."""
+    import ast
+    import pathlib
+
+    package = pathlib.Path(bench.__file__).parent
+    edges, modes = {}, set()
+    for path in package.glob("*.py"):
+        imported = set()
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("kl_fused.bench"):
+                if node.module == "kl_fused.bench":
+                    imported.update(alias.name for alias in node.names)
+                else:
+                    imported.add(node.module.split(".")[2])
+        edges[path.stem] = imported - {path.stem}
+        if any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODE" for t in node.targets)
+               for node in tree.body):
+            modes.add(path.stem)
+    assert {"kl", "vocab_parallel"} <= modes
+    mode_helpers = {name for name in edges if name.endswith("_providers")}
+    core = set(edges) - modes - mode_helpers - {"cli", "__init__", "__main__"}
+    for name in core:
+        assert not edges[name] & (modes | mode_helpers | {"cli"}), f"core module {name} imports {edges[name]}"
+    for name in modes:
+        assert not edges[name] & ((modes - {name}) | {"cli"}), f"mode {name} imports {edges[name]}"
+
+    def visit(name, path):
+        assert name not in path, f"import circle: {' -> '.join(path + [name])}"
+        for target in edges.get(name, ()):
+            visit(target, path + [name])
+
+    for name in edges:
+        if name != "__init__":  # __init__ imports cli inside main(), on call
+            visit(name, [])

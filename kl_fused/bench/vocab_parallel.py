@@ -21,6 +21,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import kl_fused
+from kl_fused.bench.cases import cases_from_args, make_inputs, make_step
+from kl_fused.bench.options import Mode
+from kl_fused.bench.report import write_json
+from kl_fused.bench.timing import summarize, time_interleaved
 from kl_fused.distributed import collective_bytes_per_call, kl_div_logits_vocab_parallel
 
 AGREEMENT_RTOL = 1e-4
@@ -32,24 +36,14 @@ def shard_widths(vocab, ranks):
     return [base + (1 if r < extra else 0) for r in range(ranks)]
 
 
-def _percentiles(samples):
-    from kl_fused.bench import percentile
-
-    return {f"{name}_ms": percentile(samples, q) for name, q in (("median", 0.5), ("p10", 0.1), ("p90", 0.9))}
-
-
 def _time_single_process(case, args):
-    from kl_fused.bench import make_inputs, make_step, time_interleaved
-
     student, teacher = make_inputs(case, torch.device("cpu"))
     step = make_step(lambda s, t: kl_fused.kl_div_logits(s, t, temperature=args.temperature), student, teacher, True)
     samples = time_interleaved({"fused": step}, args.warmup, args.reps, torch.device("cpu"))["fused"]
-    return _percentiles(samples)
+    return summarize(samples)
 
 
 def _rank_main(rank, ranks, init_file, out_file, case, args_dict):
-    from kl_fused.bench import make_inputs
-
     threads = args_dict["threads_per_rank"]
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=ranks,
@@ -123,8 +117,6 @@ def _run_ranks(case, ranks, args):
 
 def main(args, environment):
     """Runs every case of args.cases; prints a table and writes --json records. Returns the exit code."""
-    from kl_fused.bench import write_json
-
     ranks = args.vocab_parallel
     records, failed = [], False
     common = {key: environment[key] for key in ("device", "device_name", "torch_version", "kl_fused_version", "date")}
@@ -135,7 +127,7 @@ def main(args, environment):
         print(f"[{index}/{len(args.cases)}] {case} fwd+bwd, 1 process then {ranks} ranks ...", flush=True)
         single = _time_single_process(case, args)
         ranked, threads_per_rank = _run_ranks(case, ranks, args)
-        step, comm = _percentiles(ranked["step"]), _percentiles(ranked["comm"])
+        step, comm = summarize(ranked["step"]), summarize(ranked["comm"])
         sent = collective_bytes_per_call(case.rows, case.dtype)
         base = {"pass": "fwd+bwd", "dtype": case.dtype_name, "rows": case.rows, "vocab": case.vocab,
                 "temperature": args.temperature, **common}
@@ -162,3 +154,29 @@ def main(args, environment):
     if not failed:
         print(f"agreement check: the vocab-parallel loss matches the single-process fused loss (rtol {AGREEMENT_RTOL:g})")
     return 1 if failed else 0
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--vocab-parallel",
+        type=int,
+        metavar="N",
+        help="instead of the providers: kl_fused.distributed on N CPU processes (gloo), each with a vocabulary "
+        "shard and its share of the threads, next to the single-process fused kernel (fwd+bwd)",
+    )
+
+
+def resolve(args):
+    if args.vocab_parallel < 1 or args.device.type != "cpu":
+        raise ValueError("--vocab-parallel needs N >= 1 and the cpu device (it spawns gloo processes)")
+    args.cases = cases_from_args(args, args.device.type)
+
+
+MODE = Mode(
+    name="vocab-parallel",
+    add_arguments=add_arguments,
+    selected=lambda args: args.vocab_parallel is not None,
+    resolve=resolve,
+    run=main,
+    providers={},
+)

@@ -1,0 +1,5 @@
+import sys
+
+from kl_fused.bench import main
+
+sys.exit(main())
