@@ -2,11 +2,11 @@
 // output allocation, and the row kernels. Math of a row in kl_div_common.h; the mergeable row
 // statistics, the x/y roles and the log2 units in row_state.cuh.
 //
-// One thread block per row (grid-stride over rows). Each thread streams its share of the row once,
-// keeping an online state (running maxima, Z_x, Z_y, W); the block merges the states with warp
-// shuffles and one shared-memory round. When a gradient is wanted, the row's logits read by that
-// pass are also parked in shared memory (as much of the row as fits), so the gradient pass reads
-// them on-chip; whatever does not fit is read again from global memory, most of it from L2.
+// The row kernel is the shared pipeline of row_pipeline.cuh with KL's math: each thread streams its
+// share of the row once, keeping an online state (running maxima, Z_x, Z_y, W); the block merges
+// the states (block_reduce.cuh). When a gradient is wanted, the row's logits read by that pass are
+// also parked in shared memory (as much of the row as fits), so the gradient pass reads them
+// on-chip; whatever does not fit is read again from global memory, most of it from L2.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -18,6 +18,7 @@
 
 #include "../kl_div_common.h"
 #include "launch.cuh"
+#include "row_pipeline.cuh"
 #include "row_state.cuh"
 
 namespace kl_fused::cuda {
@@ -58,88 +59,38 @@ struct KLRowsArgs {
   int scratch_bytes;        // dynamic shared memory before the row cache (per-warp states)
 };
 
-template <typename scalar_t>
-__device__ __forceinline__ at::opmath_type<scalar_t> to_acc(scalar_t v) {
-  return static_cast<at::opmath_type<scalar_t>>(v);
-}
-
-// Loads the U packs of one thread step (units first, first + blockDim.x, ...) that lie below end,
-// all before any is used, so that they are in flight together; valid[i] says which exist.
-// kFromCache reads the shared-memory row cache, otherwise global memory (evict-first when kLastUse).
-template <bool kFromCache, bool kLastUse, typename scalar_t, int N, int U>
-__device__ __forceinline__ void load_step(const Pack<scalar_t, N>* x, const Pack<scalar_t, N>* y,
-                                          int64_t first, int64_t end, Pack<scalar_t, N> (&px)[U],
-                                          Pack<scalar_t, N> (&py)[U], bool (&valid)[U]) {
+// One step of the statistics pass: folds packs of x and y into the thread's online state.
+template <typename acc_t, typename P, int U>
+__device__ __forceinline__ void accumulate_step(RowState<acc_t>& st, const P (&packs)[2][U], const bool (&valid)[U],
+                                                acc_t k) {
+  constexpr int N = P::kSize;
+  const auto& px = packs[0];
+  const auto& py = packs[1];
+  // One rescale per step at most (and rarely: only when this step raises a maximum).
+  acc_t step_mx = neg_inf<acc_t>(), step_my = neg_inf<acc_t>();
 #pragma unroll
   for (int i = 0; i < U; ++i) {
-    const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
-    valid[i] = unit < end;
-    if (valid[i]) {
-      if constexpr (kFromCache) {
-        px[i] = x[unit];
-        py[i] = y[unit];
-      } else {
-        px[i] = load_pack<kLastUse>(x, unit);
-        py[i] = load_pack<kLastUse>(y, unit);
-      }
+    if (!valid[i]) continue;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      step_mx = max_acc(step_mx, to_acc(px[i].v[j]));
+      step_my = max_acc(step_my, to_acc(py[i].v[j]));
     }
   }
-}
-
-// Folds packs [begin, end) of one row into st, in strides of blockDim.x packs per thread step.
-// kStore parks the packs in the shared-memory row cache for the gradient pass.
-template <typename scalar_t, int N, bool kStore, bool kLastUse>
-__device__ __forceinline__ void accumulate_range(RowState<at::opmath_type<scalar_t>>& st,
-                                                 const Pack<scalar_t, N>* x,
-                                                 const Pack<scalar_t, N>* y, int64_t begin,
-                                                 int64_t end, Pack<scalar_t, N>* cache_x,
-                                                 Pack<scalar_t, N>* cache_y,
-                                                 at::opmath_type<scalar_t> k) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int U = kUnroll<N>;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * U;
-  for (int64_t first = begin + threadIdx.x; first < end; first += step) {
-    Pack<scalar_t, N> px[U], py[U];
-    bool valid[U];
-    load_step<false, kLastUse>(x, y, first, end, px, py, valid);
-    if constexpr (kStore) {
+  if (step_mx > st.mx || step_my > st.my) rescale(st, max_acc(st.mx, step_mx), max_acc(st.my, step_my), k);
+  const acc_t sx = finite_shift(st.mx), sy = finite_shift(st.my);
 #pragma unroll
-      for (int i = 0; i < U; ++i) {
-        const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
-        if (valid[i]) {
-          cache_x[unit] = px[i];
-          cache_y[unit] = py[i];
-        }
-      }
-    }
-    // One rescale per step at most (and rarely: only when this step raises a maximum).
-    acc_t step_mx = neg_inf<acc_t>(), step_my = neg_inf<acc_t>();
+  for (int i = 0; i < U; ++i) {
+    if (!valid[i]) continue;
 #pragma unroll
-    for (int i = 0; i < U; ++i) {
-      if (!valid[i]) continue;
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        step_mx = max_acc(step_mx, to_acc(px[i].v[j]));
-        step_my = max_acc(step_my, to_acc(py[i].v[j]));
-      }
-    }
-    if (step_mx > st.mx || step_my > st.my) {
-      rescale(st, max_acc(st.mx, step_mx), max_acc(st.my, step_my), k);
-    }
-    const acc_t sx = finite_shift(st.mx), sy = finite_shift(st.my);
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      if (!valid[i]) continue;
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const acc_t xs = (to_acc(px[i].v[j]) - sx) * k;
-        const acc_t ys = (to_acc(py[i].v[j]) - sy) * k;
-        const acc_t ex = exp2_acc(xs);
-        st.zx += ex;
-        st.zy += exp2_acc(ys);
-        // p_x = 0 contributes 0, never 0 * inf (x = -inf, or y' = -inf where p_x = 0).
-        st.w += ex > acc_t(0) ? ex * (xs - ys) : acc_t(0);
-      }
+    for (int j = 0; j < N; ++j) {
+      const acc_t xs = (to_acc(px[i].v[j]) - sx) * k;
+      const acc_t ys = (to_acc(py[i].v[j]) - sy) * k;
+      const acc_t ex = exp2_acc(xs);
+      st.zx += ex;
+      st.zy += exp2_acc(ys);
+      // p_x = 0 contributes 0, never 0 * inf (x = -inf, or y' = -inf where p_x = 0).
+      st.w += ex > acc_t(0) ? ex * (xs - ys) : acc_t(0);
     }
   }
 }
@@ -155,70 +106,57 @@ struct GradConstants {
   acc_t c2;       // (log p_x - log p_y - KL) - (x' - y') ln2, divided by ln2
 };
 
-// Writes the gradients of packs [begin, end) of one row, from the row cache (kFromCache) or from
-// global memory (last use: evict-first). kNeedX/kNeedY: which gradients are written (compile-time,
-// so that each output pack is built whole in registers).
-template <typename scalar_t, int N, bool kFromCache, bool kNeedX, bool kNeedY>
-__device__ __forceinline__ void gradient_range(const Pack<scalar_t, N>* x,
-                                               const Pack<scalar_t, N>* y, int64_t begin,
-                                               int64_t end, Pack<scalar_t, N>* grad_x,
-                                               Pack<scalar_t, N>* grad_y,
-                                               const GradConstants<at::opmath_type<scalar_t>>& c) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int U = kGradUnroll<N>;
-  const int64_t step = static_cast<int64_t>(blockDim.x) * U;
-  for (int64_t first = begin + threadIdx.x; first < end; first += step) {
-    Pack<scalar_t, N> px[U], py[U];
-    bool valid[U];
-    load_step<kFromCache, true>(x, y, first, end, px, py, valid);
+// One step of the gradient pass. kNeedX/kNeedY: which gradients are written (compile-time, so
+// that each output pack is built whole in registers).
+template <bool kNeedX, bool kNeedY, typename P, int U, typename acc_t>
+__device__ __forceinline__ void gradient_step(const P (&packs)[2][U], const bool (&valid)[U], int64_t first,
+                                              P* grad_x, P* grad_y, const GradConstants<acc_t>& c) {
+  using scalar_t = typename P::value_type;
 #pragma unroll
-    for (int i = 0; i < U; ++i) {
-      if (!valid[i]) continue;
-      const int64_t unit = first + static_cast<int64_t>(i) * blockDim.x;
-      Pack<scalar_t, N> gx, gy;
+  for (int i = 0; i < U; ++i) {
+    if (!valid[i]) continue;
+    P gx, gy;
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const acc_t xs = (to_acc(px[i].v[j]) - c.mx) * c.k;
-        const acc_t ys = (to_acc(py[i].v[j]) - c.my) * c.k;
-        const acc_t ex = exp2_acc(xs);
-        // grad_x = p_x (log p_x - log p_y - KL) f, zero where p_x = 0.
-        if constexpr (kNeedX) {
-          const acc_t g = ex > acc_t(0) ? (ex * c.wx) * (xs - ys + c.c2) : acc_t(0);
-          gx.v[j] = static_cast<scalar_t>(g);
-        }
-        // grad_y = (p_y - p_x) f.
-        if constexpr (kNeedY) gy.v[j] = static_cast<scalar_t>(exp2_acc(ys) * c.py_f - ex * c.px_f);
-      }
-      if constexpr (kNeedX) store_pack(grad_x, unit, gx);
-      if constexpr (kNeedY) store_pack(grad_y, unit, gy);
+    for (int j = 0; j < P::kSize; ++j) {
+      const acc_t xs = (to_acc(packs[0][i].v[j]) - c.mx) * c.k;
+      const acc_t ys = (to_acc(packs[1][i].v[j]) - c.my) * c.k;
+      const acc_t ex = exp2_acc(xs);
+      // grad_x = p_x (log p_x - log p_y - KL) f, zero where p_x = 0.
+      if constexpr (kNeedX) gx.v[j] = static_cast<scalar_t>(ex > acc_t(0) ? (ex * c.wx) * (xs - ys + c.c2) : acc_t(0));
+      // grad_y = (p_y - p_x) f.
+      if constexpr (kNeedY) gy.v[j] = static_cast<scalar_t>(exp2_acc(ys) * c.py_f - ex * c.px_f);
     }
+    if constexpr (kNeedX) store_pack(grad_x, step_unit(first, i), gx);
+    if constexpr (kNeedY) store_pack(grad_y, step_unit(first, i), gy);
   }
 }
 
-// The gradient pass over the uncached packs (re-read from global memory, most recently read
-// first, as they may still be in L2), then over the cached ones.
-template <typename scalar_t, int N, bool kNeedX, bool kNeedY>
-__device__ __forceinline__ void gradient_row(const Pack<scalar_t, N>* x, const Pack<scalar_t, N>* y,
-                                             const Pack<scalar_t, N>* cache_x,
-                                             const Pack<scalar_t, N>* cache_y, int64_t cached,
-                                             int64_t units, Pack<scalar_t, N>* grad_x,
-                                             Pack<scalar_t, N>* grad_y,
-                                             const GradConstants<at::opmath_type<scalar_t>>& c) {
-  gradient_range<scalar_t, N, false, kNeedX, kNeedY>(x, y, cached, units, grad_x, grad_y, c);
-  gradient_range<scalar_t, N, true, kNeedX, kNeedY>(cache_x, cache_y, 0, cached, grad_x, grad_y, c);
-}
+// The two passes as the pipeline calls them, one step at a time.
+template <typename acc_t>
+struct Accumulate {
+  RowState<acc_t> st;
+  acc_t k;
+  template <typename P, int U>
+  __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t) {
+    accumulate_step(st, packs, valid, k);
+  }
+};
 
-template <typename scalar_t, int N>
-__device__ __forceinline__ void zero_row(Pack<scalar_t, N>* grad, int64_t units) {
-  Pack<scalar_t, N> zero;
-#pragma unroll
-  for (int j = 0; j < N; ++j) zero.v[j] = scalar_t(0);
-  for (int64_t unit = threadIdx.x; unit < units; unit += blockDim.x) store_pack(grad, unit, zero);
-}
+template <bool kNeedX, bool kNeedY, typename P, typename acc_t>
+struct Gradient {
+  P* grad_x;
+  P* grad_y;
+  GradConstants<acc_t> c;
+  template <int U>
+  __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t first) const {
+    gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, c);
+  }
+};
 
 // Per-row KL of softmax(x/T) || softmax(y/T) (row_state.cuh), and with kGrad its gradients:
 //   row_loss[r] = sum p_x (log p_x - log p_y)
 //   grad_x[r]   = p_x (log p_x - log p_y - KL) f       grad_y[r] = (p_y - p_x) f
+// Passes (row_pipeline.cuh): statistics, then with kGrad the gradient, the row cached in between.
 // Bytes per element (e = sizeof(scalar_t)), each input read from global memory once:
 //   loss only 2e; with one gradient 3e; with both 4e. Packs beyond the shared-memory row cache
 //   are read a second time by the gradient pass, from L2 when the rows in flight fit there.
@@ -230,40 +168,36 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
   using P = Pack<scalar_t, N>;
   KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
   auto* scratch = reinterpret_cast<RowState<acc_t>*>(shared);
-  P* cache_x = reinterpret_cast<P*>(shared + args.scratch_bytes);
-  P* cache_y = cache_x + args.cached_units;
-
+  P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
+                       reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
   const int64_t units = args.vocab / N;
   const int64_t cached = kGrad ? args.cached_units : 0;
   const acc_t k = args.k;
   // Read here, on the device: the counted-row count of batchmean/mean may be a mask's sum.
   const acc_t f = kGrad ? static_cast<acc_t>(args.factor.value()) : acc_t(0);
+  const auto grad_row = [&](scalar_t* grad, int64_t row) {
+    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) : nullptr;
+  };
 
-  for (int64_t row = blockIdx.x; row < args.rows; row += gridDim.x) {
-    const int64_t grad_offset = row * args.vocab;
-    P* grad_x = args.grad_x != nullptr ? reinterpret_cast<P*>(args.grad_x + grad_offset) : nullptr;
-    P* grad_y = args.grad_y != nullptr ? reinterpret_cast<P*>(args.grad_y + grad_offset) : nullptr;
-    if (args.mask != nullptr && !args.mask[row]) {  // block-uniform; touches no shared memory
+  for (const int64_t row : block_rows(args.rows)) {
+    if (row_masked(args.mask, row)) {  // block-uniform; touches no shared memory
       if (threadIdx.x == 0) args.row_loss[row] = acc_t(0);
       if constexpr (kGrad) {
-        if (grad_x != nullptr) zero_row(grad_x, units);
-        if (grad_y != nullptr) zero_row(grad_y, units);
+        if (P* g = grad_row(args.grad_x, row)) zero_row(g, units);
+        if (P* g = grad_row(args.grad_y, row)) zero_row(g, units);
       }
       continue;
     }
-    const P* x = reinterpret_cast<const P*>(args.x + args.x_rows.offset(row));
-    const P* y = reinterpret_cast<const P*>(args.y + args.y_rows.offset(row));
-
-    RowState<acc_t> st = empty_row_state<acc_t>();
+    const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
+                            reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
+    Accumulate<acc_t> accumulate{empty_row_state<acc_t>(), k};
     if constexpr (kGrad) {
-      // The cached prefix is never read from global memory again; the rest is, and is read last
-      // here so that it is the most recent data in L2 when the gradient pass comes back for it.
-      accumulate_range<scalar_t, N, true, true>(st, x, y, 0, cached, cache_x, cache_y, k);
-      accumulate_range<scalar_t, N, false, false>(st, x, y, cached, units, cache_x, cache_y, k);
+      first_pass<kUnroll<N>>(in, cache, cached, units, accumulate);
     } else {
-      accumulate_range<scalar_t, N, false, true>(st, x, y, 0, units, cache_x, cache_y, k);
+      only_pass<kUnroll<N>>(in, units, accumulate);
     }
-    st = block_merge(st, k, scratch);  // also orders the row-cache writes before the reads below
+    // The merge's barrier also orders the row-cache writes before the gradient pass reads them.
+    const RowState<acc_t> st = block_merge(accumulate.st, k, scratch);
 
     const acc_t log_zx = log2_acc(st.zx), log_zy = log2_acc(st.zy);
     acc_t kl2 = st.w / st.zx - log_zx + log_zy;  // KL / ln2
@@ -280,15 +214,16 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
       c.py_f = f / st.zy;
       c.wx = c.px_f * static_cast<acc_t>(kLn2);
       c.c2 = log_zy - log_zx - kl2;
-      const auto pass = [&](auto need_x, auto need_y) {
-        gradient_row<scalar_t, N, decltype(need_x)::value, decltype(need_y)::value>(
-            x, y, cache_x, cache_y, cached, units, grad_x, grad_y, c);
-      };
-      if (grad_x != nullptr && grad_y != nullptr) pass(std::true_type{}, std::true_type{});
-      else if (grad_x != nullptr) pass(std::true_type{}, std::false_type{});
-      else pass(std::false_type{}, std::true_type{});
+      P* const gx = grad_row(args.grad_x, row);
+      P* const gy = grad_row(args.grad_y, row);
+      if (gx != nullptr && gy != nullptr) {
+        later_pass<kGradUnroll<N>, true>(in, cache, cached, units, Gradient<true, true, P, acc_t>{gx, gy, c});
+      } else if (gx != nullptr) {
+        later_pass<kGradUnroll<N>, true>(in, cache, cached, units, Gradient<true, false, P, acc_t>{gx, gy, c});
+      } else {
+        later_pass<kGradUnroll<N>, true>(in, cache, cached, units, Gradient<false, true, P, acc_t>{gx, gy, c});
+      }
     }
-    __syncthreads();  // the next row overwrites scratch and the row cache
   }
 }
 

@@ -1,0 +1,123 @@
+// The shape every kl_fused row kernel shares, written once; each kernel supplies only its math.
+//
+// One block per row, grid-stride over the rows (block_rows). A pass streams the packs of
+// the row's inputs: each thread takes units threadIdx.x, + blockDim.x, ..., U of them per step, all
+// loaded before any is used so that several loads are in flight (stream_packs). A kernel whose math
+// needs the row more than once keeps a row cache in shared memory: its first pass parks the
+// leading `cached` packs of each input there (first_pass), and later passes read those on-chip and
+// only the rest from global memory, most of it from L2 (later_pass). Each thread handles the same
+// units in every pass, so a thread reads back only cache entries it wrote itself.
+//
+// Bytes: each input is read from global memory once when the row fits the cache (2 V e for two
+// inputs); packs beyond the cache are read once more per later pass, from L2 when the rows in
+// flight fit there.
+#pragma once
+
+#include <cstdint>
+
+#include "device_compat.cuh"
+#include "packs.cuh"
+
+namespace kl_fused::cuda {
+
+// Where a pass reads its packs: global memory to be read again (kept in L2), global memory read
+// for the last time (evict-first), or the shared-memory row cache.
+enum class Source { kGlobal, kGlobalLastUse, kCache };
+
+// The unit of packs[.][i] in a thread step that starts at unit `first`.
+__device__ __forceinline__ int64_t step_unit(int64_t first, int i) {
+  return first + static_cast<int64_t>(i) * blockDim.x;
+}
+
+// fn(packs, valid, first) over units [begin, end) of the rows in[0..kIn): each thread step loads
+// P packs[kIn][U] (packs[t][i] is unit step_unit(first, i) of input t; valid[i] says whether that
+// unit is below end) before fn uses any of them. kStore also parks every pack loaded in cache[.]
+// at the same unit. (Plain arrays, not a struct holding them: nvcc kept the struct's packs out of
+// registers and the kernels spilled.)
+template <int U, Source kSource, bool kStore, typename P, int kIn, typename Fn>
+__device__ __forceinline__ void stream_packs(const P* const (&in)[kIn], P* const (&cache)[kIn], int64_t begin,
+                                             int64_t end, Fn&& fn) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * U;
+  for (int64_t first = begin + threadIdx.x; first < end; first += stride) {
+    P packs[kIn][U];
+    bool valid[U];
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      const int64_t unit = step_unit(first, i);
+      valid[i] = unit < end;
+      if (!valid[i]) continue;
+#pragma unroll
+      for (int t = 0; t < kIn; ++t) {
+        if constexpr (kSource == Source::kCache) {
+          packs[t][i] = cache[t][unit];
+        } else {
+          packs[t][i] = load_pack<kSource == Source::kGlobalLastUse>(in[t], unit);
+        }
+      }
+    }
+    if constexpr (kStore) {
+#pragma unroll
+      for (int i = 0; i < U; ++i) {
+        if (!valid[i]) continue;
+#pragma unroll
+        for (int t = 0; t < kIn; ++t) cache[t][step_unit(first, i)] = packs[t][i];
+      }
+    }
+    fn(packs, valid, first);
+  }
+}
+
+// The only pass over the row: every pack read from global memory once, evict-first.
+template <int U, typename P, int kIn, typename Fn>
+__device__ __forceinline__ void only_pass(const P* const (&in)[kIn], int64_t units, Fn&& fn) {
+  P* const no_cache[kIn] = {};
+  stream_packs<U, Source::kGlobalLastUse, false>(in, no_cache, 0, units, fn);
+}
+
+// The first of several passes: packs [0, cached) go to the row cache and are never read from global
+// memory again; the rest is read last, so that it is the most recent data in L2 when a later pass
+// comes back for it. The caller synchronises (a block reduction does) before a later pass reads
+// the cache.
+template <int U, typename P, int kIn, typename Fn>
+__device__ __forceinline__ void first_pass(const P* const (&in)[kIn], P* const (&cache)[kIn], int64_t cached,
+                                           int64_t units, Fn&& fn) {
+  stream_packs<U, Source::kGlobalLastUse, true>(in, cache, 0, cached, fn);
+  stream_packs<U, Source::kGlobal, false>(in, cache, cached, units, fn);
+}
+
+// A later pass: the uncached packs first (most recently read, so likely still in L2; evict-first
+// when kLast, no pass coming after), then the cached ones.
+template <int U, bool kLast, typename P, int kIn, typename Fn>
+__device__ __forceinline__ void later_pass(const P* const (&in)[kIn], P* const (&cache)[kIn], int64_t cached,
+                                           int64_t units, Fn&& fn) {
+  stream_packs<U, kLast ? Source::kGlobalLastUse : Source::kGlobal, false>(in, cache, cached, units, fn);
+  stream_packs<U, Source::kCache, false>(in, cache, 0, cached, fn);
+}
+
+// The block's rows, grid-stride, with a barrier between one row and the next (the next row
+// overwrites the reduction scratch and the row cache):
+//   for (const int64_t row : block_rows(rows)) { ... }
+// Every thread of a block runs the same rows, so the barrier is reached by all of them, also after
+// a `continue` (a masked row).
+struct BlockRowIterator {
+  int64_t row;
+  __device__ __forceinline__ int64_t operator*() const { return row; }
+  __device__ __forceinline__ bool operator!=(const BlockRowIterator& end) const { return row < end.row; }
+  __device__ __forceinline__ BlockRowIterator& operator++() {
+    __syncthreads();
+    row += gridDim.x;
+    return *this;
+  }
+};
+
+struct BlockRows {
+  int64_t rows;
+  __device__ __forceinline__ BlockRowIterator begin() const { return {static_cast<int64_t>(blockIdx.x)}; }
+  __device__ __forceinline__ BlockRowIterator end() const { return {rows}; }
+};
+
+__device__ __forceinline__ BlockRows block_rows(int64_t rows) { return {rows}; }
+
+__device__ __forceinline__ bool row_masked(const bool* mask, int64_t row) { return mask != nullptr && !mask[row]; }
+
+}  // namespace kl_fused::cuda
