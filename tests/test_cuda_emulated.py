@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from kl_fused import _shard_math
 from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, make_logits, reference64, scipy_row_kl
 from simt.emulator import DEFAULT_LIMITS, Emulator
 
@@ -379,6 +380,81 @@ def test_grad_scale_per_row_scalar_and_factor_one(emu, dtype, vocab):
     unchanged = grad.clone()
     emu.call("grad_scale_", unchanged, torch.tensor(1.0, dtype=acc))
     assert torch.equal(unchanged, grad)
+
+
+# ------------------------------------------------------------------------------------- vocab-parallel shards
+
+
+def _shard_rows(dtype, width, seed):
+    """(7, width) shards with the edge rows of the vocab-parallel contract."""
+    student, teacher = make_logits((7, width), dtype, "cpu", seed=seed)
+    teacher[1] = NEG_INF                  # an all -inf side: the empty partial state
+    student[2, 5] = float("nan")          # an undefined row
+    teacher[3, width // 2 :] = NEG_INF    # -inf on part of the shard
+    student[5, 3] = float("inf")          # +inf: undefined too
+    mask = torch.tensor([True, True, True, True, False, True, True])
+    student[4] = float("nan")             # masked: never read
+    return student, teacher, mask
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("width", [1280, 1283])
+def test_shard_states_match_their_definition(emu, dtype, reverse, width):
+    student, teacher, mask = _shard_rows(dtype, width, seed=70 + width)
+    states, launches = emu.call("kl_row_states", student, teacher, mask, 1.5, reverse)
+    pack = pack_of(dtype) if width % pack_of(dtype) == 0 else 1
+    assert only_launch(launches, "kl_row_states_kernel").template_args == [CXX_TYPES[dtype], str(pack)]
+    expected = _shard_math.shard_states_torch(student, teacher, mask, 1.5, reverse)
+    tol = TOLERANCES[dtype]
+    assert_close(states, expected, tol["loss_rtol"], tol["loss_atol"], "partial states")
+    assert states[4].tolist() == [NEG_INF, NEG_INF, 0.0, 0.0, 0.0], "masked row: the empty state"
+    assert states[[2, 5], 2:].isnan().all() and (states[[2, 5], :2] == NEG_INF).all(), "undefined rows"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("width", [1280, 1283])
+def test_shard_gradients_match_their_definition(emu, dtype, reverse, width):
+    student, teacher, mask = _shard_rows(dtype, width, seed=80 + width)
+    acc = _shard_math.acc_dtype(dtype)
+    states = _shard_math.shard_states_torch(student, teacher, mask, 0.8, reverse).to(acc)
+    maxima = states[:, :2].contiguous()  # one shard is its own full row
+    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, reverse), mask, reverse)
+    factor = torch.linspace(-1.0, 2.0, 7, dtype=acc)
+    for student_grad, teacher_grad in ((True, True), (True, False), (False, True)):
+        args = (student, teacher, mask, stats.contiguous(), factor, 0.8, reverse, student_grad, teacher_grad)
+        grads, launches = emu.call("kl_grad_from_stats", *args)
+        only_launch(launches, "kl_grad_from_stats_kernel")
+        expected = _shard_math.shard_grads_torch(*args)
+        for got, want, wanted, name in zip(grads, expected, (student_grad, teacher_grad), ("student", "teacher")):
+            if not wanted:
+                assert got.numel() == 0
+                continue
+            assert_grad_close(got[[0, 3, 6]], want[[0, 3, 6]], dtype, f"{name} gradient")
+            assert got[[1, 2, 5]].float().isnan().all(), "undefined rows: NaN gradient"
+            assert (got[4] == 0).all(), "masked row: zero gradient"
+
+
+def test_shards_of_a_row_give_the_full_rows_loss_and_gradient(emu):
+    """Two unequal shards through the emulated shard kernels and the merge of _shard_math equal the
+    full rows' KL and gradient, on a grid that walks its rows."""
+    student, teacher = make_logits((9, 3000), torch.float32, "cpu", seed=90)
+    cut = 1100
+    with emu.limits(max_grid_x=4):
+        shard_states = [emu.call("kl_row_states", s, t, None, 1.3, False)[0]
+                        for s, t in ((student[:, :cut], teacher[:, :cut]), (student[:, cut:], teacher[:, cut:]))]
+        maxima = torch.maximum(shard_states[0][:, :2], shard_states[1][:, :2])
+        sums = sum(_shard_math.rescaled_sums(st, maxima, False) for st in shard_states)
+        kl, stats = _shard_math.finish_rows(maxima, sums, None, False)
+        factor = torch.full((9,), 1.0 / 9)
+        grads = [emu.call("kl_grad_from_stats", s, t, None, stats.contiguous(), factor, 1.3, False, True, False)[0][0]
+                 for s, t in ((student[:, :cut], teacher[:, :cut]), (student[:, cut:], teacher[:, cut:]))]
+    rows = scipy_row_kl(student, teacher, 1.3, "forward")
+    assert_close(kl, rows, 2e-5, 2e-6, "merged KL vs scipy")
+    ref, s64, _ = reference64(student, teacher, temperature=1.3, reduction="batchmean")
+    ref.backward()
+    assert_grad_close(torch.cat(grads, dim=1) / 1.3, s64.grad, torch.float32, "shard gradients")
 
 
 # ------------------------------------------------------------------------------------- determinism

@@ -39,6 +39,12 @@ __device__ __forceinline__ acc_t finite_shift(acc_t m) {
   return m == neg_inf<acc_t>() ? acc_t(0) : m;
 }
 
+// Neither infinite nor NaN (x - x is NaN exactly for those).
+template <typename acc_t>
+__device__ __forceinline__ bool finite_acc(acc_t x) {
+  return x - x == acc_t(0);
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ at::opmath_type<scalar_t> to_acc(scalar_t v) {
   return static_cast<at::opmath_type<scalar_t>>(v);

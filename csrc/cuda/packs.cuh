@@ -44,12 +44,13 @@ __device__ __forceinline__ void store_pack(Pack<T, N>* base, int64_t unit, const
   }
 }
 
+// Every element of a row (units packs) set to value, by the block's threads.
 template <typename T, int N>
-__device__ __forceinline__ void zero_row(Pack<T, N>* row, int64_t units) {
-  Pack<T, N> zero;
+__device__ __forceinline__ void fill_row(Pack<T, N>* row, int64_t units, T value) {
+  Pack<T, N> pack;
 #pragma unroll
-  for (int j = 0; j < N; ++j) zero.v[j] = T(0);
-  for (int64_t unit = threadIdx.x; unit < units; unit += blockDim.x) store_pack(row, unit, zero);
+  for (int j = 0; j < N; ++j) pack.v[j] = value;
+  for (int64_t unit = threadIdx.x; unit < units; unit += blockDim.x) store_pack(row, unit, pack);
 }
 
 }  // namespace kl_fused::cuda

@@ -16,9 +16,27 @@
 #include <cstdint>
 
 #include "device_compat.cuh"
+#include "launch_plan.h"
 #include "packs.cuh"
 
 namespace kl_fused::cuda {
+
+// Tuning shared by the row kernels.
+// fp64 exp2/log2 are software routines: at 1024 threads (64 registers each) they spill.
+template <typename scalar_t>
+constexpr int kMaxRowThreads = sizeof(scalar_t) == 8 ? 512 : kMaxThreads;
+// The launch bound's minimum of one resident block per SM lets ptxas use the whole register budget
+// of kMaxRowThreads (128 registers at 512 threads): without it, ptxas held the fp64 vector
+// kernel to 64 registers on sm_80 and spilled (tests/cuda_resources.py).
+constexpr int kMinRowBlocksPerSM = 1;
+// Packs loaded per thread before any of them is used, so several loads are in flight per thread:
+// 2 x 16 bytes per tensor on the vector path, 8 elements on the scalar one.
+template <int N>
+constexpr int kUnroll = N == 1 ? 8 : 2;
+// The gradient pass holds more per pack (two output packs, the row constants): one 16-byte pack
+// per tensor per step keeps it within 64 registers at 1024 threads.
+template <int N>
+constexpr int kGradUnroll = N == 1 ? 2 : 1;
 
 // Where a pass reads its packs: global memory to be read again (kept in L2), global memory read
 // for the last time (evict-first), or the shared-memory row cache.
