@@ -8,6 +8,7 @@ torch.ops.kl_fused.kl_div_logits computes the loss and, when asked, the gradient
 import torch
 
 from kl_fused._fused_loss import register_fused_loss_autograd
+from kl_fused._warn_once import warn_once
 
 try:
     from kl_fused import _C  # noqa: F401  (loading the library registers torch.ops.kl_fused)
@@ -19,6 +20,13 @@ except ImportError as error:  # an install without the compiled extension
 
 OP_NAME = "kl_fused::kl_div_logits"
 SHARD_OP_NAMES = ("kl_fused::kl_row_states", "kl_fused::kl_grad_from_stats")
+
+# Each public loss and the compiled ops it needs. A public function runs fused on a device only
+# where every one of its ops has a kernel there; elsewhere it runs its pure-PyTorch reference and
+# says so once (fused_path). A new op family adds one line here.
+PUBLIC_OPS = {
+    "kl_div_logits": (OP_NAME, "kl_fused::grad_scale_"),
+}
 
 
 def compiled_device_types(op_names):
@@ -33,23 +41,46 @@ def compiled_device_types(op_names):
     )
 
 
-FUSED_DEVICE_TYPES = compiled_device_types((OP_NAME,))
+_DEVICE_TYPES = {public: compiled_device_types(ops) for public, ops in PUBLIC_OPS.items()}
+FUSED_DEVICE_TYPES = _DEVICE_TYPES["kl_div_logits"]
 SHARD_DEVICE_TYPES = compiled_device_types(SHARD_OP_NAMES)
 
 
-def is_fused_available(device) -> bool:
-    """True where the compiled kernel serves tensors on `device` (a str or torch.device)."""
-    return torch.device(device).type in FUSED_DEVICE_TYPES
+def _device_types(op):
+    if op not in _DEVICE_TYPES:
+        raise ValueError(f"unknown kl_fused op {op!r}; choose from {sorted(_DEVICE_TYPES)}")
+    return _DEVICE_TYPES[op]
 
 
-def fused_unavailable_reason(device):
-    """Why `device` runs the reference instead of a compiled kernel, or None where it does not."""
+def is_fused_available(device, op="kl_div_logits") -> bool:
+    """True where compiled kernels serve `op` (a public function's name) on `device` (a str or
+    torch.device); elsewhere that function runs its pure-PyTorch reference."""
+    return torch.device(device).type in _device_types(op)
+
+
+def fused_unavailable_reason(device, op="kl_div_logits"):
+    """Why `op` runs its reference on `device` instead of a compiled kernel, or None where it does not."""
     device_type = torch.device(device).type
-    if device_type in FUSED_DEVICE_TYPES:
+    if device_type in _device_types(op):
         return None
     if _C is None:
         return f"the compiled extension kl_fused._C failed to import ({IMPORT_ERROR})"
-    return f"kl_fused._C was built without {device_type} kernels"
+    return f"kl_fused._C was built without {device_type} kernels for {op}"
+
+
+def fused_path(op, device):
+    """True when `op` runs its compiled kernels on `device`; otherwise warns once per (op, device
+    type) that the pure-PyTorch reference runs instead, naming the reason, and returns False."""
+    device_type = torch.device(device).type
+    if device_type in _device_types(op):
+        return True
+    warn_once(
+        (op, device_type),
+        f"kl_fused: no fused kernel for {op} on device '{device_type}' ({fused_unavailable_reason(device_type, op)}); "
+        "using the pure-PyTorch reference, which is slower and uses more memory",
+        stacklevel=4,
+    )
+    return False
 
 
 if _C is not None:

@@ -3,9 +3,8 @@
 import torch
 
 from kl_fused import reference
-from kl_fused._ops import FUSED_DEVICE_TYPES, fused_unavailable_reason
+from kl_fused._ops import fused_path
 from kl_fused._validate import check_kl_args
-from kl_fused._warn_once import warn_once
 
 
 def kl_div_logits(
@@ -39,13 +38,7 @@ def kl_div_logits(
         when it requires grad, to the teacher; they are computed by the forward pass itself.
     """
     check_kl_args(student_logits, teacher_logits, temperature, reduction, direction, mask)
-    device_type = student_logits.device.type
-    if device_type not in FUSED_DEVICE_TYPES:
-        warn_once(
-            ("kl_div_logits", device_type),
-            f"kl_fused: no fused kernel for device '{device_type}' ({fused_unavailable_reason(device_type)}); "
-            "using the pure-PyTorch reference, which is slower and uses more memory",
-        )
+    if not fused_path("kl_div_logits", student_logits.device):
         return reference.kl_div_logits(
             student_logits,
             teacher_logits,

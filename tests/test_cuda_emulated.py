@@ -12,7 +12,6 @@ code can launch ran at least once.
 
 import math
 import pathlib
-import re
 
 import numpy as np
 import pytest
@@ -20,20 +19,15 @@ import torch
 
 from kl_fused import _shard_math
 from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, make_logits, reference64, scipy_row_kl
-from simt.emulator import DEFAULT_LIMITS, Emulator
+from simt.emulator import CXX_TYPES, DEFAULT_LIMITS, Emulator, assert_owned_kernels_ran, pack_of
+from simt.emulator import only_launch as _only_launch
 
 NEG_INF = float("-inf")
-CXX_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
-RESOURCES = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / "cuda-resources.md"
 
 
 @pytest.fixture(scope="module")
 def emu():
     return Emulator()
-
-
-def pack_of(dtype):
-    return 16 // torch.empty((), dtype=dtype).element_size()
 
 
 def emulated_kl(emu, student, teacher, *, mask=None, temperature=1.0, direction="forward", reduction="sum",
@@ -45,8 +39,7 @@ def emulated_kl(emu, student, teacher, *, mask=None, temperature=1.0, direction=
 
 
 def only_launch(launches, name="kl_rows_kernel"):
-    assert [launch.name for launch in launches] == [name], f"expected one {name} launch, got {launches}"
-    return launches[0]
+    return _only_launch(launches, name)
 
 
 def check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, *, student_grad=True, teacher_grad=True,
@@ -472,27 +465,7 @@ def test_bitwise_determinism(emu):
 # ------------------------------------------------------------------------------------- coverage (keep last)
 
 
-def _recorded_resources():
-    """{(arch, kernel): (registers, max threads per block)} from bench/results/cuda-resources.md."""
-    rows = {}
-    for line in RESOURCES.read_text().splitlines():
-        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
-        if len(cells) >= 4 and re.fullmatch(r"sm_\d+", cells[0]):
-            rows[(cells[0], cells[1])] = (int(cells[2]), int(cells[3]))
-    return rows
-
-
 def test_every_launchable_kernel_ran_and_fits_its_compiled_resources(emu):
-    """Every kernel instantiation the host code can launch ran in this file (run the whole file), and
-    its largest block fits its launch bounds and the register file per the audit of the compiled code."""
-    launchable = emu.launchable_kernels()
-    assert launchable, "the emulator found no launchable kernels"
-    missing = [kernel for kernel in launchable if kernel not in emu.launched]
-    assert not missing, f"never launched by these tests: {missing}"
-    resources = _recorded_resources()
-    audited = sorted({kernel for _, kernel in resources})
-    assert audited == launchable, "the compiled kernels (resource audit) and the host's launchable ones differ"
-    for (arch, kernel), (registers, max_threads) in resources.items():
-        block = emu.launched[kernel]
-        assert block <= max_threads, f"{kernel} launched with {block} threads, above its launch bounds {max_threads}"
-        assert registers * block <= 65536, f"{arch} {kernel}: {registers} registers x {block} threads > 64K"
+    """Every instantiation of the kernels this file owns ran here, within its compiled resources;
+    every launchable kernel has an owning test file (simt/emulator.py: KERNEL_OWNERS)."""
+    assert_owned_kernels_ran(emu, pathlib.Path(__file__).name)

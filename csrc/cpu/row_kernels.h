@@ -27,6 +27,7 @@
 #include <memory>
 
 #include "cpu_kernels.h"
+#include "row_loop.h"
 #include "vec_lanes.h"
 
 namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE {
@@ -349,7 +350,7 @@ struct RowSolver {
   }
 };
 
-// Runs visit(solver, row) over every row in parallel, each thread with its own solver and scratch
+// Runs visit(solver, row) over every row in parallel, each task with its own solver and scratch
 // (the exponentials of one row when `keep`, and the chunk states).
 template <typename scalar_t, bool kReverse, typename Visit>
 void for_each_row(const KLRowsProblem& pr, bool keep, const Visit& visit) {
@@ -357,22 +358,18 @@ void for_each_row(const KLRowsProblem& pr, bool keep, const Visit& visit) {
   using acc_t = typename Solver::acc_t;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
   const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
-  // Enough rows per task that tiny vocabularies do not pay one task per row.
-  const int64_t grain = std::max<int64_t>(1, 16384 / pr.vocab);
-  at::parallel_for(0, pr.rows, grain, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<acc_t[]> scratch(new acc_t[(keep ? 2 * padded : 0) + 2 * n_chunks]);
+  const int64_t rows_scratch = keep ? 2 * padded : 0;
+  parallel_rows<acc_t>(pr.rows, pr.vocab, rows_scratch + 2 * n_chunks, [&](acc_t* scratch, int64_t begin, int64_t end) {
     std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
-    acc_t* scales = scratch.get() + (keep ? 2 * padded : 0);
-    const Solver solver{pr, scratch.get(), scratch.get() + (keep ? padded : 0), chunks.get(), scales};
+    const Solver solver{pr, scratch, scratch + (keep ? padded : 0), chunks.get(), scratch + rows_scratch};
     for (int64_t row = begin; row < end; ++row) visit(solver, row);
   });
 }
 
-// Calls run.template operator()<kReverse>() with the problem's direction as a compile-time flag.
+// Calls run(std::integral_constant<bool, kReverse>) with the problem's direction.
 template <typename Run>
 void with_direction(const KLRowsProblem& pr, const Run& run) {
-  if (pr.reverse) run(std::true_type{});
-  else run(std::false_type{});
+  with_flag(pr.reverse, run);
 }
 
 template <typename scalar_t>
@@ -410,8 +407,7 @@ void grad_scale_typed(const GradScaleProblem& pr) {
   using Vec = typename L::Vec;
   const acc_t* upstream = static_cast<const acc_t*>(pr.upstream);
   const int64_t V = pr.vocab;
-  const int64_t grain = std::max<int64_t>(1, 16384 / V);
-  at::parallel_for(0, pr.rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_rows<acc_t>(pr.rows, V, 0, [&](acc_t*, int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const acc_t factor = upstream[pr.per_row ? row : 0];
       if (factor == acc_t(1)) continue;

@@ -2,6 +2,7 @@
 record of every launch (kernel instantiation, grid, block, dynamic shared memory)."""
 
 import contextlib
+import pathlib
 import re
 from dataclasses import dataclass
 
@@ -11,6 +12,18 @@ from simt import build
 
 # An sm_90 device (H100 SXM): 132 SMs, 227 KB of opt-in shared memory per block, 2^31 - 1 blocks.
 DEFAULT_LIMITS = {"sm_count": 132, "max_shared_optin": 227 * 1024, "max_grid_x": 2**31 - 1}
+RESOURCES = pathlib.Path(__file__).resolve().parents[2] / "bench" / "results" / "cuda-resources.md"
+CXX_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
+
+# Which emulated test file exercises which kernel (by name, without template arguments). Every kernel
+# the host code can launch has an owner, and each owner's last test checks that every instantiation
+# of its kernels ran in that file (assert_owned_kernels_ran). A new kernel adds one line here.
+KERNEL_OWNERS = {
+    "kl_rows_kernel": "test_cuda_emulated.py",
+    "grad_scale_kernel": "test_cuda_emulated.py",
+    "kl_row_states_kernel": "test_cuda_emulated.py",
+    "kl_grad_from_stats_kernel": "test_cuda_emulated.py",
+}
 _LOG_LINE = re.compile(r"^(?P<kernel>.+) grid=(?P<grid>\d+) block=(?P<block>\d+) shared=(?P<shared>\d+)$")
 
 
@@ -76,3 +89,47 @@ class Emulator:
     def launchable_kernels():
         """Every kl_fused kernel instantiation that the host code of csrc/cuda can launch."""
         return sorted(k for k in torch.ops.simt.launchable_kernels() if not k.startswith("probe_"))
+
+
+def pack_of(dtype):
+    """Elements per 16-byte access of the vector path."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def only_launch(launches, name):
+    """The single launch of a call, which must be of kernel `name`."""
+    assert [launch.name for launch in launches] == [name], f"expected one {name} launch, got {launches}"
+    return launches[0]
+
+
+def recorded_resources():
+    """{(arch, kernel): (registers, max threads per block)} from bench/results/cuda-resources.md."""
+    rows = {}
+    for line in RESOURCES.read_text().splitlines():
+        cells = [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+        if len(cells) >= 4 and re.fullmatch(r"sm_\d+", cells[0]):
+            rows[(cells[0], cells[1])] = (int(cells[2]), int(cells[3]))
+    return rows
+
+
+def assert_owned_kernels_ran(emu, test_file):
+    """Every kernel instantiation the host code can launch has an owner in KERNEL_OWNERS and is in
+    the resource audit; those owned by `test_file` ran in `emu` (the file's emulator: run the whole
+    file), and their largest block fits the launch bounds and register file of the compiled code."""
+    launchable = emu.launchable_kernels()
+    assert launchable, "the emulator found no launchable kernels"
+    unowned = sorted({k.split("<", 1)[0] for k in launchable} - set(KERNEL_OWNERS))
+    assert not unowned, f"kernels no emulated test file owns (add them to KERNEL_OWNERS): {unowned}"
+    owned = [k for k in launchable if KERNEL_OWNERS[k.split("<", 1)[0]] == test_file]
+    assert owned, f"{test_file} owns no kernels"
+    missing = [kernel for kernel in owned if kernel not in emu.launched]
+    assert not missing, f"never launched by {test_file}: {missing}"
+    resources = recorded_resources()
+    audited = sorted({kernel for _, kernel in resources})
+    assert audited == launchable, "the compiled kernels (resource audit) and the host's launchable ones differ"
+    for (arch, kernel), (registers, max_threads) in resources.items():
+        if kernel not in owned:
+            continue
+        block = emu.launched[kernel]
+        assert block <= max_threads, f"{kernel} launched with {block} threads, above its launch bounds {max_threads}"
+        assert registers * block <= 65536, f"{arch} {kernel}: {registers} registers x {block} threads > 64K"

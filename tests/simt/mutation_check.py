@@ -5,7 +5,7 @@ real sources, and show that tests/test_cuda_emulated.py fails on each.
     python tests/simt/mutation_check.py NAME ...   some of them
 
 Each mutation replaces one exact piece of csrc/cuda/ text (it must occur exactly once), rebuilds the
-emulator, runs the emulated tests, and restores the file whatever happens. A mutation the tests do
+emulator, runs the emulated test file of the kernel it mutates, and restores the file whatever happens. A mutation the tests do
 not catch is reported as SURVIVED and makes the exit status 1. Not part of `make test` (each
 mutation rebuilds a kernel unit): run it after changing a kernel or its tests.
 """
@@ -27,6 +27,7 @@ class Mutation:
     old: str
     new: str
     why: str
+    tests: str = "tests/test_cuda_emulated.py"  # the emulated test file that must catch it
 
 
 MUTATIONS = [
@@ -83,7 +84,7 @@ def run(mutation):
     try:
         path.write_text(original.replace(mutation.old, mutation.new))
         result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_cuda_emulated.py"],
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", mutation.tests],
             cwd=ROOT, capture_output=True, text=True)
     finally:
         path.write_text(original)
