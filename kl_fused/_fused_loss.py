@@ -32,12 +32,17 @@ def scale_by_upstream(grad, upstream):
     return grad
 
 
-def register_fused_loss_autograd(op_name, grad_inputs, grad_flags):
+def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_arg=None):
     """Registers autograd for a fused loss op ``op(*args) -> (loss, *grads)``.
 
     grad_inputs[i] is the position in args of the input that grads[i] belongs to, grad_flags[i]
     the position of the bool argument that asks the op for it. Every other argument is treated as
     non-differentiable (masks, indices, options).
+
+    Gradients of logits scale per row, so a per-row upstream gradient (reduction "none") scales the
+    forward's rows. Gradients that mix rows (a weight's, in the fused linear losses) do not: such an
+    op takes the per-row upstream gradient as its argument `row_weights_arg` (None: all ones), and
+    a backward whose upstream gradient is not a scalar calls it again with that argument set.
     """
     grad_inputs, grad_flags = tuple(grad_inputs), tuple(grad_flags)
     if len(grad_inputs) != len(grad_flags):
@@ -69,17 +74,21 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags):
         grads, ctx.fresh_grads = ctx.fresh_grads, None
         if grad_loss is None:  # the loss did not reach the backward's root
             return tuple(result)
-        if grads is None or any(need and grad is None for need, grad in zip(needed, grads)):
-            # A second backward through a retained graph, or a gradient forward did not compute.
+        weighted_rows = row_weights_arg is not None and grad_loss.dim() > 0
+        if weighted_rows or grads is None or any(need and grad is None for need, grad in zip(needed, grads)):
+            # A second backward through a retained graph, a gradient forward did not compute, or
+            # per-row upstream weights that the op must apply itself.
             args = list(ctx.other_args)
             for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors):
                 args[position] = tensor
             for flag, need in zip(grad_flags, needed):
                 args[flag] = need
+            if weighted_rows:
+                args[row_weights_arg] = grad_loss.reshape(-1)
             grads = op(*args)[1:]
         for position, need, grad in zip(grad_inputs, needed, grads):
             if need:
-                result[position] = scale_by_upstream(grad, grad_loss)
+                result[position] = grad if weighted_rows else scale_by_upstream(grad, grad_loss)
         return tuple(result)
 
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)

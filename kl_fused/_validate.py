@@ -9,6 +9,13 @@ DIRECTIONS = ("forward", "reverse")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+def check_temperature(temperature):
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
 def check_kl_args(student_logits, teacher_logits, temperature, reduction, direction, mask):
     """Raise TypeError/ValueError naming the first problem with the arguments of kl_div_logits."""
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
@@ -37,10 +44,7 @@ def check_kl_args(student_logits, teacher_logits, temperature, reduction, direct
         )
     if student_logits.shape[-1] == 0:
         raise ValueError(f"the vocabulary (last) dimension must be non-empty, got shape {tuple(student_logits.shape)}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    check_temperature(temperature)
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if direction not in DIRECTIONS:

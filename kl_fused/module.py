@@ -1,9 +1,10 @@
-"""KLDivLogitsLoss: kl_fused.kl_div_logits as an nn.Module."""
+"""The losses as nn.Modules: KLDivLogitsLoss (kl_div_logits), LinearKLDivLoss (linear_kl_div)."""
 
 import torch
 
 from kl_fused._validate import DIRECTIONS, REDUCTIONS
 from kl_fused.api import kl_div_logits
+from kl_fused.linear import linear_kl_div
 
 
 class KLDivLogitsLoss(torch.nn.Module):
@@ -35,3 +36,22 @@ class KLDivLogitsLoss(torch.nn.Module):
 
     def extra_repr(self):
         return f"temperature={self.temperature}, reduction={self.reduction!r}, direction={self.direction!r}"
+
+
+class LinearKLDivLoss(KLDivLogitsLoss):
+    """Distillation loss from hidden states and the output layer; see kl_fused.linear_kl_div. The
+    logit post-processing of the two models (scales, softcaps) and chunk_rows are options of the module."""
+
+    def __init__(self, temperature=1.0, reduction="batchmean", direction="forward", *, chunk_rows=None,
+                 student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None):
+        super().__init__(temperature=temperature, reduction=reduction, direction=direction)
+        self.options = dict(chunk_rows=chunk_rows, student_logit_scale=student_logit_scale,
+                            teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                            teacher_softcap=teacher_softcap)
+
+    def forward(self, student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, teacher_weight=None,
+                student_bias=None, teacher_bias=None, mask=None):
+        return linear_kl_div(
+            student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+            student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.temperature,
+            reduction=self.reduction, direction=self.direction, mask=mask, **self.options)

@@ -56,3 +56,39 @@ def kl_div_logits(
     if reduction == "mean":
         counted = counted * student_logits.shape[-1]
     return total / counted
+
+
+def _post_logits(logits, scale, softcap):
+    """The logit scale, then the softcap c tanh(z / c), as the fused linear losses apply them."""
+    logits = logits * scale if scale != 1.0 else logits
+    return softcap * torch.tanh(logits / softcap) if softcap is not None else logits
+
+
+def materialized_logits(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None,
+                        teacher_weight=None, student_bias=None, teacher_bias=None, student_logit_scale=1.0,
+                        teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None, mask=None):
+    """(student logits, teacher logits) of the fused linear losses, materialised in full. Masked rows'
+    hidden states are zeroed first, so that NaN there reaches neither logits nor gradients."""
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        student_hidden = torch.where(keep, student_hidden, 0.0)
+        teacher_hidden = torch.where(keep, teacher_hidden, 0.0) if teacher_hidden is not None else None
+    student = _post_logits(F.linear(student_hidden, student_weight, student_bias), student_logit_scale, student_softcap)
+    if teacher_logits is None:
+        teacher_logits = _post_logits(F.linear(teacher_hidden, teacher_weight, teacher_bias), teacher_logit_scale,
+                                      teacher_softcap)
+    return student, teacher_logits
+
+
+def linear_kl_div(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, teacher_weight=None,
+                  student_bias=None, teacher_bias=None, temperature=1.0, reduction="batchmean", direction="forward",
+                  mask=None, chunk_rows=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
+                  teacher_softcap=None):
+    """kl_fused.linear_kl_div in plain PyTorch: the logits materialised in full, then kl_div_logits.
+    chunk_rows is accepted for the same signature and ignored."""
+    student, teacher = materialized_logits(
+        student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
+        teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
+        mask=mask)
+    return kl_div_logits(student, teacher, temperature=temperature, reduction=reduction, direction=direction, mask=mask)

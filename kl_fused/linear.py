@@ -1,0 +1,240 @@
+"""The fused linear losses: a distillation loss from hidden states and the output layer, whose
+logits never exist in full (the chunk loop is _chunked_linear.py, shared by every linear loss)."""
+
+import math
+
+import torch
+
+from kl_fused import _chunked_linear, reference
+from kl_fused._ops import fused_path
+from kl_fused._validate import DIRECTIONS, REDUCTIONS, SUPPORTED_DTYPES, check_temperature
+
+# Elements of one (chunk_rows x V) logits buffer that the default chunk size aims at. The CPU figure
+# keeps a chunk's few buffers within a few tens of MB (its matmuls are as fast as unchunked ones from
+# about 64 rows on); the CUDA one gives the matmuls thousands of rows, where chunking costs nothing
+# (Liger's chunks of 32 rows at 1024 x 128256 are what make it 4x slower than unchunked).
+CHUNK_ELEMENTS = {"cpu": 8 << 20, "cuda": 256 << 20}
+MIN_CHUNK_ROWS = {"cpu": 64, "cuda": 1024}
+
+
+def default_chunk_rows(vocab, device):
+    """Rows per chunk for a vocabulary of `vocab` on `device`: about CHUNK_ELEMENTS[device] logits per
+    buffer, at least MIN_CHUNK_ROWS, a multiple of 64 rows. Measured in bench/results/ (linear mode)."""
+    device_type = torch.device(device).type
+    budget = CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cpu"])
+    rows = max(MIN_CHUNK_ROWS.get(device_type, 64), budget // max(vocab, 1))
+    return rows // 64 * 64
+
+
+def linear_kl_div(
+    student_hidden,
+    student_weight,
+    teacher_logits=None,
+    *,
+    teacher_hidden=None,
+    teacher_weight=None,
+    student_bias=None,
+    teacher_bias=None,
+    temperature=1.0,
+    reduction="batchmean",
+    direction="forward",
+    mask=None,
+    chunk_rows=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_softcap=None,
+    teacher_softcap=None,
+):
+    r"""KL divergence between teacher and student softmaxes, from the student's hidden states and output
+    layer, without materialising the student's (rows x V) logits (nor the teacher's, when the teacher
+    too is given as hidden states and a layer).
+
+    The value equals ``kl_div_logits(post(student_hidden @ student_weight.T + student_bias), teacher,
+    ...)`` with the same ``temperature``, ``reduction``, ``direction`` and ``mask`` semantics (per counted
+    row; ``mean`` divides by counted rows x V), where ``post`` multiplies by the logit scale and then
+    applies the softcap ``c * tanh(z / c)`` (Cohere/Granite scales, Gemma's final-logit softcapping),
+    before the temperature.
+
+    Args:
+        student_hidden: ``(..., H)`` hidden states (any strides).
+        student_weight: ``(V, H)``, the ``nn.Linear`` layout of an ``lm_head``.
+        teacher_logits: ``(..., V)`` precomputed teacher logits; or give ``teacher_hidden`` ``(..., H_t)``
+            and ``teacher_weight`` ``(V, H_t)`` (and optionally ``teacher_bias``) instead. Exactly one of
+            the two forms.
+        student_bias, teacher_bias: ``(V,)`` or None.
+        temperature, reduction, direction, mask: as in :func:`kl_fused.kl_div_logits`. Masked rows are
+            never read (they may hold NaN) and cost no matmul.
+        chunk_rows: rows per chunk; None chooses from V and the device (:func:`default_chunk_rows`).
+        student_logit_scale, teacher_logit_scale: finite multipliers > 0 of the logits (default 1).
+        student_softcap, teacher_softcap: None or c > 0.
+
+    Gradients flow to every input tensor that requires grad (hidden states, weights, biases, teacher
+    logits), under any upstream gradient. Weight and bias gradients of 16-bit layers accumulate in
+    fp32 across chunks and are rounded once. Memory beyond the inputs and the returned gradients is
+    O(chunk_rows x V). Under autocast the matmuls run in autocast's dtype, as ``nn.Linear`` would;
+    without it, each layer's hidden states, weight and bias must share one dtype.
+
+    With a mask, the call synchronises with the host once (the number of counted rows sets the chunk
+    shapes). With ``reduction="none"`` the forward computes the losses only and backward runs the chunk
+    loop again with the upstream weights (a weight's gradient cannot be re-weighted per row afterwards).
+    """
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    return _linear_loss(
+        "kl", 1.0 if direction == "reverse" else 0.0, reference.linear_kl_div, dict(direction=direction),
+        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias,
+        teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale,
+        student_softcap, teacher_softcap)
+
+
+def _linear_loss(loss, loss_param, reference_fn, reference_options, student_hidden, student_weight, teacher_logits,
+                 teacher_hidden, teacher_weight, student_bias, teacher_bias, temperature, reduction, mask, chunk_rows,
+                 student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap):
+    """Validates the arguments of a linear loss, then runs the shared chunk loop on devices whose row
+    kernels exist (else the materialising reference, with one warning)."""
+    compute_dtype = check_linear_args(
+        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+        temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap,
+        teacher_softcap)
+    device = student_hidden.device
+    public_name = "linear_kl_div" if loss == "kl" else "linear_jsd"
+    if not fused_path(public_name, device):
+        return reference_fn(
+            student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+            temperature=temperature, reduction=reduction, mask=mask, student_logit_scale=student_logit_scale,
+            teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+            teacher_softcap=teacher_softcap, **reference_options)
+    tensors = (student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
+    # reduction "none": the forward cannot know the per-row upstream weights, so it computes the loss
+    # only and backward runs the loop again with them (_chunked_linear.py).
+    wants = [torch.is_grad_enabled() and reduction != "none" and t is not None and t.requires_grad for t in tensors]
+    result = torch.ops.kl_fused.chunked_linear_loss(
+        *tensors,
+        mask,
+        None,
+        loss,
+        float(loss_param),
+        float(temperature),
+        float(student_logit_scale),
+        float(student_softcap or 0.0),
+        float(teacher_logit_scale),
+        float(teacher_softcap or 0.0),
+        compute_dtype,
+        reduction,
+        int(chunk_rows) if chunk_rows is not None else default_chunk_rows(student_weight.shape[0], device),
+        *wants,
+    )
+    return result[0]
+
+
+def _check_tensor(name, x, dims=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point() or x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be a float32, float64, float16 or bfloat16 tensor, got {x.dtype}")
+    if dims is not None and x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dimension{'s' if dims > 1 else ''}, got shape {tuple(x.shape)}")
+
+
+def _check_positive(name, value, allow_none=False):
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number{' or None' if allow_none else ''}, got {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def _check_layer(side, hidden, weight, bias, autocast):
+    """One layer's hidden states, weight and bias: shapes and dtypes."""
+    _check_tensor(f"{side}_hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"{side}_hidden must have shape (..., H), got a 0-dim tensor")
+    _check_tensor(f"{side}_weight", weight, dims=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{side}_weight must have shape (V, H) with H = {side}_hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{side}_weight must have a non-empty vocabulary (first) dimension, got {tuple(weight.shape)}")
+    named = [(f"{side}_hidden", hidden), (f"{side}_weight", weight)]
+    if bias is not None:
+        _check_tensor(f"{side}_bias", bias, dims=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{side}_bias must have shape (V,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+        named.append((f"{side}_bias", bias))
+    if not autocast and len({x.dtype for _, x in named}) > 1:
+        listed = ", ".join(f"{name} {x.dtype}" for name, x in named)
+        raise TypeError(f"{listed}: a layer's tensors must share one dtype (or run under torch.autocast)")
+
+
+def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias,
+                      teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale,
+                      student_softcap, teacher_softcap):
+    """Raises TypeError/ValueError naming the first problem; returns the dtype the matmuls run in."""
+    device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
+    autocast = torch.is_autocast_enabled(device_type)
+    _check_layer("student", student_hidden, student_weight, student_bias, autocast)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else student_hidden.dtype
+    leading = tuple(student_hidden.shape[:-1])
+    vocab = student_weight.shape[0]
+    given_hidden = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
+    if teacher_logits is not None and given_hidden:
+        raise ValueError("give the teacher either as teacher_logits or as teacher_hidden and teacher_weight, not both")
+    if teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
+        raise ValueError(
+            "the teacher is missing: give teacher_logits, or both teacher_hidden and teacher_weight "
+            f"(got teacher_hidden={'a tensor' if teacher_hidden is not None else None}, "
+            f"teacher_weight={'a tensor' if teacher_weight is not None else None})")
+    tensors = [("student_hidden", student_hidden), ("student_weight", student_weight), ("student_bias", student_bias)]
+    if teacher_logits is not None:
+        _check_tensor("teacher_logits", teacher_logits)
+        if tuple(teacher_logits.shape) != leading + (vocab,):
+            raise ValueError(
+                f"teacher_logits must have shape {leading + (vocab,)} (the hidden states' leading shape and V), "
+                f"got {tuple(teacher_logits.shape)}")
+        if teacher_logits.dtype != compute_dtype:
+            raise TypeError(
+                f"teacher_logits must have the dtype of the student's logits, {compute_dtype}, got {teacher_logits.dtype}")
+        tensors.append(("teacher_logits", teacher_logits))
+    else:
+        _check_layer("teacher", teacher_hidden, teacher_weight, teacher_bias, autocast)
+        if tuple(teacher_hidden.shape[:-1]) != leading:
+            raise ValueError(
+                f"teacher_hidden must have the student's leading shape {leading}, got {tuple(teacher_hidden.shape[:-1])}")
+        if teacher_weight.shape[0] != vocab:
+            raise ValueError(
+                f"student and teacher vocabularies differ: student_weight has V = {vocab}, teacher_weight "
+                f"{teacher_weight.shape[0]}")
+        if not autocast and teacher_hidden.dtype != compute_dtype:
+            raise TypeError(
+                f"student and teacher layers must share one dtype (or run under torch.autocast), got "
+                f"{compute_dtype} and {teacher_hidden.dtype}")
+        tensors += [("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias)]
+    devices = {x.device for _, x in tensors if x is not None}
+    if len(devices) > 1:
+        listed = ", ".join(f"{name} on {x.device}" for name, x in tensors if x is not None)
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+    check_temperature(temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if tuple(mask.shape) != leading:
+            raise ValueError(f"mask must have the hidden states' leading shape {leading}, got {tuple(mask.shape)}")
+        if mask.device != student_hidden.device:
+            raise ValueError(f"mask must be on the hidden states' device {student_hidden.device}, got {mask.device}")
+    if chunk_rows is not None:
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
+            raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")
+        if chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    _check_positive("student_logit_scale", student_logit_scale)
+    _check_positive("teacher_logit_scale", teacher_logit_scale)
+    _check_positive("student_softcap", student_softcap, allow_none=True)
+    _check_positive("teacher_softcap", teacher_softcap, allow_none=True)
+    return compute_dtype
