@@ -36,6 +36,23 @@ def test_bench_vocab_parallel_mode(tmp_path):
     assert parallel["relative_difference_vs_fused"] < 1e-4
 
 
+def test_bench_linear_mode_checks_times_and_measures_memory(tmp_path):
+    out = tmp_path / "linear.json"
+    code = bench.main(["--linear", "--linear-cases", "48x16x300", "--teacher", "hidden,logits",
+                       "--providers", "materialized-eager,materialized-fused,linear,trl", "--reps", "2", "--warmup", "1",
+                       "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    by_teacher = {}
+    for record in records:
+        by_teacher.setdefault(record["teacher"], set()).add(record["provider"])
+        assert (record["rows"], record["hidden"], record["vocab"], record["dtype"]) == (48, 16, 300, "float32")
+        assert record["median_ms"] > 0 and record["peak_above_inputs_mib"] is not None
+        assert "peak RSS" in record["memory_method"]
+    assert by_teacher == {"hidden": {"materialized-eager", "materialized-fused", "linear", "trl"},
+                          "logits": {"materialized-eager", "materialized-fused", "linear"}}
+
+
 def test_bench_package_has_no_import_circle():
     """Modes import the shared core only; the core imports no mode; nothing imports cli.py but the
     package's entry point (on call). A circle would make the import order matter again."""
@@ -57,7 +74,7 @@ def test_bench_package_has_no_import_circle():
         if any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODE" for t in node.targets)
                for node in tree.body):
             modes.add(path.stem)
-    assert {"kl", "vocab_parallel"} <= modes
+    assert {"kl", "vocab_parallel", "linear"} <= modes
     mode_helpers = {name for name in edges if name.endswith("_providers")}
     core = set(edges) - modes - mode_helpers - {"cli", "__init__", "__main__"}
     for name in core:

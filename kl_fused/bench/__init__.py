@@ -2,6 +2,7 @@
 
     kl-fused-bench [options]             kl_div_logits on logits (kl.py), the default
     kl-fused-bench --vocab-parallel N    the vocab-parallel loss on N gloo processes (vocab_parallel.py)
+    kl-fused-bench --linear              linear_kl_div from hidden states and the lm_head (linear.py)
 
 One file per mode, around a shared core: options.py (the Mode record, argument helpers), cases.py
 (logits cases and inputs), timing.py (first runs, interleaved timing, percentiles), agreement.py
