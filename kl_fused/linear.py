@@ -9,21 +9,24 @@ from kl_fused import _chunked_linear, reference
 from kl_fused._ops import fused_path
 from kl_fused._validate import DIRECTIONS, REDUCTIONS, SUPPORTED_DTYPES, check_temperature
 
-# Elements of one (chunk_rows x V) logits buffer that the default chunk size aims at. The CPU figure
-# keeps a chunk's few buffers within a few tens of MB (its matmuls are as fast as unchunked ones from
-# about 64 rows on); the CUDA one gives the matmuls thousands of rows, where chunking costs nothing
-# (Liger's chunks of 32 rows at 1024 x 128256 are what make it 4x slower than unchunked).
-CHUNK_ELEMENTS = {"cpu": 8 << 20, "cuda": 256 << 20}
-MIN_CHUNK_ROWS = {"cpu": 64, "cuda": 1024}
+# Bytes of one (chunk_rows x V) logits buffer that the default chunk size aims at, and the fewest rows
+# a chunk gets. CPU: a chunk's few buffers stay within ~100 MB, and from 256 rows on the chunk's matmuls
+# (the weight gradient's has K = chunk rows) run as fast as unchunked ones (measured at 1024 x 256 x
+# 128256 fp32 here: 64 rows was 1.35x slower than materialised logits, 128 to 512 rows on par). CUDA:
+# thousands of rows per matmul, where chunking costs nothing (Liger's 32-row chunks at 1024 x 128256 are
+# what make it 4x slower than unchunked), at about 2 GB of buffers for bf16 V = 128256.
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
+MIN_CHUNK_ROWS = {"cpu": 256, "cuda": 1024}
 
 
-def default_chunk_rows(vocab, device):
-    """Rows per chunk for a vocabulary of `vocab` on `device`: about CHUNK_ELEMENTS[device] logits per
-    buffer, at least MIN_CHUNK_ROWS, a multiple of 64 rows. Measured in bench/results/ (linear mode)."""
+def default_chunk_rows(vocab, device, dtype=torch.float32):
+    """Rows per chunk for `vocab` logits of `dtype` on `device`: about CHUNK_BYTES[device] per logits
+    buffer, at least MIN_CHUNK_ROWS[device], a multiple of 64."""
     device_type = torch.device(device).type
-    budget = CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cpu"])
-    rows = max(MIN_CHUNK_ROWS.get(device_type, 64), budget // max(vocab, 1))
-    return rows // 64 * 64
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"])
+    minimum = MIN_CHUNK_ROWS.get(device_type, MIN_CHUNK_ROWS["cpu"])
+    rows = budget // (max(vocab, 1) * torch.empty((), dtype=dtype).element_size())
+    return max(minimum, rows // 64 * 64)
 
 
 def linear_kl_div(
@@ -64,7 +67,7 @@ def linear_kl_div(
         student_bias, teacher_bias: ``(V,)`` or None.
         temperature, reduction, direction, mask: as in :func:`kl_fused.kl_div_logits`. Masked rows are
             never read (they may hold NaN) and cost no matmul.
-        chunk_rows: rows per chunk; None chooses from V and the device (:func:`default_chunk_rows`).
+        chunk_rows: rows per chunk; None chooses from V, the dtype and the device (:func:`default_chunk_rows`).
         student_logit_scale, teacher_logit_scale: finite multipliers > 0 of the logits (default 1).
         student_softcap, teacher_softcap: None or c > 0.
 
@@ -122,7 +125,7 @@ def _linear_loss(loss, loss_param, reference_fn, reference_options, student_hidd
         float(teacher_softcap or 0.0),
         compute_dtype,
         reduction,
-        int(chunk_rows) if chunk_rows is not None else default_chunk_rows(student_weight.shape[0], device),
+        int(chunk_rows) if chunk_rows is not None else default_chunk_rows(student_weight.shape[0], device, compute_dtype),
         *wants,
     )
     return result[0]
