@@ -7,7 +7,7 @@ training step of the student (forward + backward to its hidden states and lm_hea
     linear                kl_fused.linear_kl_div (chunked: no rows x V tensor)                            (d)
     trl                   TRL's DistillationTrainer loss (_chunked_divergence_loss, beta 0; CPU: its
                           PyTorch tiles, CUDA: its Triton kernels); teacher as hidden states only
-    liger                 Liger's LigerFusedLinearJSDLoss with beta 0 (CUDA, where installed);
+    liger                 Liger's LigerFusedLinearJSD with beta 0 (CUDA, where installed);
                           teacher as hidden states only                                                (e)
 
 Cases are rows x H x V of one dtype, with the teacher given as hidden states + weight (H_t = H), or
@@ -126,9 +126,10 @@ def _trl(inputs, temperature):
 
 
 def _liger(inputs, temperature):
-    from liger_kernel.transformers import LigerFusedLinearJSDLoss
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
 
-    loss_fn = LigerFusedLinearJSDLoss(jsd_beta=0.0, temperature=temperature)
+    # jsd_beta = 0 is forward KL in Liger's convention (0.5.x); the agreement check holds it to that.
+    loss_fn = LigerFusedLinearJSD(jsd_beta=0.0, temperature=temperature)
     return loss_fn(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
                    inputs["teacher_weight"])
 
@@ -149,7 +150,7 @@ def _liger_unavailable(case, device):
     if device.type != "cuda":
         return "Liger's fused linear JSD runs on CUDA only"
     try:
-        from liger_kernel.transformers import LigerFusedLinearJSDLoss  # noqa: F401
+        from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD  # noqa: F401
     except Exception as error:
         return f"liger_kernel is not importable ({type(error).__name__}: {error})"
     return _needs_teacher_hidden(case, device)
@@ -170,7 +171,7 @@ PROVIDERS = {
     "linear": ("kl_fused.linear_kl_div (d)", lambda T: lambda inputs: _linear(inputs, T), lambda case, device: None),
     "trl": ("TRL 1.16 DistillationTrainer chunked divergence, beta 0", lambda T: lambda inputs: _trl(inputs, T),
             _trl_unavailable),
-    "liger": ("Liger LigerFusedLinearJSDLoss, beta 0 (e)", lambda T: lambda inputs: _liger(inputs, T),
+    "liger": ("Liger LigerFusedLinearJSD, beta 0 (e)", lambda T: lambda inputs: _liger(inputs, T),
               _liger_unavailable),
 }
 
