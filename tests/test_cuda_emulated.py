@@ -122,6 +122,14 @@ def test_a_launch_outside_a_call_may_touch_no_global_memory(emu):
         torch.ops.kl_fused_emulated.kl_div_logits(student, teacher, None, 1.0, False, "sum", False, False)
 
 
+def test_the_emulator_leaves_the_process_cpu_allocator_usable(emu):
+    """Its allocator wrapper serves the whole process: oneDNN's bf16 matmul allocates scratch through
+    raw_allocate/raw_deallocate, which once aborted the process after the emulator was loaded."""
+    a = torch.randn(64, 96, generator=torch.Generator().manual_seed(5)).bfloat16()
+    b = torch.randn(96, 80, generator=torch.Generator().manual_seed(6)).bfloat16()
+    assert_close(torch.nn.functional.linear(a, b.t()), a.double() @ b.double(), 2**-7, 1e-2, "bf16 matmul")
+
+
 def test_ex2_approx_has_the_documented_semantics_and_error(emu):
     gen = torch.Generator().manual_seed(4)
     x = torch.cat([torch.empty(20000).uniform_(-140.0, 130.0, generator=gen), torch.empty(20000).uniform_(-1, 1, generator=gen)])

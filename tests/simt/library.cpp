@@ -48,6 +48,11 @@ class CallTrackingAllocator final : public c10::Allocator {
     default_copy_data(dest, src, count);
   }
 
+  // raw_allocate/raw_deallocate (oneDNN's scratch buffers in a bf16 matmul, say) need the deleter of
+  // the memory allocate() returns outside a call, which is the inner allocator's; without it, the
+  // first bf16 CPU matmul after the emulator was loaded aborted the process.
+  c10::DeleterFnPtr raw_deleter() const override { return inner_->raw_deleter(); }
+
  private:
   static void release(void* context) {
     auto* tracked = static_cast<TrackedAllocation*>(context);
