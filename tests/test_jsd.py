@@ -6,13 +6,13 @@ import math
 import os
 import warnings
 
-import numpy as np
 import pytest
-import scipy.special
 import torch
 
 import kl_fused
 from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, fused_op_must_run, make_logits
+from conftest import jsd_reference64 as reference64
+from conftest import numpy_jsd as numpy_rows
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 from trl.experimental.gkd import GKDTrainer  # noqa: E402  (the peer: a test dependency, never kl_fused's)
@@ -23,39 +23,6 @@ BETAS = [0.0, 0.1, 0.5, 0.9, 1.0]
 
 def jsd_op_must_run():
     return fused_op_must_run(torch.ops.kl_fused.jsd_logits.default)
-
-
-def reference64(student, teacher, **kwargs):
-    """The pure-PyTorch reference in float64 on the same input values, with leaves for its gradients."""
-    s = student.detach().double().clone().requires_grad_()
-    t = teacher.detach().double().clone().requires_grad_()
-    return kl_fused.reference.jsd_logits(s, t, **kwargs), s, t
-
-
-def numpy_rows(student, teacher, beta, temperature):
-    """Independent oracle, float64 numpy: per-row JSD and the gradients of each row's JSD (design
-    notes' formulas), with log m = logsumexp([log p, log q], b=[beta, 1 - beta]) and scipy's rel_entr."""
-    s = student.detach().double().cpu().numpy() / temperature
-    t = teacher.detach().double().cpu().numpy() / temperature
-    log_q = scipy.special.log_softmax(s, axis=-1)
-    log_p = scipy.special.log_softmax(t, axis=-1)
-    p, q = np.exp(log_p), np.exp(log_q)
-    if beta in (0.0, 1.0):
-        x, log_x, y, log_y = (p, log_p, q, log_q) if beta == 0.0 else (q, log_q, p, log_p)
-        kl = scipy.special.rel_entr(x, y).sum(-1, keepdims=True)
-        grad_x = x * (log_x - log_y - kl) / temperature  # gradient of KL(x || y) w.r.t. x's logits
-        grad_y = (y - x) / temperature
-        grad_s, grad_t = (grad_y, grad_x) if beta == 0.0 else (grad_x, grad_y)
-        return kl[..., 0], grad_s, grad_t
-    weights = np.array([beta, 1 - beta]).reshape(2, *([1] * log_p.ndim))
-    log_m = scipy.special.logsumexp(np.stack([log_p, log_q]), axis=0, b=weights)
-    m = np.exp(log_m)
-    kl_p = scipy.special.rel_entr(p, m).sum(-1, keepdims=True)
-    kl_q = scipy.special.rel_entr(q, m).sum(-1, keepdims=True)
-    rows = beta * kl_p + (1 - beta) * kl_q
-    grad_s = (1 - beta) * q * (log_q - log_m - kl_q) / temperature
-    grad_t = beta * p * (log_p - log_m - kl_p) / temperature
-    return rows[..., 0], grad_s, grad_t
 
 
 def trl_loss(student, teacher, mask, beta, temperature, reduction="batchmean"):

@@ -133,9 +133,10 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
   using P = Pack<scalar_t, N>;
   KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
   // Two reductions per row, each with its own per-warp scratch: a warp may still read the merge's
-  // states while a faster one writes its share of K (no barrier between the two reductions).
-  auto* merge_scratch = reinterpret_cast<RowState<acc_t>*>(shared);
-  auto* sum_scratch = reinterpret_cast<Divergences<acc_t>*>(merge_scratch + blockDim.x / 32);
+  // states while a faster one writes its share of K (no barrier between the two reductions). The
+  // sums come first, at offsets that are multiples of their size (16 bytes for double).
+  auto* sum_scratch = reinterpret_cast<Divergences<acc_t>*>(shared);
+  auto* merge_scratch = reinterpret_cast<RowState<acc_t>*>(sum_scratch + blockDim.x / 32);
   P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
                        reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
   const int64_t units = args.vocab / N;
