@@ -62,7 +62,7 @@ struct JSDRowSolver {
     const Vec zero(acc_t(0));
     const Vec p = Vec::loadu(rows.scratch_a + i) * to_p;
     const Vec q = Vec::loadu(rows.scratch_b + i) * to_q;
-    const Vec log_m = at::vec::fmadd(p, Vec(beta), q * Vec(acc_t(1) - beta)).log();
+    const Vec log_m = PositiveLog<acc_t>::log(at::vec::fmadd(p, Vec(beta), q * Vec(acc_t(1) - beta)));
     // log p - log m and log q - log m, zero where that probability is 0 (its log is -inf, and so is
     // log m where both are): such entries contribute nothing, and the gradient pass multiplies by 0.
     // log p = (a - m_a) - log Z_a: the shift first, so that logits of +-1e4 keep their digits.

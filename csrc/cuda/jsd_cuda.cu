@@ -113,6 +113,12 @@ struct JSDGradientPass {
   }
 };
 
+// The gradient pass holds more per element than KL's (two exponentials, a logarithm, both
+// probabilities and both ratios): at 1024 threads (64 registers) ptxas spilled the bfloat16 vector
+// kernel on sm_90, so the gradient kernels run at most 512 threads per block (128 registers).
+template <typename scalar_t, bool kGrad>
+constexpr int kMaxJSDThreads = kGrad ? 512 : kMaxRowThreads<scalar_t>;
+
 // Per-row generalized JSD of p = softmax(x/T) (teacher) and q = softmax(y/T) (student), m =
 // beta p + (1 - beta) q, 0 < beta < 1, and with kGrad its gradients:
 //   row_loss[r] = beta K_p + (1 - beta) K_q,   K_p = KL(p || m), K_q = KL(q || m)
@@ -127,7 +133,7 @@ struct JSDGradientPass {
 // Masked rows: loss 0, gradients 0, inputs never read. Undefined rows (a NaN or +inf logit, a side
 // all -inf): loss and gradients NaN.
 template <typename scalar_t, int N, bool kGrad>
-__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
+__global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocksPerSM)
     jsd_rows_kernel(const KLRowsArgs<scalar_t> args, const at::opmath_type<scalar_t> beta) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
@@ -176,7 +182,7 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     const JSDRowConstants<acc_t> c{st.mx, st.my, k, acc_t(1) / st.zx, acc_t(1) / st.zy,
                                    log2_acc(st.zx), log2_acc(st.zy), beta};
     JSDDivergencePass<acc_t> divergences{{acc_t(0), acc_t(0)}, c};
-    later_pass<kUnroll<N>, !kGrad>(in, cache, cached, units, divergences);
+    later_pass<kGradUnroll<N>, !kGrad>(in, cache, cached, units, divergences);
     const Divergences<acc_t> k2 =
         block_reduce(divergences.sums, AddDivergences<acc_t>{}, Divergences<acc_t>{acc_t(0), acc_t(0)}, sum_scratch);
     // JSD >= 0; what rounding leaves below 0 (a row equal to itself) is clamped, as on the CPU.
@@ -208,13 +214,13 @@ template <int N, typename scalar_t>
 void launch_jsd_rows(KLRowsArgs<scalar_t> args, at::opmath_type<scalar_t> beta, bool any_grad,
                      const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxRowThreads<scalar_t>,
-                                           sizeof(RowState<acc_t>) + sizeof(Divergences<acc_t>),
-                                           sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
-  args.scratch_bytes = plan.scratch_bytes;
-  args.cached_units = plan.cached_units;
   const auto launch = [&](auto grad) {
     constexpr bool kGrad = decltype(grad)::value;
+    const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxJSDThreads<scalar_t, kGrad>,
+                                             sizeof(RowState<acc_t>) + sizeof(Divergences<acc_t>),
+                                             sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
+    args.scratch_bytes = plan.scratch_bytes;
+    args.cached_units = plan.cached_units;
     if (plan.opt_in) allow_dynamic_shared<jsd_rows_kernel<scalar_t, N, kGrad>>(limits.max_shared_optin);
     launch_kernel<jsd_rows_kernel<scalar_t, N, kGrad>>(plan.grid, plan.threads, plan.shared_bytes, stream, args, beta);
   };
