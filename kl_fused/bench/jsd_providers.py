@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import kl_fused
+from kl_fused.bench.peers import cuda_peer_failure, import_failure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -31,11 +32,7 @@ def _trl_loss():
 
 
 def _trl_unavailable_reason(device):
-    try:
-        _trl_loss()
-    except Exception as error:  # ImportError, or a broken dependency underneath it
-        return f"trl is not importable ({type(error).__name__}: {error})"
-    return None
+    return import_failure(_trl_loss, "trl")
 
 
 def _always_available(device):
@@ -69,13 +66,7 @@ def _liger_jsd_class():
 
 
 def _liger_unavailable_reason(device):
-    if device.type != "cuda":
-        return "liger_kernel runs on CUDA only"
-    try:
-        _liger_jsd_class()
-    except Exception as error:
-        return f"liger_kernel is not importable ({type(error).__name__}: {error})"
-    return None
+    return cuda_peer_failure(device, _liger_jsd_class, "liger_kernel")
 
 
 def _build_liger(beta, temperature):

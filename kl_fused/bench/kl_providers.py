@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import kl_fused
 from kl_fused import reference
+from kl_fused.bench.peers import cuda_peer_failure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -61,13 +62,7 @@ def _liger_loss_class():
 
 
 def _liger_unavailable_reason(device):
-    if device.type != "cuda":
-        return "liger_kernel runs on CUDA only"
-    try:
-        _liger_loss_class()
-    except Exception as error:  # ImportError, or a broken triton install underneath it
-        return f"liger_kernel is not importable ({type(error).__name__}: {error})"
-    return None
+    return cuda_peer_failure(device, _liger_loss_class, "liger_kernel")
 
 
 def _build_liger(temperature):
