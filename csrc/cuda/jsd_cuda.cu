@@ -218,7 +218,7 @@ void launch_jsd_rows(KLRowsArgs<scalar_t> args, at::opmath_type<scalar_t> beta, 
     constexpr bool kGrad = decltype(grad)::value;
     const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxJSDThreads<scalar_t, kGrad>,
                                              sizeof(RowState<acc_t>) + sizeof(Divergences<acc_t>),
-                                             sizeof(Pack<scalar_t, N>), /*cache_rows=*/any_grad, limits);
+                                             sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
     args.scratch_bytes = plan.scratch_bytes;
     args.cached_units = plan.cached_units;
     if (plan.opt_in) allow_dynamic_shared<jsd_rows_kernel<scalar_t, N, kGrad>>(limits.max_shared_optin);
