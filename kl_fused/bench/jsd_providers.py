@@ -8,10 +8,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 import kl_fused
-from kl_fused.bench.peers import cuda_peer_failure, import_failure
+from kl_fused.bench.peers import cuda_peer_failure, fp32_log_probs, import_failure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,9 +74,7 @@ def _build_liger(beta, temperature):
     liger_jsd = _liger_jsd_class()(beta=beta)
 
     def liger(student, teacher):
-        log_q = F.log_softmax(student.float() / temperature, dim=-1)
-        log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-        return liger_jsd(log_q, log_p)
+        return liger_jsd(*fp32_log_probs(student, teacher, temperature))
 
     return liger
 

@@ -1,5 +1,7 @@
-"""How a mode's providers say why a peer library cannot run here: an import that fails (the peer is
-not installed, or something underneath it is broken), or a device it does not serve."""
+"""What a mode's providers share about peer libraries: why a peer cannot run here (an import that
+fails, or a device it does not serve), and the fp32 log-probabilities that Liger's losses take."""
+
+import torch.nn.functional as F
 
 
 def import_failure(load, package):
@@ -16,3 +18,9 @@ def cuda_peer_failure(device, load, package):
     if device.type != "cuda":
         return f"{package} runs on CUDA only"
     return import_failure(load, package)
+
+
+def fp32_log_probs(student, teacher, temperature):
+    """(log q, log p): fp32 log_softmax of student and teacher logits at `temperature`, the inputs of
+    Liger's KL and JSD losses."""
+    return F.log_softmax(student.float() / temperature, dim=-1), F.log_softmax(teacher.float() / temperature, dim=-1)
