@@ -96,20 +96,11 @@ struct JSDGradientPass {
   acc_t scale_y;          // (1 - beta) f ln 2
   template <int U>
   __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t first) const {
-    using scalar_t = typename P::value_type;
-#pragma unroll
-    for (int i = 0; i < U; ++i) {
-      if (!valid[i]) continue;
-      P gx, gy;
-#pragma unroll
-      for (int j = 0; j < P::kSize; ++j) {
-        const JSDTerms<acc_t> e = jsd_terms(to_acc(packs[0][i].v[j]), to_acc(packs[1][i].v[j]), c);
-        if constexpr (kNeedX) gx.v[j] = static_cast<scalar_t>((e.p * scale_x) * (e.ratio_p - k2.kp));
-        if constexpr (kNeedY) gy.v[j] = static_cast<scalar_t>((e.q * scale_y) * (e.ratio_q - k2.kq));
-      }
-      if constexpr (kNeedX) store_pack(grad_x, step_unit(first, i), gx);
-      if constexpr (kNeedY) store_pack(grad_y, step_unit(first, i), gy);
-    }
+    store_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, [&](acc_t x, acc_t y, acc_t& gx, acc_t& gy) {
+      const JSDTerms<acc_t> e = jsd_terms(x, y, c);
+      if constexpr (kNeedX) gx = (e.p * scale_x) * (e.ratio_p - k2.kp);
+      if constexpr (kNeedY) gy = (e.q * scale_y) * (e.ratio_q - k2.kq);
+    });
   }
 };
 
