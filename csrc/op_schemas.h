@@ -15,6 +15,13 @@ inline void define_op_schemas(torch::Library& m) {
       "kl_div_logits(Tensor student, Tensor teacher, Tensor? mask, float temperature, "
       "bool reverse, str reduction, bool student_grad, bool teacher_grad) "
       "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
+  // Generalized Jensen-Shannon divergence of the same rows (kl_fused.jsd_logits), p = softmax(t/T),
+  // q = softmax(s/T), m = beta p + (1 - beta) q: beta KL(p || m) + (1 - beta) KL(q || m) for
+  // 0 < beta < 1; beta = 0 is KL(p || q) and beta = 1 KL(q || p) exactly (kl_div_logits' rows).
+  m.def(
+      "jsd_logits(Tensor student, Tensor teacher, Tensor? mask, float beta, float temperature, "
+      "str reduction, bool student_grad, bool teacher_grad) "
+      "-> (Tensor loss, Tensor grad_student, Tensor grad_teacher)");
   // grad[row] *= upstream[row] (or upstream[0]), in place; rows whose factor is 1 are not touched.
   m.def("grad_scale_(Tensor(a!) grad, Tensor upstream) -> ()");
   // Vocab-parallel (kl_fused.distributed): each rank holds a shard (..., V_k) of every row.

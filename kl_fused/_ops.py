@@ -27,6 +27,7 @@ SHARD_OP_NAMES = ("kl_fused::kl_row_states", "kl_fused::kl_grad_from_stats")
 PUBLIC_OPS = {
     "kl_div_logits": (OP_NAME, "kl_fused::grad_scale_"),
     "linear_kl_div": (OP_NAME, "kl_fused::grad_scale_"),  # the chunk loop (plain PyTorch) runs this op
+    "jsd_logits": ("kl_fused::jsd_logits", "kl_fused::grad_scale_"),
 }
 
 
@@ -84,18 +85,24 @@ def fused_path(op, device):
     return False
 
 
+def row_loss_fake(student, teacher, reduction, student_grad, teacher_grad):
+    """The outputs of a row-loss op (kl_div_logits, jsd_logits) as a fake kernel gives them: the loss
+    in the accumulation type (per row for "none"), each gradient like its input or empty."""
+    torch._check(student.shape == teacher.shape, lambda: "student and teacher shapes differ")
+    torch._check(student.dim() >= 1, lambda: "logits must have at least one dimension")
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss_shape = student.shape[:-1] if reduction == "none" else ()
+    loss = student.new_empty(loss_shape, dtype=acc)
+    grad_student = student.new_empty(student.shape if student_grad else (0,))
+    grad_teacher = teacher.new_empty(teacher.shape if teacher_grad else (0,))
+    return loss, grad_student, grad_teacher
+
+
 if _C is not None:
 
     @torch.library.register_fake(OP_NAME)
     def _kl_div_logits_fake(student, teacher, mask, temperature, reverse, reduction, student_grad, teacher_grad):
-        torch._check(student.shape == teacher.shape, lambda: "student and teacher shapes differ")
-        torch._check(student.dim() >= 1, lambda: "logits must have at least one dimension")
-        acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-        loss_shape = student.shape[:-1] if reduction == "none" else ()
-        loss = student.new_empty(loss_shape, dtype=acc)
-        grad_student = student.new_empty(student.shape if student_grad else (0,))
-        grad_teacher = teacher.new_empty(teacher.shape if teacher_grad else (0,))
-        return loss, grad_student, grad_teacher
+        return row_loss_fake(student, teacher, reduction, student_grad, teacher_grad)
 
     @torch.library.register_fake("kl_fused::grad_scale_")
     def _grad_scale_fake(grad, upstream):

@@ -1,4 +1,7 @@
-"""Argument checks shared by the fused API and the reference: one message per problem."""
+"""Argument checks shared by the fused API, the reference and the modules: one message per problem.
+
+Every loss on a pair of logits checks the pair and its mask the same way (check_logits_pair), and
+its options with the checks below; each loss adds only its own options (direction, beta)."""
 
 import math
 
@@ -9,15 +12,8 @@ DIRECTIONS = ("forward", "reverse")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
-
-
-def check_kl_args(student_logits, teacher_logits, temperature, reduction, direction, mask):
-    """Raise TypeError/ValueError naming the first problem with the arguments of kl_div_logits."""
+def check_logits_pair(student_logits, teacher_logits, mask):
+    """Raise TypeError/ValueError naming the first problem with (..., V) logits and their mask."""
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -44,11 +40,6 @@ def check_kl_args(student_logits, teacher_logits, temperature, reduction, direct
         )
     if student_logits.shape[-1] == 0:
         raise ValueError(f"the vocabulary (last) dimension must be non-empty, got shape {tuple(student_logits.shape)}")
-    check_temperature(temperature)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
@@ -59,3 +50,47 @@ def check_kl_args(student_logits, teacher_logits, temperature, reduction, direct
             raise ValueError(f"mask must have the leading shape {leading} of the logits, got {tuple(mask.shape)}")
         if mask.device != student_logits.device:
             raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
+
+
+def _check_number(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
+
+
+def check_temperature(temperature):
+    _check_number("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+
+
+def check_reduction(reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_direction(direction):
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def check_beta(beta):
+    """beta of the generalized JSD: a number in [0, 1] (0 is KL(teacher || student), 1 the reverse)."""
+    _check_number("beta", beta)
+    if not 0 <= beta <= 1:  # NaN fails too
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+
+
+def check_kl_args(student_logits, teacher_logits, temperature, reduction, direction, mask):
+    """Raise TypeError/ValueError naming the first problem with the arguments of kl_div_logits."""
+    check_logits_pair(student_logits, teacher_logits, mask)
+    check_temperature(temperature)
+    check_reduction(reduction)
+    check_direction(direction)
+
+
+def check_jsd_args(student_logits, teacher_logits, beta, temperature, reduction, mask):
+    """Raise TypeError/ValueError naming the first problem with the arguments of jsd_logits."""
+    check_logits_pair(student_logits, teacher_logits, mask)
+    check_beta(beta)
+    check_temperature(temperature)
+    check_reduction(reduction)

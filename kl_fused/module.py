@@ -1,9 +1,11 @@
-"""The losses as nn.Modules: KLDivLogitsLoss (kl_div_logits), LinearKLDivLoss (linear_kl_div)."""
+"""The losses as nn.Modules: KLDivLogitsLoss (kl_div_logits), JSDLogitsLoss (jsd_logits) and
+LinearKLDivLoss (linear_kl_div). Options are checked when the module is built, with the functions' checks."""
 
 import torch
 
-from kl_fused._validate import DIRECTIONS, REDUCTIONS
+from kl_fused._validate import check_beta, check_direction, check_reduction, check_temperature
 from kl_fused.api import kl_div_logits
+from kl_fused.jsd import jsd_logits
 from kl_fused.linear import linear_kl_div
 
 
@@ -12,14 +14,9 @@ class KLDivLogitsLoss(torch.nn.Module):
 
     def __init__(self, temperature=1.0, reduction="batchmean", direction="forward"):
         super().__init__()
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        if direction not in DIRECTIONS:
-            raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-        if not (temperature > 0 and temperature != float("inf")):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        check_reduction(reduction)
+        check_direction(direction)
+        check_temperature(temperature)
         self.temperature = float(temperature)
         self.reduction = reduction
         self.direction = direction
@@ -36,6 +33,32 @@ class KLDivLogitsLoss(torch.nn.Module):
 
     def extra_repr(self):
         return f"temperature={self.temperature}, reduction={self.reduction!r}, direction={self.direction!r}"
+
+
+class JSDLogitsLoss(torch.nn.Module):
+    """Generalized Jensen-Shannon divergence on logits (GKD); see kl_fused.jsd_logits for the contract."""
+
+    def __init__(self, beta=0.5, temperature=1.0, reduction="batchmean"):
+        super().__init__()
+        check_beta(beta)
+        check_temperature(temperature)
+        check_reduction(reduction)
+        self.beta = float(beta)
+        self.temperature = float(temperature)
+        self.reduction = reduction
+
+    def forward(self, student_logits, teacher_logits, mask=None):
+        return jsd_logits(
+            student_logits,
+            teacher_logits,
+            beta=self.beta,
+            temperature=self.temperature,
+            reduction=self.reduction,
+            mask=mask,
+        )
+
+    def extra_repr(self):
+        return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
 
 
 class LinearKLDivLoss(KLDivLogitsLoss):

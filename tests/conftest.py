@@ -64,6 +64,37 @@ def analytic_grads(student, teacher, temperature=1.0, direction="forward"):
     return q * (log_q - log_p - kl) / temperature, (p - q) / temperature
 
 
+def jsd_reference64(student, teacher, **kwargs):
+    """The pure-PyTorch jsd_logits reference in float64 on the same input values, with its gradients."""
+    s = student.detach().double().clone().requires_grad_()
+    t = teacher.detach().double().clone().requires_grad_()
+    return kl_fused.reference.jsd_logits(s, t, **kwargs), s, t
+
+
+def numpy_jsd(student, teacher, beta, temperature):
+    """Independent oracle of jsd_logits, float64 numpy: per-row JSD and the gradients of each row's JSD
+    (design notes' formulas), with log m = logsumexp([log p, log q], b=[beta, 1 - beta]) and scipy's
+    rel_entr. beta = 0 and beta = 1 are forward and reverse KL (scipy_row_kl, analytic_grads)."""
+    if beta in (0.0, 1.0):
+        direction = "forward" if beta == 0.0 else "reverse"
+        return (scipy_row_kl(student, teacher, temperature, direction),
+                *analytic_grads(student, teacher, temperature, direction))
+    s = student.detach().double().cpu().numpy() / temperature
+    t = teacher.detach().double().cpu().numpy() / temperature
+    log_q = scipy.special.log_softmax(s, axis=-1)
+    log_p = scipy.special.log_softmax(t, axis=-1)
+    p, q = np.exp(log_p), np.exp(log_q)
+    weights = np.array([beta, 1 - beta]).reshape(2, *([1] * log_p.ndim))
+    log_m = scipy.special.logsumexp(np.stack([log_p, log_q]), axis=0, b=weights)
+    m = np.exp(log_m)
+    kl_p = scipy.special.rel_entr(p, m).sum(-1, keepdims=True)
+    kl_q = scipy.special.rel_entr(q, m).sum(-1, keepdims=True)
+    rows = beta * kl_p + (1 - beta) * kl_q
+    grad_s = (1 - beta) * q * (log_q - log_m - kl_q) / temperature
+    grad_t = beta * p * (log_p - log_m - kl_p) / temperature
+    return rows[..., 0], grad_s, grad_t
+
+
 def assert_close(actual, expected, rtol, atol, what=""):
     actual = torch.as_tensor(actual).detach().double().cpu()
     expected = torch.as_tensor(expected).detach().double().cpu()

@@ -90,3 +90,14 @@ def test_bench_package_has_no_import_circle():
     for name in edges:
         if name != "__init__":  # __init__ imports cli inside main(), on call
             visit(name, [])
+
+
+def test_bench_jsd_mode_checks_and_times_each_beta(tmp_path):
+    out = tmp_path / "jsd.json"
+    code = bench.main(["--jsd", "--beta", "0,0.3", "--cases", "8x1000:bfloat16", "--providers", "fused,eager",
+                       "--reps", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert sorted((r["provider"], r["beta"]) for r in records) == [("eager", 0.0), ("eager", 0.3), ("fused", 0.0),
+                                                                  ("fused", 0.3)]
+    assert all(r["pass"] == "fwd+bwd" and r["median_ms"] > 0 and r["speedup_vs_eager"] > 0 for r in records)

@@ -21,6 +21,7 @@ struct KLRowsProblem {
   int64_t vocab;
   double inv_temperature;
   bool reverse;               // KL(student || teacher) instead of KL(teacher || student)
+  double beta;                // jsd_rows: the teacher's weight in the mixture, 0 < beta < 1
   double grad_factor;         // d(loss)/d(row loss) / T, already resolved on the host
   // The vocab-parallel entry points, where each rank holds a shard of every row:
   void* row_states;           // row_states: (rows, 5) partial state m_a, m_b, Z_a, Z_b, W (acc type)
@@ -39,6 +40,7 @@ struct GradScaleProblem {
 #define KL_FUSED_DECLARE_CPU_KERNELS(capability)                          \
   namespace capability {                                                  \
   void kl_rows(c10::ScalarType dtype, const KLRowsProblem& problem);      \
+  void jsd_rows(c10::ScalarType dtype, const KLRowsProblem& problem);     \
   void row_states(c10::ScalarType dtype, const KLRowsProblem& problem);   \
   void grad_from_stats(c10::ScalarType dtype, const KLRowsProblem& problem); \
   void grad_scale(c10::ScalarType dtype, const GradScaleProblem& problem); \

@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu_kernels.h"
+#include "cpu_ops.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -42,6 +43,8 @@ void advise_huge_pages(const at::Tensor& buffer) {
 #endif
 }
 
+}  // namespace
+
 // The fields of a KLRowsProblem that describe the rows to read.
 KLRowsProblem rows_problem(const PreparedRows& in, double temperature, bool reverse) {
   KLRowsProblem problem{};
@@ -57,11 +60,10 @@ KLRowsProblem rows_problem(const PreparedRows& in, double temperature, bool reve
   return problem;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cpu(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-    const std::optional<at::Tensor>& mask, double temperature, bool reverse,
-    c10::string_view reduction_name, bool student_grad, bool teacher_grad) {
-  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask, temperature, reduction_name);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_loss_cpu(const PreparedRows& in, c10::string_view reduction_name,
+                                                         double temperature, KLRowsProblem problem,
+                                                         bool student_grad, bool teacher_grad,
+                                                         const RowsKernels& kernels) {
   const Reduction reduction = parse_reduction(reduction_name);
   at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(in.acc_dtype));
   at::Tensor grad_student = empty_row_gradient(in.student, student_grad);
@@ -71,16 +73,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cpu(
   const std::optional<at::Tensor> counted = counted_rows(in.mask);
 
   if (in.rows > 0) {
-    KLRowsProblem problem = rows_problem(in, temperature, reverse);
     problem.row_loss = row_loss.mutable_data_ptr();
     problem.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
     problem.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
     problem.grad_factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted).value();
-    (cpu_has_avx2() ? avx2::kl_rows : generic::kl_rows)(in.student.scalar_type(), problem);
+    (cpu_has_avx2() ? kernels.avx2 : kernels.generic)(in.student.scalar_type(), problem);
   }
   return {reduce_row_losses(row_loss, counted, reduction, in.leading(), in.vocab), grad_student,
           grad_teacher};
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cpu(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
+    const std::optional<at::Tensor>& mask, double temperature, bool reverse,
+    c10::string_view reduction, bool student_grad, bool teacher_grad) {
+  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask, temperature, reduction);
+  return row_loss_cpu(in, reduction, temperature, rows_problem(in, temperature, reverse), student_grad,
+                      teacher_grad, {avx2::kl_rows, generic::kl_rows});
+}
+
+namespace {
 
 at::Tensor kl_row_states_cpu(const at::Tensor& student_logits, const at::Tensor& teacher_logits,
                              const std::optional<at::Tensor>& mask, double temperature, bool reverse) {

@@ -17,8 +17,10 @@
 #include <type_traits>
 
 #include "../kl_div_common.h"
+#include "kl_div_cuda.h"
 #include "launch.cuh"
 #include "kl_row_math.cuh"
+#include "row_loss_host.cuh"
 #include "row_pipeline.cuh"
 
 namespace kl_fused::cuda {
@@ -139,7 +141,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side (launch.cuh: the same code runs on the GPU and under the SIMT emulator of the tests).
 
-template <typename scalar_t, int N>
+template <int N, typename scalar_t>
 void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxRowThreads<scalar_t>,
@@ -154,47 +156,18 @@ void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits
   launch_kernel<kl_rows_kernel<scalar_t, N, true>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
 }
 
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
-    const at::Tensor& student_logits, const at::Tensor& teacher_logits,
-    const std::optional<at::Tensor>& mask_arg, double temperature, bool reverse,
-    c10::string_view reduction_name, bool student_grad, bool teacher_grad) {
-  const DeviceGuard guard(student_logits.device());
-  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask_arg, temperature, reduction_name);
-  const Reduction reduction = parse_reduction(reduction_name);
-  const at::Tensor& student = in.student;
-  const at::Tensor& teacher = in.teacher;
-  const std::optional<at::Tensor>& mask = in.mask;
-  const int64_t vocab = in.vocab;
-  const int64_t rows = in.rows;
-
-  at::Tensor row_loss = at::empty({rows}, student.options().dtype(in.acc_dtype));
-  at::Tensor grad_student = empty_row_gradient(student, student_grad);
-  at::Tensor grad_teacher = empty_row_gradient(teacher, teacher_grad);
-  const std::optional<at::Tensor> counted = counted_rows(mask);  // stays on the device
-
-  if (rows > 0) {
-    const GradFactor factor = make_grad_factor(reduction, temperature, vocab, rows, counted);
-    const int device = student.get_device();
-    const Stream stream = current_stream(device);
-    const DeviceLimits limits = device_limits(device);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(),
-                                    "kl_fused_cuda_kl_rows", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      scalar_t* ds = student_grad ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* dt = teacher_grad ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-      KLRowsArgs<scalar_t> args = kl_rows_args(in, temperature, reverse, ds, dt);
-      args.row_loss = row_loss.mutable_data_ptr<acc_t>();
-      args.factor = factor;
-      constexpr int kPack = 16 / sizeof(scalar_t);
-      const bool vectorized = kl_rows_vectorizable(args, kPack);
-      const bool any_grad = ds != nullptr || dt != nullptr;
-      if (vectorized) launch_kl_rows<scalar_t, kPack>(args, any_grad, limits, stream);
-      else launch_kl_rows<scalar_t, 1>(args, any_grad, limits, stream);
-    });
-  }
-  return {reduce_row_losses(row_loss, counted, reduction, in.leading(), vocab), grad_student,
-          grad_teacher};
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& mask,
+    double temperature, bool reverse, c10::string_view reduction, bool student_grad, bool teacher_grad) {
+  return row_loss_cuda(student_logits, teacher_logits, mask, temperature, reverse, reduction, student_grad,
+                       teacher_grad, [](auto args, auto pack, bool any_grad, const DeviceLimits& limits, Stream stream) {
+                         launch_kl_rows<decltype(pack)::value>(args, any_grad, limits, stream);
+                       });
 }
+
+namespace {
 
 void grad_scale_cuda(at::Tensor& grad, const at::Tensor& upstream) {
   check_grad_scale_inputs(grad, upstream);

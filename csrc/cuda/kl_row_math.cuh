@@ -127,29 +127,44 @@ struct KLGradConstants {
   acc_t c2;       // (log p_x - log p_y - KL) - (x' - y') ln2, divided by ln2
 };
 
-// One step of the gradient pass. kNeedX/kNeedY: which gradients are written (compile-time, so
-// that each output pack is built whole in registers).
-template <bool kNeedX, bool kNeedY, typename P, int U, typename acc_t>
-__device__ __forceinline__ void kl_gradient_step(const P (&packs)[2][U], const bool (&valid)[U], int64_t first,
-                                              P* grad_x, P* grad_y, const KLGradConstants<acc_t>& c) {
+// One step of a gradient pass, for every row kernel: element(x, y, gx, gy) sets the gradients of
+// one element from its logits (acc_t), and the packs of the wanted gradients are stored whole.
+// kNeedX/kNeedY: which gradients are written (compile-time, so that each output pack is built in
+// registers and the other gradient's arithmetic is never emitted).
+template <bool kNeedX, bool kNeedY, typename P, int U, typename Element>
+__device__ __forceinline__ void store_gradient_step(const P (&packs)[2][U], const bool (&valid)[U], int64_t first,
+                                                    P* grad_x, P* grad_y, const Element& element) {
   using scalar_t = typename P::value_type;
+  using acc_t = at::opmath_type<scalar_t>;
 #pragma unroll
   for (int i = 0; i < U; ++i) {
     if (!valid[i]) continue;
     P gx, gy;
 #pragma unroll
     for (int j = 0; j < P::kSize; ++j) {
-      const acc_t xs = (to_acc(packs[0][i].v[j]) - c.mx) * c.k;
-      const acc_t ys = (to_acc(packs[1][i].v[j]) - c.my) * c.k;
-      const acc_t ex = exp2_acc(xs);
-      // grad_x = p_x (log p_x - log p_y - KL) f, zero where p_x = 0.
-      if constexpr (kNeedX) gx.v[j] = static_cast<scalar_t>(ex > acc_t(0) ? (ex * c.wx) * (xs - ys + c.c2) : acc_t(0));
-      // grad_y = (p_y - p_x) f.
-      if constexpr (kNeedY) gy.v[j] = static_cast<scalar_t>(exp2_acc(ys) * c.py_f - ex * c.px_f);
+      acc_t dx, dy;
+      element(to_acc(packs[0][i].v[j]), to_acc(packs[1][i].v[j]), dx, dy);
+      if constexpr (kNeedX) gx.v[j] = static_cast<scalar_t>(dx);
+      if constexpr (kNeedY) gy.v[j] = static_cast<scalar_t>(dy);
     }
     if constexpr (kNeedX) store_pack(grad_x, step_unit(first, i), gx);
     if constexpr (kNeedY) store_pack(grad_y, step_unit(first, i), gy);
   }
+}
+
+// One step of KL's gradient pass.
+template <bool kNeedX, bool kNeedY, typename P, int U, typename acc_t>
+__device__ __forceinline__ void kl_gradient_step(const P (&packs)[2][U], const bool (&valid)[U], int64_t first,
+                                              P* grad_x, P* grad_y, const KLGradConstants<acc_t>& c) {
+  store_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, [&](acc_t x, acc_t y, acc_t& gx, acc_t& gy) {
+    const acc_t xs = (x - c.mx) * c.k;
+    const acc_t ys = (y - c.my) * c.k;
+    const acc_t ex = exp2_acc(xs);
+    // grad_x = p_x (log p_x - log p_y - KL) f, zero where p_x = 0.
+    if constexpr (kNeedX) gx = ex > acc_t(0) ? (ex * c.wx) * (xs - ys + c.c2) : acc_t(0);
+    // grad_y = (p_y - p_x) f.
+    if constexpr (kNeedY) gy = exp2_acc(ys) * c.py_f - ex * c.px_f;
+  });
 }
 
 // The two passes as the pipeline calls them, one step at a time.

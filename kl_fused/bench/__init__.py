@@ -2,9 +2,11 @@
 
     kl-fused-bench [options]             kl_div_logits on logits (kl.py), the default
     kl-fused-bench --vocab-parallel N    the vocab-parallel loss on N gloo processes (vocab_parallel.py)
+    kl-fused-bench --jsd                 jsd_logits (generalized JSD) against TRL and Liger (jsd.py)
     kl-fused-bench --linear              linear_kl_div from hidden states and the lm_head (linear.py)
 
-One file per mode, around a shared core: options.py (the Mode record, argument helpers), cases.py
+One file per mode, around a shared core: logits_pass.py (one checked and timed case and pass of a
+loss on logits, for the provider-comparing modes), options.py (the Mode record, argument helpers), cases.py
 (logits cases and inputs), timing.py (first runs, interleaved timing, percentiles), agreement.py
 (the check against a float64 reference), memory.py (peak memory per step, CUDA allocator or CPU
 peak RSS of a fresh process), report.py (tables, JSON, failures) and environment.py (what every

@@ -22,36 +22,16 @@ context, not a ceiling. On CUDA the peak memory of one step beyond the inputs is
 """
 
 import sys
-from dataclasses import dataclass, field
-
-import torch
 
 import kl_fused
 from kl_fused import reference
-from kl_fused.bench.agreement import ErrorTracker, disagreements, row_blocks
-from kl_fused.bench.cases import Case, cases_from_args, make_inputs, make_step
-from kl_fused.bench.environment import ENVIRONMENT_KEYS
+from kl_fused.bench.cases import cases_from_args, make_inputs
 from kl_fused.bench.kl_providers import PROVIDERS
-from kl_fused.bench.memory import cuda_peak_mib
+from kl_fused.bench.logits_pass import PASSES, available_providers, bench_pass, results_table
 from kl_fused.bench.options import Mode, choices
-from kl_fused.bench.report import format_optional, format_table, report_failures, write_json
-from kl_fused.bench.timing import first_runs, percentile, time_interleaved
-
-PASSES = ("fwd", "fwd+bwd")
-FLOOR_ELEMENT_READS_WRITES = {"fwd": 2, "fwd+bwd": 3}  # times e bytes per element
+from kl_fused.bench.report import report_failures, write_json
 
 DEFAULT_PASSES = {"cpu": "fwd+bwd", "cuda": "fwd,fwd+bwd"}
-
-
-@dataclass
-class PassResult:
-    case: Case
-    pass_name: str
-    copy_ms: float
-    copy_gbps: float
-    records: list = field(default_factory=list)
-    failures: dict = field(default_factory=dict)  # provider -> how it raised or disagreed
-    skipped: dict = field(default_factory=dict)  # provider -> why it could not run (out of memory)
 
 
 # ---------------------------------------------------------------------------- command line
@@ -74,155 +54,28 @@ def resolve(args):
     args.providers = choices(args.providers or ",".join(PROVIDERS), PROVIDERS, "provider")
 
 
-# ---------------------------------------------------------------------------- agreement check
-
-
-def run_once(step, student, with_grad):
-    """(loss as a float, student gradient or None) of one step, leaving the student's .grad empty."""
-    try:
-        loss = step()
-        grad = student.grad
-    finally:
-        student.grad = None
-    if with_grad and grad is None:
-        raise RuntimeError("backward left no gradient on the student")
-    return loss.item(), grad
-
-
-def float64_reference(student, teacher, temperature, grads):
-    """The reference loss in float64, and the ErrorTracker results of the providers' student
-    gradients {provider: grad} against it. Runs over blocks of rows (batchmean = sum of the
-    blocks' sums / rows)."""
-    rows, vocab = student.shape
-    total = 0.0
-    tracker = ErrorTracker(student.device)
-    for rows_here in row_blocks(rows, vocab):
-        s = student[rows_here].detach().double().requires_grad_(bool(grads))
-        t = teacher[rows_here].double()
-        block_sum = reference.kl_div_logits(s, t, temperature=temperature, reduction="sum")
-        total += block_sum.item()
-        if not grads:
-            continue
-        (ref_grad,) = torch.autograd.grad(block_sum, s)
-        ref_grad /= rows
-        tracker.add("student", ref_grad, {name: grad[rows_here] for name, grad in grads.items()})
-    return total / rows, tracker.results()
-
-
-def check_outputs(outputs, student, teacher, temperature):
-    """{provider: what is wrong} for the providers whose loss or gradient misses the reference."""
-    grads = {name: grad for name, (_, grad) in outputs.items() if grad is not None}
-    ref_loss, grad_results = float64_reference(student, teacher, temperature, grads)
-    losses = {name: loss for name, (loss, _) in outputs.items()}
-    return disagreements(losses, ref_loss, grad_results, student.dtype)
-
-
 # ---------------------------------------------------------------------------- one case and pass
 
 
-def bench_pass(case, pass_name, student, teacher, args, environment):
-    """Check, then time, every provider on one case and pass."""
-    with_grad = pass_name == "fwd+bwd"
-    steps = {
-        name: make_step(PROVIDERS[name].build(args.temperature), student, teacher, with_grad)
-        for name in args.providers
-    }
-    runs = {name: (lambda step=step: run_once(step, student, with_grad)) for name, step in steps.items()}
-    outputs, failures, skipped = first_runs(runs, keep_outputs=not args.no_check)
-    if not args.no_check:
-        failures.update(check_outputs(outputs, student, teacher, args.temperature))
-    del outputs  # the gradients kept for the check must not take memory during the timing
-    for name in (*failures, *skipped):
-        del steps[name]
+def kl_pass(case, pass_name, student, teacher, args, environment):
+    """bench_pass (logits_pass.py) with the KL providers, checked against the KL reference."""
+    loss_fns = {name: PROVIDERS[name].build(args.temperature) for name in args.providers}
 
-    copy_target = torch.empty_like(teacher)
-    steps_and_copy = {**steps, "copy": lambda: copy_target.copy_(teacher)}
-    samples = time_interleaved(steps_and_copy, args.warmup, args.reps, args.device)
-    copy_ms = percentile(samples.pop("copy"), 0.5)
-    copy_gbps = 2 * case.input_bytes / copy_ms / 1e6
-    del copy_target
+    def block_sum(s, t):
+        return reference.kl_div_logits(s, t, temperature=args.temperature, reduction="sum")
 
-    result = PassResult(case, pass_name, copy_ms, copy_gbps, failures=failures, skipped=skipped)
-    floor_bytes = FLOOR_ELEMENT_READS_WRITES[pass_name] * case.input_bytes
-    medians = {name: percentile(times, 0.5) for name, times in samples.items()}
-    for name, times in samples.items():
-        gbps = floor_bytes / medians[name] / 1e6
-        result.records.append(
-            {
-                "provider": name,
-                "pass": pass_name,
-                "device": environment["device"],
-                "device_name": environment["device_name"],
-                "dtype": case.dtype_name,
-                "rows": case.rows,
-                "vocab": case.vocab,
-                "temperature": args.temperature,
-                "median_ms": medians[name],
-                "p10_ms": percentile(times, 0.1),
-                "p90_ms": percentile(times, 0.9),
-                "gbps": gbps,
-                "copy_gbps": copy_gbps,
-                "fraction_of_copy": gbps / copy_gbps,
-                "peak_mem_mib": _peak_memory_mib(steps[name], student, args.device),
-                "speedup_vs_eager": _speedup(medians, "eager", name),
-                "speedup_vs_compile": _speedup(medians, "compile", name),
-                **{key: environment[key] for key in ENVIRONMENT_KEYS},
-            }
-        )
-    return result
-
-
-def _peak_memory_mib(step, student, device):
-    """Memory one step allocates at its peak beyond what was allocated before it (CUDA only)."""
-    if device.type != "cuda":
-        return None
-    student.grad = None
-    peak = cuda_peak_mib(step, device)
-    student.grad = None
-    return peak
-
-
-def _speedup(medians, baseline, name):
-    return medians[baseline] / medians[name] if baseline in medians else None
+    return bench_pass(case, pass_name, student, teacher, loss_fns, block_sum, args, environment)
 
 
 def drop_unavailable_providers(args):
     """Remove the providers that cannot run on this device, printing why; note a fused fallback."""
-    available = []
-    for name in args.providers:
-        reason = PROVIDERS[name].unavailable_reason(args.device)
-        if reason is None:
-            available.append(name)
-        else:
-            print(f"note: skipping provider '{name}': {reason}")
-    if "fused" in available and not kl_fused.is_fused_available(args.device):
+    args.providers = available_providers(args.providers, PROVIDERS, args.device)
+    if "fused" in args.providers and not kl_fused.is_fused_available(args.device):
         reason = kl_fused.fused_unavailable_reason(args.device)
         print(f"note: NO FUSED KERNEL for {args.device.type} ({reason}): 'fused' times the reference fallback")
-    args.providers = available
 
 
 # ---------------------------------------------------------------------------- report
-
-
-def results_table(results, show_memory):
-    header = ["provider", "pass", "dtype", "rows", "vocab", "median_ms", "p10_ms", "p90_ms", "GB/s", "%copy"]
-    header += ["x_eager", "x_compile"] + (["peak_MiB"] if show_memory else [])
-    lines = [header]
-    for result in results:
-        case = result.case
-        copy_line = ["(copy)", result.pass_name, case.dtype_name, str(case.rows), str(case.vocab)]
-        copy_line += [f"{result.copy_ms:.3f}", "-", "-", f"{result.copy_gbps:.1f}", "-", "-", "-"]
-        lines.append(copy_line + (["-"] if show_memory else []))
-        for record in result.records:
-            line = [record["provider"], record["pass"], record["dtype"], str(record["rows"]), str(record["vocab"])]
-            line += [f"{record[key]:.3f}" for key in ("median_ms", "p10_ms", "p90_ms")]
-            line += [f"{record['gbps']:.1f}", f"{100 * record['fraction_of_copy']:.0f}%"]
-            line += [format_optional(record["speedup_vs_eager"], ".2f", "x")]
-            line += [format_optional(record["speedup_vs_compile"], ".2f", "x")]
-            if show_memory:
-                line.append(format_optional(record["peak_mem_mib"], ".0f"))
-            lines.append(line)
-    return format_table(lines, left_aligned=3)  # provider, pass, dtype
 
 
 def plot_gbps(path, records):
@@ -284,7 +137,7 @@ def run(args, environment):
             student = teacher = None  # free the previous case's inputs first
             student, teacher = make_inputs(case, args.device)
             inputs_case = case
-        result = bench_pass(case, pass_name, student, teacher, args, environment)
+        result = kl_pass(case, pass_name, student, teacher, args, environment)
         for name, why in result.failures.items():
             print(f"ERROR: {name} on {case} {pass_name}: {why}; left out of the timing", file=sys.stderr)
         results.append(result)

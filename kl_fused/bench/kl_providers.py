@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import kl_fused
 from kl_fused import reference
+from kl_fused.bench.peers import cuda_peer_failure, fp32_log_probs
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,8 +41,7 @@ def _build_reference(temperature):
 
 def _build_eager(temperature):
     def eager(student, teacher):
-        log_q = F.log_softmax(student.float() / temperature, dim=-1)
-        log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
+        log_q, log_p = fp32_log_probs(student, teacher, temperature)
         return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
 
     return eager
@@ -61,22 +61,14 @@ def _liger_loss_class():
 
 
 def _liger_unavailable_reason(device):
-    if device.type != "cuda":
-        return "liger_kernel runs on CUDA only"
-    try:
-        _liger_loss_class()
-    except Exception as error:  # ImportError, or a broken triton install underneath it
-        return f"liger_kernel is not importable ({type(error).__name__}: {error})"
-    return None
+    return cuda_peer_failure(device, _liger_loss_class, "liger_kernel")
 
 
 def _build_liger(temperature):
     liger_kl = _liger_loss_class()(reduction="batchmean", log_target=True)
 
     def liger(student, teacher):
-        log_q = F.log_softmax(student.float() / temperature, dim=-1)
-        log_p = F.log_softmax(teacher.float() / temperature, dim=-1)
-        return liger_kl(log_q, log_p)
+        return liger_kl(*fp32_log_probs(student, teacher, temperature))
 
     return liger
 

@@ -1,0 +1,242 @@
+// CUDA implementation of jsd_logits (same contract as cpu/jsd_cpu.cpp): the shared host side of
+// the row-loss ops (row_loss_host.cuh) with the JSD row kernel below. At beta = 0 and beta = 1 the
+// op is kl_div_logits itself (kl_div_cuda.h): forward and reverse KL, exactly.
+//
+// Roles and units as in row_state.cuh: x = teacher (p), y = student (q), shifted logits in log2
+// units x' = (x - m_x) log2(e) / T, so that the exponentials are ex2.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../jsd_common.h"
+#include "../kl_div_common.h"
+#include "block_reduce.cuh"
+#include "kl_div_cuda.h"
+#include "kl_row_math.cuh"
+#include "launch.cuh"
+#include "row_loss_host.cuh"
+#include "row_pipeline.cuh"
+#include "row_state.cuh"
+
+namespace kl_fused::cuda {
+namespace {
+
+// K_p = sum p (log2 p - log2 m) and K_q = sum q (log2 q - log2 m) over some of a row's elements.
+template <typename acc_t>
+struct Divergences {
+  acc_t kp, kq;
+};
+
+template <typename acc_t>
+struct AddDivergences {
+  __device__ __forceinline__ Divergences<acc_t> operator()(const Divergences<acc_t>& a,
+                                                           const Divergences<acc_t>& b) const {
+    return {a.kp + b.kp, a.kq + b.kq};
+  }
+};
+
+// What passes 2 and 3 know of a row once its statistics are merged.
+template <typename acc_t>
+struct JSDRowConstants {
+  acc_t mx, my;           // raw maxima (finite: rows without them are undefined and skipped)
+  acc_t k;                // log2(e) / T
+  acc_t inv_zx, inv_zy;   // p = 2^x' / Z_x, q = 2^y' / Z_y
+  acc_t log_zx, log_zy;   // log2 Z_x, log2 Z_y
+  acc_t beta;             // the teacher's weight in the mixture, 0 < beta < 1
+};
+
+// One element: p, q, and log2 p - log2 m, log2 q - log2 m with m = beta p + (1 - beta) q, each
+// ratio 0 where its probability is 0 (its log is -inf, and so is log m where both are), so that
+// such entries contribute 0 to K and to the gradient, never 0 * inf. Two ex2 and one log2.
+template <typename acc_t>
+struct JSDTerms {
+  acc_t p, q, ratio_p, ratio_q;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ JSDTerms<acc_t> jsd_terms(acc_t x, acc_t y, const JSDRowConstants<acc_t>& c) {
+  const acc_t xs = (x - c.mx) * c.k, ys = (y - c.my) * c.k;
+  const acc_t p = exp2_acc(xs) * c.inv_zx, q = exp2_acc(ys) * c.inv_zy;
+  const acc_t log_m = log2_acc(c.beta * p + (acc_t(1) - c.beta) * q);
+  return {p, q, p > acc_t(0) ? xs - c.log_zx - log_m : acc_t(0), q > acc_t(0) ? ys - c.log_zy - log_m : acc_t(0)};
+}
+
+// Pass 2, one step at a time: the thread's share of K_p, K_q.
+template <typename acc_t>
+struct JSDDivergencePass {
+  Divergences<acc_t> sums;
+  JSDRowConstants<acc_t> c;
+  template <typename P, int U>
+  __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t) {
+#pragma unroll
+    for (int i = 0; i < U; ++i) {
+      if (!valid[i]) continue;
+#pragma unroll
+      for (int j = 0; j < P::kSize; ++j) {
+        const JSDTerms<acc_t> e = jsd_terms(to_acc(packs[0][i].v[j]), to_acc(packs[1][i].v[j]), c);
+        sums.kp += e.p * e.ratio_p;
+        sums.kq += e.q * e.ratio_q;
+      }
+    }
+  }
+};
+
+// Pass 3, one step at a time: grad_x = beta f p (ln p - ln m - KL(p || m)) and grad_y =
+// (1 - beta) f q (ln q - ln m - KL(q || m)), in log2 units times ln 2 (folded into the scales).
+template <bool kNeedX, bool kNeedY, typename P, typename acc_t>
+struct JSDGradientPass {
+  P* grad_x;
+  P* grad_y;
+  JSDRowConstants<acc_t> c;
+  Divergences<acc_t> k2;  // the row's K_p, K_q in log2 units
+  acc_t scale_x;          // beta f ln 2
+  acc_t scale_y;          // (1 - beta) f ln 2
+  template <int U>
+  __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t first) const {
+    store_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, [&](acc_t x, acc_t y, acc_t& gx, acc_t& gy) {
+      const JSDTerms<acc_t> e = jsd_terms(x, y, c);
+      if constexpr (kNeedX) gx = (e.p * scale_x) * (e.ratio_p - k2.kp);
+      if constexpr (kNeedY) gy = (e.q * scale_y) * (e.ratio_q - k2.kq);
+    });
+  }
+};
+
+// The gradient pass holds more per element than KL's (two exponentials, a logarithm, both
+// probabilities and both ratios): at 1024 threads (64 registers) ptxas spilled the bfloat16 vector
+// kernel on sm_90, so the gradient kernels run at most 512 threads per block (128 registers).
+template <typename scalar_t, bool kGrad>
+constexpr int kMaxJSDThreads = kGrad ? 512 : kMaxRowThreads<scalar_t>;
+
+// Per-row generalized JSD of p = softmax(x/T) (teacher) and q = softmax(y/T) (student), m =
+// beta p + (1 - beta) q, 0 < beta < 1, and with kGrad its gradients:
+//   row_loss[r] = beta K_p + (1 - beta) K_q,   K_p = KL(p || m), K_q = KL(q || m)
+//   grad_x[r]   = beta f p (log p - log m - K_p)     grad_y[r] = (1 - beta) f q (log q - log m - K_q)
+// Passes (row_pipeline.cuh), the row cached in shared memory after the first:
+//   1  statistics: online maxima, Z_x, Z_y (KL's statistics step; its W goes unused)   2 ex2
+//   2  K_p, K_q against log m, which needs the whole row's Z                  2 ex2 + 1 log2
+//   3  with kGrad, the gradients, which need the whole row's K                2 ex2 + 1 log2
+// Bytes per element (e = sizeof(scalar_t)), each input read from global memory once when the row
+// fits the cache: loss only 2e; with one gradient 3e; with both 4e. Packs beyond the cache are
+// read again by each later pass, from L2 when the rows in flight fit there.
+// Masked rows: loss 0, gradients 0, inputs never read. Undefined rows (a NaN or +inf logit, a side
+// all -inf): loss and gradients NaN.
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocksPerSM)
+    jsd_rows_kernel(const KLRowsArgs<scalar_t> args, const at::opmath_type<scalar_t> beta) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
+  // Two reductions per row, each with its own per-warp scratch: a warp may still read the merge's
+  // states while a faster one writes its share of K (no barrier between the two reductions). The
+  // sums come first, at offsets that are multiples of their size (16 bytes for double).
+  auto* sum_scratch = reinterpret_cast<Divergences<acc_t>*>(shared);
+  auto* merge_scratch = reinterpret_cast<RowState<acc_t>*>(sum_scratch + blockDim.x / 32);
+  P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
+                       reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
+  const int64_t units = args.vocab / N;
+  const int64_t cached = args.cached_units;
+  const acc_t k = args.k;
+  // Read here, on the device: the counted-row count of batchmean/mean may be a mask's sum.
+  const acc_t f = kGrad ? static_cast<acc_t>(args.factor.value()) : acc_t(0);
+  const auto grad_row = [&](scalar_t* grad, int64_t row) {
+    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) : nullptr;
+  };
+  const auto fill_gradients = [&](int64_t row, scalar_t value) {
+    if constexpr (kGrad) {
+      if (P* g = grad_row(args.grad_x, row)) fill_row(g, units, value);
+      if (P* g = grad_row(args.grad_y, row)) fill_row(g, units, value);
+    }
+  };
+
+  for (const int64_t row : block_rows(args.rows)) {
+    if (row_masked(args.mask, row)) {  // block-uniform; touches no shared memory
+      if (threadIdx.x == 0) args.row_loss[row] = acc_t(0);
+      fill_gradients(row, scalar_t(0));
+      continue;
+    }
+    const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
+                            reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
+    KLStatistics<acc_t> statistics{empty_row_state<acc_t>(), k};
+    first_pass<kUnroll<N>>(in, cache, cached, units, statistics);
+    // The merge's barrier also orders the row-cache writes before the later passes read them.
+    const RowState<acc_t> st = block_merge(statistics.st, k, merge_scratch);
+    // A NaN logit makes its side's Z NaN, and so does a +inf one (inf - inf); a side all -inf has
+    // no distribution. Block-uniform: every thread holds the same merged state.
+    if (st.zx != st.zx || st.zy != st.zy || st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) {
+      if (threadIdx.x == 0) args.row_loss[row] = static_cast<acc_t>(NAN);
+      fill_gradients(row, static_cast<scalar_t>(NAN));
+      continue;
+    }
+    const JSDRowConstants<acc_t> c{st.mx, st.my, k, acc_t(1) / st.zx, acc_t(1) / st.zy,
+                                   log2_acc(st.zx), log2_acc(st.zy), beta};
+    JSDDivergencePass<acc_t> divergences{{acc_t(0), acc_t(0)}, c};
+    later_pass<kGradUnroll<N>, !kGrad>(in, cache, cached, units, divergences);
+    const Divergences<acc_t> k2 =
+        block_reduce(divergences.sums, AddDivergences<acc_t>{}, Divergences<acc_t>{acc_t(0), acc_t(0)}, sum_scratch);
+    // JSD >= 0; what rounding leaves below 0 (a row equal to itself) is clamped, as on the CPU.
+    const acc_t jsd2 = beta * k2.kp + (acc_t(1) - beta) * k2.kq;
+    if (threadIdx.x == 0) args.row_loss[row] = jsd2 > acc_t(0) ? jsd2 * static_cast<acc_t>(kLn2) : acc_t(0);
+
+    if constexpr (kGrad) {
+      const acc_t scale_x = beta * f * static_cast<acc_t>(kLn2);
+      const acc_t scale_y = (acc_t(1) - beta) * f * static_cast<acc_t>(kLn2);
+      P* const gx = grad_row(args.grad_x, row);
+      P* const gy = grad_row(args.grad_y, row);
+      constexpr int U = kGradUnroll<N>;
+      if (gx != nullptr && gy != nullptr) {
+        later_pass<U, true>(in, cache, cached, units, JSDGradientPass<true, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+      } else if (gx != nullptr) {
+        later_pass<U, true>(in, cache, cached, units, JSDGradientPass<true, false, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+      } else {
+        later_pass<U, true>(in, cache, cached, units, JSDGradientPass<false, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side (launch.cuh: the same code runs on the GPU and under the SIMT emulator of the tests).
+
+// The row is always cached: even the loss needs a second pass (log m needs the whole row's Z).
+template <int N, typename scalar_t>
+void launch_jsd_rows(KLRowsArgs<scalar_t> args, at::opmath_type<scalar_t> beta, bool any_grad,
+                     const DeviceLimits& limits, Stream stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto launch = [&](auto grad) {
+    constexpr bool kGrad = decltype(grad)::value;
+    const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxJSDThreads<scalar_t, kGrad>,
+                                             sizeof(RowState<acc_t>) + sizeof(Divergences<acc_t>),
+                                             sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
+    args.scratch_bytes = plan.scratch_bytes;
+    args.cached_units = plan.cached_units;
+    if (plan.opt_in) allow_dynamic_shared<jsd_rows_kernel<scalar_t, N, kGrad>>(limits.max_shared_optin);
+    launch_kernel<jsd_rows_kernel<scalar_t, N, kGrad>>(plan.grid, plan.threads, plan.shared_bytes, stream, args, beta);
+  };
+  if (any_grad) launch(std::true_type{});
+  else launch(std::false_type{});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_logits_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& mask,
+    double beta, double temperature, c10::string_view reduction, bool student_grad, bool teacher_grad) {
+  check_jsd_beta(beta);
+  if (const std::optional<bool> reverse = jsd_kl_endpoint(beta)) {
+    return kl_div_logits_cuda(student_logits, teacher_logits, mask, temperature, *reverse, reduction, student_grad,
+                              teacher_grad);
+  }
+  // x = teacher, y = student: the roles of forward KL.
+  return row_loss_cuda(student_logits, teacher_logits, mask, temperature, /*reverse=*/false, reduction, student_grad,
+                       teacher_grad, [&](auto args, auto pack, bool any_grad, const DeviceLimits& limits, Stream stream) {
+                         using acc_t = typename decltype(args)::acc_t;
+                         launch_jsd_rows<decltype(pack)::value>(args, static_cast<acc_t>(beta), any_grad, limits, stream);
+                       });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(KL_FUSED_CUDA_LIBRARY, KL_FUSED_CUDA_DISPATCH_KEY, m) { m.impl("jsd_logits", &jsd_logits_cuda); }
+
+}  // namespace kl_fused::cuda

@@ -1,0 +1,65 @@
+// The host side every CUDA row-loss op shares (kl_div_logits, jsd_logits): an op that writes one
+// loss per row and, in the same launch, the gradients of the reduced loss differs from the others
+// only in the kernel it launches.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+#include "../kl_div_common.h"
+#include "kl_row_math.cuh"
+#include "launch.cuh"
+
+namespace kl_fused::cuda {
+
+// (loss, grad_student, grad_teacher) of (..., V) logits: checks and prepares the rows, allocates
+// the per-row losses and the wanted gradients, and calls
+//   launch(args, pack, any_grad, limits, stream)
+// with the rows' KLRowsArgs<scalar_t> (x is the side the expectation is over: the teacher unless
+// `reverse`; row_loss and the gradient factor set, the factor's count left on the device) and
+// pack = std::integral_constant<int, N>, the elements per access that every row allows (a 16-byte
+// pack, or 1). Then reduces the per-row losses as `reduction` says.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_loss_cuda(
+    const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& mask,
+    double temperature, bool reverse, c10::string_view reduction_name, bool student_grad, bool teacher_grad,
+    const Launch& launch) {
+  const DeviceGuard guard(student_logits.device());
+  const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask, temperature, reduction_name);
+  const Reduction reduction = parse_reduction(reduction_name);
+  at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(in.acc_dtype));
+  at::Tensor grad_student = empty_row_gradient(in.student, student_grad);
+  at::Tensor grad_teacher = empty_row_gradient(in.teacher, teacher_grad);
+  const std::optional<at::Tensor> counted = counted_rows(in.mask);  // stays on the device
+
+  if (in.rows > 0) {
+    const GradFactor factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted);
+    const int device = in.student.get_device();
+    const Stream stream = current_stream(device);
+    const DeviceLimits limits = device_limits(device);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student.scalar_type(), "kl_fused_cuda_row_loss", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      scalar_t* ds = student_grad ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* dt = teacher_grad ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+      KLRowsArgs<scalar_t> args = kl_rows_args(in, temperature, reverse, ds, dt);
+      args.row_loss = row_loss.mutable_data_ptr<acc_t>();
+      args.factor = factor;
+      constexpr int kPack = 16 / sizeof(scalar_t);
+      const bool any_grad = ds != nullptr || dt != nullptr;
+      if (kl_rows_vectorizable(args, kPack)) {
+        launch(args, std::integral_constant<int, kPack>{}, any_grad, limits, stream);
+      } else {
+        launch(args, std::integral_constant<int, 1>{}, any_grad, limits, stream);
+      }
+    });
+  }
+  return {reduce_row_losses(row_loss, counted, reduction, in.leading(), in.vocab), grad_student, grad_teacher};
+}
+
+}  // namespace kl_fused::cuda
