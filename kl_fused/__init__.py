@@ -4,9 +4,9 @@ from kl_fused import distributed, reference
 from kl_fused._ops import fused_unavailable_reason, is_fused_available
 from kl_fused.api import kl_div_logits
 from kl_fused.jsd import jsd_logits
-from kl_fused.linear import linear_kl_div
+from kl_fused.linear import linear_jsd, linear_kl_div
 from kl_fused.module import JSDLogitsLoss, KLDivLogitsLoss, LinearKLDivLoss
 
 __version__ = "0.1.0"
-__all__ = ["kl_div_logits", "KLDivLogitsLoss", "jsd_logits", "JSDLogitsLoss", "linear_kl_div", "LinearKLDivLoss",
+__all__ = ["kl_div_logits", "KLDivLogitsLoss", "jsd_logits", "JSDLogitsLoss", "linear_kl_div", "LinearKLDivLoss", "linear_jsd",
            "is_fused_available", "fused_unavailable_reason", "reference", "distributed"]

@@ -27,6 +27,7 @@ SHARD_OP_NAMES = ("kl_fused::kl_row_states", "kl_fused::kl_grad_from_stats")
 PUBLIC_OPS = {
     "kl_div_logits": (OP_NAME, "kl_fused::grad_scale_"),
     "linear_kl_div": (OP_NAME, "kl_fused::grad_scale_"),  # the chunk loop (plain PyTorch) runs this op
+    "linear_jsd": ("kl_fused::jsd_logits", "kl_fused::grad_scale_"),  # ... and this one
     "jsd_logits": ("kl_fused::jsd_logits", "kl_fused::grad_scale_"),
 }
 

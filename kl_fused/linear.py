@@ -7,7 +7,7 @@ import torch
 
 from kl_fused import _chunked_linear, reference
 from kl_fused._ops import fused_path
-from kl_fused._validate import DIRECTIONS, REDUCTIONS, SUPPORTED_DTYPES, check_temperature
+from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_beta, check_direction, check_temperature
 
 # Bytes of one (chunk_rows x V) logits buffer that the default chunk size aims at, and the fewest rows
 # a chunk gets. CPU: a chunk's few buffers stay within ~100 MB, and from 256 rows on the chunk's matmuls
@@ -81,10 +81,42 @@ def linear_kl_div(
     shapes). With ``reduction="none"`` the forward computes the losses only and backward runs the chunk
     loop again with the upstream weights (a weight's gradient cannot be re-weighted per row afterwards).
     """
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    check_direction(direction)
     return _linear_loss(
         "kl", 1.0 if direction == "reverse" else 0.0, reference.linear_kl_div, dict(direction=direction),
+        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias,
+        teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale,
+        student_softcap, teacher_softcap)
+
+
+def linear_jsd(
+    student_hidden,
+    student_weight,
+    teacher_logits=None,
+    *,
+    teacher_hidden=None,
+    teacher_weight=None,
+    student_bias=None,
+    teacher_bias=None,
+    beta=0.5,
+    temperature=1.0,
+    reduction="batchmean",
+    mask=None,
+    chunk_rows=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_softcap=None,
+    teacher_softcap=None,
+):
+    r"""The generalized Jensen-Shannon divergence of :func:`kl_fused.jsd_logits` (GKD's beta: 0 is
+    KL(teacher || student), 1 is KL(student || teacher)), from hidden states and output layers, without
+    materialising the logits. Everything else (teacher forms, masks, reductions, gradients, chunking,
+    logit scales and softcaps, autocast, memory) is as in :func:`linear_kl_div`, whose chunk loop this
+    shares; the row kernel is jsd_logits' instead of kl_div_logits'.
+    """
+    check_beta(beta)
+    return _linear_loss(
+        "jsd", float(beta), reference.linear_jsd, dict(beta=beta),
         student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias,
         teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale,
         student_softcap, teacher_softcap)

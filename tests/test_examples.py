@@ -1,4 +1,5 @@
-"""The examples run: kl_fused inside a real Hugging Face Trainer loop (examples/distill_hf.py)."""
+"""The examples run: kl_fused inside a real Hugging Face Trainer loop (examples/distill_hf.py), and in
+TRL's GKDTrainer in place of its generalized JSD (examples/trl_gkd.py)."""
 
 import importlib.util
 import pathlib
@@ -6,7 +7,7 @@ import pathlib
 import pytest
 import torch
 
-from conftest import fused_op_must_run
+from conftest import assert_close, assert_grad_close, fused_op_must_run
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
@@ -18,13 +19,56 @@ def load_example(name):
     return module
 
 
-@pytest.mark.parametrize("loss", ["kl"])
+@pytest.mark.parametrize("loss", ["kl", "jsd"])
 def test_distillation_with_the_hf_trainer_lowers_the_loss_and_trains_head_and_body(loss):
     distill_hf = load_example("distill_hf")
-    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default):
+    row_op = torch.ops.kl_fused.jsd_logits.default if loss == "jsd" else torch.ops.kl_fused.kl_div_logits.default
+    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, row_op):
         losses, grad_norms = distill_hf.distil(steps=8, loss=loss, teacher_steps=20, quiet=True)
     assert len(losses) == 8 and len(grad_norms) == 8
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) < sum(losses[:2]), f"the loss did not fall: {losses}"
     for step, norms in enumerate(grad_norms):
         assert norms["lm_head"] > 0 and norms["body"] > 0, f"step {step}: {norms}"
+
+
+def _tiny_llama(hidden, seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=300, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                         tie_word_embeddings=False, initializer_range=0.2)
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("num_items_in_batch", [None, 7])
+def test_the_gkd_snippet_gives_trls_loss_and_gradients_inside_trls_compute_loss(beta, num_items_in_batch):
+    """TRL's own GKDTrainer.compute_loss (student and teacher forward, causal shift, labels) run once with
+    TRL's generalized_jsd_loss and once with the snippet's, on the same models and batch."""
+    from types import SimpleNamespace
+
+    from trl.experimental.gkd import GKDTrainer
+
+    trl_gkd = load_example("trl_gkd")
+    student, teacher = _tiny_llama(32, seed=1), _tiny_llama(48, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(0, 300, (3, 12), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 9:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    results = []
+    for trainer_class in (GKDTrainer, trl_gkd.KLFusedGKDTrainer):
+        trainer = SimpleNamespace(teacher_model=teacher, beta=beta,
+                                  generalized_jsd_loss=trainer_class.generalized_jsd_loss)
+        student.zero_grad()
+        loss = GKDTrainer.compute_loss(trainer, student, inputs, num_items_in_batch=num_items_in_batch)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()}))
+    (trl_loss, trl_grads), (fused_loss, fused_grads) = results
+    assert_close(fused_loss, trl_loss, 2e-5, 2e-6, "loss")
+    for name, grad in trl_grads.items():
+        assert_grad_close(fused_grads[name], grad, torch.float32, name)

@@ -77,6 +77,8 @@ def _materialised64(student_hidden, student_weight, teacher_logits=None, *, teac
 
     student = logits("student", student_hidden, student_weight, student_bias)
     teacher = teacher_logits if teacher_logits is not None else logits("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if "beta" in options:  # linear_jsd
+        return kl_fused.reference.jsd_logits(student, teacher, mask=mask, **options)
     return kl_fused.reference.kl_div_logits(student, teacher, mask=mask, **options)
 
 
@@ -89,7 +91,9 @@ def float64_reference(tensors, weights=None, **options):
 
 
 def check_against_reference(tensors, dtype, weights=None, **options):
-    loss, grads = grads_of(kl_fused.linear_kl_div, tensors, weights, **options)
+    """linear_kl_div, or linear_jsd when the options hold a beta, against the materialised path."""
+    loss, grads = grads_of(kl_fused.linear_jsd if "beta" in options else kl_fused.linear_kl_div, tensors, weights,
+                           **options)
     ref_loss, ref_grads = float64_reference(tensors, weights, **options)
     tol = TOLERANCES[dtype]
     assert_close(loss, ref_loss, tol["loss_rtol"], tol["loss_atol"], "loss vs float64 materialised")
@@ -203,6 +207,62 @@ def test_against_trl_chunked_divergence(device):
     assert_close(loss, trl_loss, 2e-5, 2e-6, "loss vs TRL")
     for name in ("student_hidden", "student_weight", "student_bias"):
         assert_grad_close(grads[name], leaves[name].grad, torch.float32, f"{name} vs TRL")
+
+
+# ------------------------------------------------------------------------------------- linear_jsd
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("teacher", ["hidden", "logits"])
+def test_linear_jsd_matches_the_materialised_path(device, beta, teacher):
+    tensors = make_problem((3, 5), 20, 257, torch.float64, device, seed=40, teacher=teacher)
+    mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
+    tensors["student_hidden"][~mask] = float("nan")
+    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.jsd_logits.default):
+        check_against_reference(tensors, torch.float64, beta=beta, temperature=1.4, mask=mask, chunk_rows=4,
+                                student_softcap=5.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_jsd_dtypes_and_reductions(device, dtype, reduction):
+    tensors = make_problem((2, 7), 32, 400, dtype, device, seed=41)
+    weights = torch.linspace(-1.0, 2.0, 14, device=device).view(2, 7) if reduction == "none" else None
+    check_against_reference(tensors, dtype, weights, beta=0.3, reduction=reduction, chunk_rows=5)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_linear_jsd_against_trl_chunked_divergence(device, beta):
+    """TRL 1.16's DistillationTrainer loss on the same hidden states and heads (its mixture is
+    (1 - beta) student + beta teacher, GKD's convention and ours), logit scales and softcaps included."""
+    from trl.trainer.distillation_trainer import _chunked_divergence_loss
+
+    tensors = make_problem((2, 6), 32, 700, torch.float32, device, seed=42)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0]], dtype=torch.bool, device=device)
+    options = dict(temperature=2.0, student_logit_scale=1.1, teacher_logit_scale=0.9, student_softcap=6.0,
+                   teacher_softcap=8.0)
+    loss, grads = grads_of(kl_fused.linear_jsd, tensors, mask=mask, beta=beta, chunk_rows=3, **options)
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in tensors.items() if t is not None}
+    trl_loss, _, _ = _chunked_divergence_loss(
+        leaves["student_hidden"], leaves["teacher_hidden"], leaves["student_weight"], leaves["teacher_weight"],
+        mask.long(), beta=beta, student_lm_head_bias=leaves["student_bias"], teacher_lm_head_bias=leaves["teacher_bias"],
+        student_logit_scale=options["student_logit_scale"], teacher_logit_scale=options["teacher_logit_scale"],
+        student_final_logit_softcapping=options["student_softcap"],
+        teacher_final_logit_softcapping=options["teacher_softcap"], temperature=options["temperature"])
+    trl_loss.backward()
+    assert_close(loss, trl_loss, 2e-5, 2e-6, "loss vs TRL")
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        assert_grad_close(grads[name], leaves[name].grad, torch.float32, f"{name} vs TRL")
+
+
+def test_linear_jsd_rejects_a_beta_outside_the_unit_interval(device):
+    tensors = make_problem((2,), 8, 20, torch.float32, device, seed=43, teacher="logits")
+    for beta, error in ((-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError), ("0.5", TypeError)):
+        with pytest.raises(error, match="beta"):
+            kl_fused.linear_jsd(tensors["student_hidden"], tensors["student_weight"], tensors["teacher_logits"], beta=beta)
+
+
+# ------------------------------------------------------------------------------------- accumulation
 
 
 def _bf16_ulp(x):
