@@ -40,16 +40,22 @@ def check_logits_pair(student_logits, teacher_logits, mask):
         )
     if student_logits.shape[-1] == 0:
         raise ValueError(f"the vocabulary (last) dimension must be non-empty, got shape {tuple(student_logits.shape)}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        leading = tuple(student_logits.shape[:-1])
-        if tuple(mask.shape) != leading:
-            raise ValueError(f"mask must have the leading shape {leading} of the logits, got {tuple(mask.shape)}")
-        if mask.device != student_logits.device:
-            raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
+    check_mask(mask, tuple(student_logits.shape[:-1]), student_logits.device, "the logits")
+
+
+def check_mask(mask, leading, device, of):
+    """A row mask: None, or a bool tensor of the leading shape `leading` on `device` (`of` names the
+    tensor whose rows it selects, for the message)."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(leading):
+        raise ValueError(f"mask must have the leading shape {tuple(leading)} of {of}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the device of {of}, {device}, got {mask.device}")
 
 
 def _check_number(name, value):

@@ -7,7 +7,7 @@ import torch
 
 from kl_fused import _chunked_linear, reference
 from kl_fused._ops import fused_path
-from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_beta, check_direction, check_temperature
+from kl_fused._validate import SUPPORTED_DTYPES, check_beta, check_direction, check_mask, check_reduction, check_temperature
 
 # Bytes of one (chunk_rows x V) logits buffer that the default chunk size aims at, and the fewest rows
 # a chunk gets. CPU: a chunk's few buffers stay within ~100 MB, and from 256 rows on the chunk's matmuls
@@ -252,17 +252,8 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
         listed = ", ".join(f"{name} on {x.device}" for name, x in tensors if x is not None)
         raise ValueError(f"all tensors must be on one device, got {listed}")
     check_temperature(temperature)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if tuple(mask.shape) != leading:
-            raise ValueError(f"mask must have the hidden states' leading shape {leading}, got {tuple(mask.shape)}")
-        if mask.device != student_hidden.device:
-            raise ValueError(f"mask must be on the hidden states' device {student_hidden.device}, got {mask.device}")
+    check_reduction(reduction)
+    check_mask(mask, leading, student_hidden.device, "the hidden states")
     if chunk_rows is not None:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
             raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")

@@ -125,29 +125,24 @@ def materialized_logits(student_hidden, student_weight, teacher_logits=None, *, 
     return student, teacher_logits
 
 
-def linear_jsd(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, teacher_weight=None,
-               student_bias=None, teacher_bias=None, beta=0.5, temperature=1.0, reduction="batchmean", mask=None,
-               chunk_rows=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
-               teacher_softcap=None):
-    """kl_fused.linear_jsd in plain PyTorch: the logits materialised in full, then jsd_logits.
-    chunk_rows is accepted for the same signature and ignored."""
-    student, teacher = materialized_logits(
-        student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-        mask=mask)
-    return jsd_logits(student, teacher, beta=beta, temperature=temperature, reduction=reduction, mask=mask)
+def _linear_reference(loss_fn, name):
+    """The reference of a fused linear loss: the logits materialised in full, then loss_fn on them.
+    chunk_rows is accepted for the fused function's signature and ignored."""
+
+    def linear_loss(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, teacher_weight=None,
+                    student_bias=None, teacher_bias=None, mask=None, chunk_rows=None, student_logit_scale=1.0,
+                    teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None, **options):
+        student, teacher = materialized_logits(
+            student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden,
+            teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap, mask=mask)
+        return loss_fn(student, teacher, mask=mask, **options)
+
+    linear_loss.__name__ = linear_loss.__qualname__ = name
+    return linear_loss
 
 
-def linear_kl_div(student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, teacher_weight=None,
-                  student_bias=None, teacher_bias=None, temperature=1.0, reduction="batchmean", direction="forward",
-                  mask=None, chunk_rows=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
-                  teacher_softcap=None):
-    """kl_fused.linear_kl_div in plain PyTorch: the logits materialised in full, then kl_div_logits.
-    chunk_rows is accepted for the same signature and ignored."""
-    student, teacher = materialized_logits(
-        student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
-        student_bias=student_bias, teacher_bias=teacher_bias, student_logit_scale=student_logit_scale,
-        teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap, teacher_softcap=teacher_softcap,
-        mask=mask)
-    return kl_div_logits(student, teacher, temperature=temperature, reduction=reduction, direction=direction, mask=mask)
+# kl_fused.linear_kl_div and kl_fused.linear_jsd in plain PyTorch (same signatures).
+linear_kl_div = _linear_reference(kl_div_logits, "linear_kl_div")
+linear_jsd = _linear_reference(jsd_logits, "linear_jsd")

@@ -411,7 +411,7 @@ def _bad_calls(device):
         (ValueError, r"teacher_logits must have shape \(2, 3, 30\)", lambda: kl_fused.linear_kl_div(h, w, logits[..., :29])),
         (ValueError, r"teacher_hidden must have the student's leading shape", lambda: kl_fused.linear_kl_div(h, w, teacher_hidden=ht[:1], teacher_weight=wt)),
         (ValueError, r"student_bias must have shape \(V,\)", lambda: kl_fused.linear_kl_div(h, w, logits, student_bias=torch.zeros(29, device=device))),
-        (ValueError, r"mask must have the hidden states' leading shape", lambda: kl_fused.linear_kl_div(h, w, logits, mask=torch.ones(3, 2, dtype=torch.bool, device=device))),
+        (ValueError, r"mask must have the leading shape \(2, 3\) of the hidden states", lambda: kl_fused.linear_kl_div(h, w, logits, mask=torch.ones(3, 2, dtype=torch.bool, device=device))),
         (TypeError, r"mask must be a bool tensor", lambda: kl_fused.linear_kl_div(h, w, logits, mask=torch.ones(2, 3, device=device))),
         (TypeError, r"student_hidden must be a float32", lambda: kl_fused.linear_kl_div(h.long(), w, logits)),
         (TypeError, r"student_hidden must be a torch.Tensor", lambda: kl_fused.linear_kl_div([1.0], w, logits)),
