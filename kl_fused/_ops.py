@@ -26,6 +26,7 @@ SHARD_OP_NAMES = ("kl_fused::kl_row_states", "kl_fused::kl_grad_from_stats")
 # says so once (fused_path). A new op family adds one line here.
 PUBLIC_OPS = {
     "kl_div_logits": (OP_NAME, "kl_fused::grad_scale_"),
+    "sparse_kl_div": ("kl_fused::sparse_kl_div", "kl_fused::grad_scale_"),
 }
 
 

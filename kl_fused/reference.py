@@ -8,6 +8,7 @@ It materialises several (rows x V) buffers, which is what the fused kernels avoi
 import torch
 import torch.nn.functional as F
 
+from kl_fused._sparse_reference import sparse_kl_div  # noqa: F401  (kl_fused.reference.sparse_kl_div)
 from kl_fused._validate import check_kl_args
 
 

@@ -11,7 +11,6 @@
 #endif
 
 namespace kl_fused::cpu {
-namespace {
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -41,6 +40,8 @@ void advise_huge_pages(const at::Tensor& buffer) {
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
 #endif
 }
+
+namespace {
 
 // The fields of a KLRowsProblem that describe the rows to read.
 KLRowsProblem rows_problem(const PreparedRows& in, double temperature, bool reverse) {
