@@ -57,7 +57,7 @@ def test_bench_package_has_no_import_circle():
         if any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODE" for t in node.targets)
                for node in tree.body):
             modes.add(path.stem)
-    assert {"kl", "vocab_parallel"} <= modes
+    assert {"kl", "vocab_parallel", "sparse"} <= modes
     mode_helpers = {name for name in edges if name.endswith("_providers")}
     core = set(edges) - modes - mode_helpers - {"cli", "__init__", "__main__"}
     for name in core:
@@ -73,3 +73,16 @@ def test_bench_package_has_no_import_circle():
     for name in edges:
         if name != "__init__":  # __init__ imports cli inside main(), on call
             visit(name, [])
+
+
+def test_bench_sparse_mode(tmp_path):
+    out = tmp_path / "sparse.json"
+    code = bench.main(["--sparse", "--cases", "6x700:bfloat16", "--slots", "1,16", "--providers", "trl-eager,fused,dense",
+                       "--reps", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert sorted((r["provider"], r["slots"]) for r in records) == [
+        ("dense", 1), ("dense", 16), ("fused", 1), ("fused", 16), ("trl-eager", 1), ("trl-eager", 16)]
+    for record in records:
+        assert record["rows"] == 6 and record["vocab"] == 700 and record["tail"] == "bucket"
+        assert record["median_ms"] > 0 and record["torch_version"] == torch.__version__

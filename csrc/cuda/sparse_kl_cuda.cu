@@ -249,24 +249,12 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     const P* const in[1] = {reinterpret_cast<const P*>(args.student + args.student_rows.offset(row))};
     const scalar_t* srow = args.student + args.student_rows.offset(row);
 
-    // Mark the support and fold its slots (the gathers reach L2 ahead of the pass that reads the row).
+    // Mark the support; only the problems and the count stay in registers through the pass.
     BucketState<acc_t> mine = empty_bucket_state<acc_t>();
     for (int64_t s = threadIdx.x; s < K; s += blockDim.x) {
-      const acc_t l = lp[s];
-      if (l == neg_inf<acc_t>()) continue;
+      if (lp[s] == neg_inf<acc_t>()) continue;
       ++mine.used;
-      const int64_t i = idx[s];
-      const int32_t problem = mark_slot(bitmap, i, V);
-      mine.status |= problem;
-      if (problem & kSlotOutOfRange) continue;
-      const acc_t x = to_acc(srow[i]);
-      merge_softmax(mine.m_support, mine.z_support, x, acc_t(1), k);
-      const double p = ::exp(static_cast<double>(l));
-      mine.mass += p;
-      if (p != 0.0) {
-        mine.pl += p * static_cast<double>(l);
-        mine.pb += p * (static_cast<double>(x) * inv_t);
-      }
+      mine.status |= mark_slot(bitmap, idx[s], V);
     }
     __syncthreads();  // the bitmap is complete before the pass reads it
 
@@ -278,6 +266,21 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     }
     mine.m_rest = rest.m;
     mine.z_rest = rest.z;
+    // The support's slots, gathered from global memory (L2: the block has just streamed the row; the
+    // row cache may not be read before a barrier).
+    for (int64_t s = threadIdx.x; s < K; s += blockDim.x) {
+      const acc_t l = lp[s];
+      const int64_t i = idx[s];
+      if (l == neg_inf<acc_t>() || i < 0 || i >= V) continue;
+      const acc_t x = to_acc(srow[i]);
+      merge_softmax(mine.m_support, mine.z_support, x, acc_t(1), k);
+      const double p = ::exp(static_cast<double>(l));
+      mine.mass += p;
+      if (p != 0.0) {
+        mine.pl += p * static_cast<double>(l);
+        mine.pb += p * (static_cast<double>(x) * inv_t);
+      }
+    }
     // The reduction's barrier also ends every read of the bitmap and orders the cache's writes
     // before the gradient pass reads them.
     const BucketState<acc_t> st = block_reduce(mine, MergeBucketStates<acc_t>{k}, empty_bucket_state<acc_t>(), scratch);
@@ -310,9 +313,13 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     }
 
     if constexpr (kGrad) {
+      // What the support's step needs, in few registers: the pass in between holds its own.
       const double f = args.student_factor.value();
+      const acc_t total_f = static_cast<acc_t>(total);
+      const acc_t c_tail = static_cast<acc_t>(p_r != 0.0 ? log_qr - ::log(p_r) : 1.0);
+      const int row_state = bad ? 2 : (defined ? 0 : 1);  // 2: NaN everywhere, 1: NaN on used slots
       if (ds != nullptr) {
-        if (bad || !defined) {
+        if (row_state != 0) {
           fill_row(ds, units, static_cast<scalar_t>(NAN));
         } else {
           const double coef = st.z_rest > acc_t(0) ? f * (total * ::exp(log_qr) - p_r) / static_cast<double>(st.z_rest) : 0.0;
@@ -321,15 +328,15 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
         }
       }
       __syncthreads();  // the pass's writes before the support's overwrite them
-      const double f_l = args.logprobs_factor.value();
-      const double c_tail = p_r != 0.0 ? log_qr - ::log(p_r) : 1.0;
+      const acc_t f_s = static_cast<acc_t>(f);
+      const acc_t f_l = static_cast<acc_t>(args.logprobs_factor.value());
       scalar_t* ds_row = args.grad_student != nullptr ? args.grad_student + row * V : nullptr;
       for (int64_t s = threadIdx.x; s < K; s += blockDim.x) {
         const acc_t l = lp[s];
         const bool used = l != neg_inf<acc_t>();
         const int64_t i = idx[s];
         if (used) unmark_slot(bitmap, i, V);
-        if (bad) {
+        if (row_state == 2 || (used && row_state == 1)) {
           if (dl != nullptr) dl[s] = static_cast<acc_t>(NAN);
           continue;
         }
@@ -337,16 +344,11 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
           if (dl != nullptr) dl[s] = acc_t(0);
           continue;
         }
-        if (!defined) {
-          if (dl != nullptr) dl[s] = static_cast<acc_t>(NAN);
-          continue;
-        }
-        const double b = static_cast<double>(to_acc(student_at(in[0], cache[0], cached, i))) * inv_t;
-        const double p = ::exp(static_cast<double>(l));
-        if (ds_row != nullptr) ds_row[i] = static_cast<scalar_t>(f * (total * ::exp(b - log_z) - p));
-        if (dl != nullptr) {
-          dl[s] = static_cast<acc_t>(p != 0.0 ? f_l * p * (static_cast<double>(l) - b + log_z + c_tail) : 0.0);
-        }
+        // log q_k = b_k - log Z, exact in double (both may be ~1e4), then the rest in acc_t.
+        const acc_t log_q = static_cast<acc_t>(static_cast<double>(to_acc(student_at(in[0], cache[0], cached, i))) * inv_t - log_z);
+        const acc_t p = exp2_acc(l * static_cast<acc_t>(kLog2E));
+        if (ds_row != nullptr) ds_row[i] = static_cast<scalar_t>(f_s * (total_f * exp2_acc(log_q * static_cast<acc_t>(kLog2E)) - p));
+        if (dl != nullptr) dl[s] = p > acc_t(0) ? f_l * p * (l - log_q + c_tail) : acc_t(0);
       }
     } else {
       for (int64_t s = threadIdx.x; s < K; s += blockDim.x) {
