@@ -31,7 +31,8 @@ build: $(VENV)/.built
 # which ATen's capability switch selects.
 test: build
 	$(PY) -m pytest -q tests
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py \
+		tests/test_sparse_values.py
 
 bench: build
 	$(PY) -m kl_fused.bench

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES
+from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_mask
 
 TAILS = ("bucket", "renormalize")
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -82,15 +82,7 @@ def check_sparse_args(student_logits, teacher_indices, teacher_logprobs, tempera
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        if tuple(mask.shape) != leading:
-            raise ValueError(f"mask must have the leading shape {leading} of the logits, got {tuple(mask.shape)}")
-        if mask.device != student_logits.device:
-            raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
+    check_mask(mask, student_logits)
 
 
 def check_topk_args(teacher_logits, k, temperature):

@@ -45,13 +45,18 @@ def check_kl_args(student_logits, teacher_logits, temperature, reduction, direct
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    check_mask(mask, student_logits)
+
+
+def check_mask(mask, logits):
+    """A row mask: None, or a bool tensor of the leading shape of (..., V) `logits`, on their device."""
     if mask is not None:
         if not isinstance(mask, torch.Tensor):
             raise TypeError(f"mask must be a bool torch.Tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        leading = tuple(student_logits.shape[:-1])
+        leading = tuple(logits.shape[:-1])
         if tuple(mask.shape) != leading:
             raise ValueError(f"mask must have the leading shape {leading} of the logits, got {tuple(mask.shape)}")
-        if mask.device != student_logits.device:
-            raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
+        if mask.device != logits.device:
+            raise ValueError(f"mask must be on the logits' device {logits.device}, got {mask.device}")

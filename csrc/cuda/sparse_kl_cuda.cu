@@ -92,6 +92,21 @@ __device__ __forceinline__ typename P::value_type student_at(const P* row, const
   return reinterpret_cast<const typename P::value_type*>(row)[i];
 }
 
+// A row that does not count (masked): loss 0, status 0, gradients 0 (fill_student zeroes the
+// student's row), inputs never read.
+template <typename acc_t, typename Fill>
+__device__ __forceinline__ void write_skipped_row(int64_t row, acc_t* row_loss, int32_t* status, acc_t* grad_logprobs,
+                                                  int64_t slots, const Fill& fill_student) {
+  if (threadIdx.x == 0) {
+    row_loss[row] = acc_t(0);
+    status[row] = 0;
+  }
+  fill_student();
+  if (grad_logprobs != nullptr) {
+    for (int64_t s = threadIdx.x; s < slots; s += blockDim.x) grad_logprobs[s] = acc_t(0);
+  }
+}
+
 // The online softmax of a set of values (raw maximum m, z = sum 2^((x - m) k)): a thread's, then the
 // block's. Merging is symmetric, so every lane of a reduction ends bit-identical.
 template <typename acc_t>
@@ -234,16 +249,9 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     acc_t* dl = args.grad_logprobs != nullptr ? args.grad_logprobs + row * K : nullptr;
     P* const ds = args.grad_student != nullptr ? reinterpret_cast<P*>(args.grad_student + row * V) : nullptr;
     if (row_masked(args.mask, row)) {  // block-uniform
-      if (threadIdx.x == 0) {
-        args.row_loss[row] = acc_t(0);
-        args.status[row] = 0;
-      }
-      if constexpr (kGrad) {
+      write_skipped_row(row, args.row_loss, args.status, dl, K, [&] {
         if (ds != nullptr) fill_row(ds, units, scalar_t(0));
-        if (dl != nullptr) {
-          for (int64_t s = threadIdx.x; s < K; s += blockDim.x) dl[s] = acc_t(0);
-        }
-      }
+      });
       continue;
     }
     const P* const in[1] = {reinterpret_cast<const P*>(args.student + args.student_rows.offset(row))};
@@ -406,17 +414,10 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     const acc_t* lp = args.logprobs + row * K;
     acc_t* dl = args.grad_logprobs != nullptr ? args.grad_logprobs + row * K : nullptr;
     scalar_t* ds = args.grad_student != nullptr ? args.grad_student + row * V : nullptr;
-    if (row_masked(args.mask, row)) {
-      if (threadIdx.x == 0) {
-        args.row_loss[row] = acc_t(0);
-        args.status[row] = 0;
-      }
-      if constexpr (kGrad) {
+    if (row_masked(args.mask, row)) {  // block-uniform
+      write_skipped_row(row, args.row_loss, args.status, dl, K, [&] {
         if (ds != nullptr) zero_fill(ds, scalar_t(0));
-        if (dl != nullptr) {
-          for (int64_t s = threadIdx.x; s < K; s += blockDim.x) dl[s] = acc_t(0);
-        }
-      }
+      });
       continue;
     }
     const scalar_t* srow = args.student + args.student_rows.offset(row);
