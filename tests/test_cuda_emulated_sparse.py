@@ -156,14 +156,16 @@ def test_slot_counts_one_more_than_the_block_and_the_whole_vocabulary(emu, slots
     assert_close(rows, numpy_rows(student, idx, lp, 1.1), 2e-5, 2e-6, "vs numpy")
 
 
-def test_confident_student_tail_is_accurate(emu):
-    """q_r ~ 1e-13: summed over the complement (the bitmap leaves the support out), never 1 - sum_S q."""
+@pytest.mark.parametrize("lead", [35.0, 120.0])
+def test_confident_student_tail_is_accurate(emu, lead):
+    """q_r ~ 1e-13 (1e-50): summed over the complement (the bitmap leaves the support out), never
+    1 - sum_S q."""
     student, idx, lp = make_sparse((4,), 1000, 10, torch.float32, seed=15)
     support = torch.zeros_like(student, dtype=torch.bool).scatter(-1, idx.long(), True)
-    student = torch.where(support, student + 35.0, student)
+    student = torch.where(support, student + lead, student)
     rows, _, _, _ = emulated(emu, student, idx, lp, reduction="none", student_grad=False, logprobs_grad=False)
     assert torch.isfinite(rows).all() and (rows > 0).all()
-    assert_close(rows, numpy_rows(student, idx, lp), 2e-5, 0, "loss vs numpy with q_r ~ 1e-13")
+    assert_close(rows, numpy_rows(student, idx, lp), 2e-5, 0, f"loss vs numpy, support {lead} nats ahead")
     loss, grad_s, grad_lp, _ = emulated(emu, student, idx, lp)
     check(loss, grad_s, grad_lp, student, idx, lp, torch.float32)
 

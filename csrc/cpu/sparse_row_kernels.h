@@ -5,9 +5,9 @@
 // One row, b = s / T over V elements of e bytes, K teacher slots (index, log-prob l):
 //   mark     the support: outside[i_k] = -inf (a per-thread row of 0s), which also finds indices out
 //            of range and duplicates; sum_S p in double                              O(K)
-//   bucket   the complement's online softmax, chunk by chunk (kChunk elements, as in row_kernels.h):
-//            chunk maxima of s + outside, then Z_c = sum exp(b + outside - shift_c), the exponentials
-//            kept in a per-thread row when a gradient is wanted; chunks merged into (m_r, Z_r).
+//   bucket   the complement's softmax, chunk by chunk (kChunk elements, as in row_kernels.h): the
+//            chunk's maximum, then Z_c = sum exp(b + outside - shift_c), the exponentials kept in a
+//            per-thread row when a gradient is wanted; chunks merged into (m_r, Z_r) (rest_state).
 //            Summing over the complement itself keeps q_r = Z_r e^(m_r) / Z exact to fp32 rounding
 //            however little mass it holds (1 - sum_S q would cancel).    reads s once: e per element
 //            The support's b_k (K gathers) give log Z = logaddexp(lse_S b, m_r + log Z_r) and
@@ -119,53 +119,93 @@ struct SparseRowSolver {
     }
   }
 
-  // The complement's online softmax over the row, chunk by chunk (see the file's comment).
+  // A chunk's maximum of the raw logits, with the support left out (`exact`) or not. The fast one
+  // may drop a NaN (one instruction on AVX2): chunk_sums finds NaN itself.
+  template <bool kExact>
+  C10_ALWAYS_INLINE acc_t chunk_max(const scalar_t* sc, const acc_t* oc, int64_t len) const {
+    Vec m_lo(kNegInf), m_hi(kNegInf);
+    for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
+      Vec lo, hi;
+      L::load(sc + i, n, kNegInf, lo, hi);
+      if constexpr (kExact) {
+        m_lo = at::vec::maximum(m_lo, lo + Vec::loadu(oc + i));
+        m_hi = at::vec::maximum(m_hi, hi + Vec::loadu(oc + i + L::kVec));
+      } else {
+        m_lo = running_max(m_lo, lo);
+        m_hi = running_max(m_hi, hi);
+      }
+    });
+    return at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return at::vec::maximum(x, y); },
+                                          at::vec::maximum(m_lo, m_hi));
+  }
+
+  C10_ALWAYS_INLINE static Vec running_max(const Vec& acc, const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<acc_t, float>) return Vec(_mm256_max_ps(x, acc));  // NaN x -> acc
+#endif
+    return at::vec::maximum(acc, x);
+  }
+
+  // sum exp(b + outside - shift) over a chunk (the support's terms are exp(-inf) = 0), the
+  // exponentials kept when `keep`; NaN when the chunk holds a NaN logit.
+  C10_ALWAYS_INLINE acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,
+                                     bool keep) const {
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_shift(-shift);
+    Vec z_lo(0), z_hi(0), nan_probe(0);  // nan_probe sums the arguments, <= 0 or -inf unless one is NaN
+    for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
+      __builtin_prefetch(sc + i + kChunk);
+      Vec lo, hi;
+      L::load(sc + i, n, kNegInf, lo, hi);
+      const Vec a_lo = at::vec::fmadd(lo, vinv_t, vneg_shift) + Vec::loadu(oc + i);
+      const Vec a_hi = at::vec::fmadd(hi, vinv_t, vneg_shift) + Vec::loadu(oc + i + L::kVec);
+      Vec live_lo, live_hi;
+      const Vec e_lo = Exp::exp(a_lo, live_lo), e_hi = Exp::exp(a_hi, live_hi);
+      z_lo += e_lo;
+      z_hi += e_hi;
+      nan_probe += a_lo + a_hi;
+      if (keep) {
+        e_lo.store(kc + i);
+        e_hi.store(kc + i + L::kVec);
+      }
+    });
+    const acc_t z = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z_lo + z_hi);
+    return std::isnan(at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), nan_probe)) ? std::numeric_limits<acc_t>::quiet_NaN() : z;
+  }
+
+  // The complement's softmax over the row, chunk by chunk (see the file's comment). A chunk is
+  // shifted by its maximum, support included (the fast maximum reads nothing but s); when a support
+  // logit there dominates the rest so far that the rest's sum falls below e^-60 (its terms may have
+  // passed the exponential's e^-87 floor), the chunk is done again with the support left out of the
+  // maximum. The chunks then merge in the log domain, M = max_c (shift_c + log Z_c), so that the
+  // row's shift is the complement's and chunk_shift[c] becomes e^(shift_c - M) (at most e^60).
   RestState<acc_t> rest_state(const scalar_t* s, bool keep) const {
     const int64_t V = pr.vocab;
     const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
-    const Vec vinv_t(inv_t);
+    constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+    const acc_t kTiny = std::exp(acc_t(-60));
     RestState<acc_t> st{kNegInf, acc_t(0), false};
     const int64_t n_chunks = (V + kChunk - 1) / kChunk;
+    acc_t row_log = kNegInf;
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t begin = c * kChunk, len = std::min(kChunk, V - begin);
       const scalar_t* sc = s + begin;
       const acc_t* oc = outside + begin;
-      Vec m_lo(kNegInf), m_hi(kNegInf);
-      for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
-        Vec lo, hi;
-        L::load(sc + i, n, kNegInf, lo, hi);
-        m_lo = at::vec::maximum(m_lo, lo + Vec::loadu(oc + i));
-        m_hi = at::vec::maximum(m_hi, hi + Vec::loadu(oc + i + L::kVec));
-      });
-      const acc_t cm = at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return at::vec::maximum(x, y); },
-                                                      at::vec::maximum(m_lo, m_hi)) * inv_t;
-      // at::vec::maximum keeps NaN: past this check the chunk holds no NaN and no +inf, so every
-      // b + outside - shift lies in [-inf, 0], the range NonPositiveExp serves.
-      if (!(cm < std::numeric_limits<acc_t>::infinity())) return st;
-      st.m = std::max(st.m, cm);
-      const Vec vneg_shift(-shift_of(cm));
-      acc_t* kc = exps + begin;
-      Vec z_lo(0), z_hi(0);
-      for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
-        __builtin_prefetch(sc + i + kChunk);
-        Vec lo, hi;
-        L::load(sc + i, n, kNegInf, lo, hi);
-        const Vec a_lo = at::vec::fmadd(lo, vinv_t, vneg_shift) + Vec::loadu(oc + i);
-        const Vec a_hi = at::vec::fmadd(hi, vinv_t, vneg_shift) + Vec::loadu(oc + i + L::kVec);
-        Vec live_lo, live_hi;
-        const Vec e_lo = Exp::exp(a_lo, live_lo), e_hi = Exp::exp(a_hi, live_hi);
-        z_lo += e_lo;
-        z_hi += e_hi;
-        if (keep) {
-          e_lo.store(kc + i);
-          e_hi.store(kc + i + L::kVec);
-        }
-      });
+      acc_t* kc = keep ? exps + begin : nullptr;
+      // Past the check every b + outside - shift lies in [-inf, 0] (or is NaN), NonPositiveExp's range.
+      acc_t cm = chunk_max<false>(sc, oc, len) * inv_t;
+      if (!(cm < kInf)) return st;  // +inf
+      acc_t z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
+      if (z < kTiny) {
+        cm = chunk_max<true>(sc, oc, len) * inv_t;
+        if (!(cm < kInf)) return st;
+        z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
+      }
+      if (std::isnan(z)) return st;
       chunk_shift[c] = shift_of(cm);
-      chunk_z[c] = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z_lo + z_hi);
+      chunk_z[c] = z;
+      if (z > 0) row_log = std::max(row_log, chunk_shift[c] + std::log(z));
     }
-    // Merge: each chunk's sum rescaled to the row's shift; chunk_shift becomes the chunk's scale.
-    const acc_t shift = shift_of(st.m);
+    const acc_t shift = shift_of(row_log);
     for (int64_t c = 0; c < n_chunks; ++c) {
       const acc_t scale = chunk_z[c] > 0 ? std::exp(chunk_shift[c] - shift) : acc_t(0);
       st.z += chunk_z[c] * scale;
@@ -174,57 +214,6 @@ struct SparseRowSolver {
     st.m = shift;
     st.defined = true;
     return st;
-  }
-
-  // The gradient is written once and read much later (backward): on AVX2 its full steps go out as
-  // non-temporal stores, which skip the read-for-ownership of every line a plain store pays. That
-  // makes the gradient's e per element cost e, not 2e, of memory traffic. Needs 32-byte aligned
-  // steps: a row that does not start on one takes plain stores.
-  static bool stream_stores_reach(const scalar_t* row) {
-#if defined(CPU_CAPABILITY_AVX2)
-    return reinterpret_cast<uintptr_t>(row) % 32 == 0;
-#else
-    (void)row;
-    return false;
-#endif
-  }
-
-  C10_ALWAYS_INLINE static void stream_store(scalar_t* p, const Vec& lo, const Vec& hi) {
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      _mm256_stream_ps(p, lo);
-      _mm256_stream_ps(p + L::kVec, hi);
-      return;
-    } else if constexpr (std::is_same_v<scalar_t, double>) {
-      _mm256_stream_pd(p, lo);
-      _mm256_stream_pd(p + L::kVec, hi);
-      return;
-    } else {
-      const __m256i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
-      return;
-    }
-#endif
-    L::store(p, L::kStep, lo, hi);
-  }
-
-  // ds = 0 over the row (renormalize: the gradient off the support).
-  void zero_row(scalar_t* ds) const {
-    const bool streamed = stream_stores_reach(ds);
-    const Vec zero(acc_t(0));
-    for_each_lane_step<kStep>(pr.vocab, [&](int64_t i, auto n) {
-      if constexpr (std::is_same_v<decltype(n), std::integral_constant<int64_t, kStep>>) {
-        if (streamed) return stream_store(ds + i, zero, zero);
-      }
-      L::store(ds + i, n, zero, zero);
-    });
-    stream_fence();
-  }
-
-  static void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX2)
-    _mm_sfence();
-#endif
   }
 
   void solve(int64_t row) const {
@@ -300,20 +289,14 @@ struct SparseRowSolver {
       // Off the support ds_j = f (P q_r - p_r) q_j / q_r, and q_j / q_r = exp(b_j - m_r) / Z_r.
       const double rest_coef = rest.z > 0 ? f * (total * std::exp(log_qr) - p_r) / static_cast<double>(rest.z) : 0.0;
       const int64_t n_chunks = (pr.vocab + kChunk - 1) / kChunk;
-      const bool streamed = stream_stores_reach(ds);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t begin = c * kChunk, len = std::min(kChunk, pr.vocab - begin);
         const Vec coef(static_cast<acc_t>(rest_coef * chunk_shift[c]));
         const acc_t* kc = exps + begin;
         for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
-          const Vec lo = Vec::loadu(kc + i) * coef, hi = Vec::loadu(kc + i + L::kVec) * coef;
-          if constexpr (std::is_same_v<decltype(n), std::integral_constant<int64_t, kStep>>) {
-            if (streamed) return stream_store(ds + begin + i, lo, hi);
-          }
-          L::store(ds + begin + i, n, lo, hi);
+          L::store(ds + begin + i, n, Vec::loadu(kc + i) * coef, Vec::loadu(kc + i + L::kVec) * coef);
         });
       }
-      stream_fence();  // the streamed lines before the support's stores to some of them
       for (int64_t k = 0; k < K; ++k) {
         if (!used(lp[k])) continue;
         const double p = std::exp(static_cast<double>(lp[k]));
@@ -334,7 +317,7 @@ struct SparseRowSolver {
     const int64_t K = pr.slots;
     const scalar_t* s = student_row(row);
     scalar_t* ds = grad_row(row);
-    if (ds != nullptr) zero_row(ds);
+    if (ds != nullptr) std::fill_n(ds, pr.vocab, scalar_t(0));
     if (marks.used == 0) return fill_row(row, 0.0, lp, true);  // no support: nothing to match
     double* b = support_scratch;
     double* l = support_scratch + K;
