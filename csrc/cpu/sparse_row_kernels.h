@@ -139,13 +139,6 @@ struct SparseRowSolver {
                                           at::vec::maximum(m_lo, m_hi));
   }
 
-  C10_ALWAYS_INLINE static Vec running_max(const Vec& acc, const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<acc_t, float>) return Vec(_mm256_max_ps(x, acc));  // NaN x -> acc
-#endif
-    return at::vec::maximum(acc, x);
-  }
-
   // sum exp(b + outside - shift) over a chunk (the support's terms are exp(-inf) = 0), the
   // exponentials kept when `keep`; NaN when the chunk holds a NaN logit.
   C10_ALWAYS_INLINE acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,

@@ -33,7 +33,7 @@ from kl_fused.bench.cases import Case, cases_from_args, make_inputs, make_step
 from kl_fused.bench.environment import ENVIRONMENT_KEYS
 from kl_fused.bench.kl_providers import PROVIDERS
 from kl_fused.bench.memory import cuda_peak_mib
-from kl_fused.bench.options import Mode, choices
+from kl_fused.bench.options import Mode, available_providers, choices
 from kl_fused.bench.report import format_optional, format_table, report_failures, write_json
 from kl_fused.bench.timing import first_runs, percentile, time_interleaved
 
@@ -188,13 +188,7 @@ def _speedup(medians, baseline, name):
 
 def drop_unavailable_providers(args):
     """Remove the providers that cannot run on this device, printing why; note a fused fallback."""
-    available = []
-    for name in args.providers:
-        reason = PROVIDERS[name].unavailable_reason(args.device)
-        if reason is None:
-            available.append(name)
-        else:
-            print(f"note: skipping provider '{name}': {reason}")
+    available = available_providers(args.providers, PROVIDERS, args.device)
     if "fused" in available and not kl_fused.is_fused_available(args.device):
         reason = kl_fused.fused_unavailable_reason(args.device)
         print(f"note: NO FUSED KERNEL for {args.device.type} ({reason}): 'fused' times the reference fallback")

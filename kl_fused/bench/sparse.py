@@ -23,7 +23,7 @@ from kl_fused import reference
 from kl_fused.bench.agreement import ErrorTracker, disagreements, row_blocks
 from kl_fused.bench.cases import cases_from_args, make_inputs, make_step
 from kl_fused.bench.environment import record_environment
-from kl_fused.bench.options import Mode, choices, positive_ints
+from kl_fused.bench.options import Mode, available_providers, choices, positive_ints
 from kl_fused.bench.report import format_optional, format_table, report_failures, write_json
 from kl_fused.bench.sparse_providers import SPARSE_PROVIDERS
 from kl_fused.bench.timing import first_runs, percentile, time_interleaved
@@ -131,14 +131,7 @@ def results_table(records):
 
 
 def run(args, environment):
-    available = []
-    for name in args.providers:
-        reason = SPARSE_PROVIDERS[name].unavailable_reason(args.device)
-        if reason is None:
-            available.append(name)
-        else:
-            print(f"note: skipping provider '{name}': {reason}")
-    args.providers = available
+    args.providers = available_providers(args.providers, SPARSE_PROVIDERS, args.device)
     if not kl_fused.is_fused_available(args.device, "sparse_kl_div"):
         print(f"note: NO FUSED KERNEL for sparse_kl_div on {args.device.type}: 'fused' times the reference fallback")
     print(f"providers: {', '.join(args.providers) or 'none'}; tail {args.tail}; K {args.slots}; "
