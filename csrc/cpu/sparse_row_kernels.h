@@ -87,7 +87,9 @@ struct SparseRowSolver {
   // Marks the used, in-range slots' tokens in `outside`, reporting what is wrong with the support.
   SupportMarks mark(const int64_t* idx, const acc_t* lp) const {
     SupportMarks marks{0, 0, 0.0};
+    double* support_p = support_scratch + pr.slots;
     for (int64_t k = 0; k < pr.slots; ++k) {
+      support_p[k] = 0.0;
       if (!used(lp[k])) continue;
       ++marks.used;
       const int64_t i = idx[k];
@@ -97,7 +99,8 @@ struct SparseRowSolver {
       }
       if (outside[i] == kNegInf) marks.status |= kDuplicateSlot;
       outside[i] = kNegInf;
-      marks.mass += std::exp(static_cast<double>(lp[k]));
+      support_p[k] = std::exp(static_cast<double>(lp[k]));
+      marks.mass += support_p[k];
     }
     if (!pr.renormalize && marks.mass > 1.0 + pr.mass_tolerance) marks.status |= kMassAboveOne;
     return marks;
@@ -267,11 +270,10 @@ struct SparseRowSolver {
     // No bucket when the support covers the vocabulary (its mass deficit is rounding) or holds all
     // of the teacher's mass (up to the tolerance that mark() enforced).
     const double p_r = marks.used == pr.vocab ? 0.0 : std::max(1.0 - marks.mass, 0.0);
+    const double* p = support_scratch + K;  // exp(l_k) of the used slots, from mark()
     double loss = 0.0;
     for (int64_t k = 0; k < K; ++k) {
-      if (!used(lp[k])) continue;
-      const double p = std::exp(static_cast<double>(lp[k]));
-      if (p != 0.0) loss += p * (static_cast<double>(lp[k]) - (b[k] - log_z));
+      if (used(lp[k]) && p[k] != 0.0) loss += p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z));
     }
     if (p_r != 0.0) loss += p_r * (std::log(p_r) - log_qr);
     static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(loss);
@@ -291,17 +293,14 @@ struct SparseRowSolver {
         });
       }
       for (int64_t k = 0; k < K; ++k) {
-        if (!used(lp[k])) continue;
-        const double p = std::exp(static_cast<double>(lp[k]));
-        ds[idx[k]] = static_cast<scalar_t>(f * (total * std::exp(b[k] - log_z) - p));
+        if (used(lp[k])) ds[idx[k]] = static_cast<scalar_t>(f * (total * std::exp(b[k] - log_z) - p[k]));
       }
     }
     if (acc_t* dl = grad_logprobs_row(row)) {
       const double c_tail = p_r != 0.0 ? log_qr - std::log(p_r) : 1.0;
       for (int64_t k = 0; k < K; ++k) {
-        const double l = static_cast<double>(lp[k]);
-        const double p = used(lp[k]) ? std::exp(l) : 0.0;
-        dl[k] = static_cast<acc_t>(p != 0.0 ? pr.logprobs_factor * p * (l - (b[k] - log_z) + c_tail) : 0.0);
+        const bool live = used(lp[k]) && p[k] != 0.0;
+        dl[k] = static_cast<acc_t>(live ? pr.logprobs_factor * p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z) + c_tail) : 0.0);
       }
     }
   }
@@ -338,7 +337,7 @@ struct SparseRowSolver {
     }
   }
 
-  double* support_scratch;  // 2 K doubles: the support's b_k (and l_k)
+  double* support_scratch;  // 2 K doubles: the support's b_k, then exp(l_k) (bucket) or l_k (renormalize)
 };
 
 template <typename scalar_t>
