@@ -8,7 +8,8 @@ them into K slots at the temperature, as an offline cache would hold them. Befor
 provider runs once and its loss and student gradient are compared with the float64 reference on the
 same inputs (kl_fused.reference.sparse_kl_div for the sparse providers, kl_div_logits for `dense`);
 one that disagrees or raises is left out of the timing and the exit code becomes 1. Timing
-interleaves the providers (timing.py); reported are the median and the 10th/90th percentiles.
+interleaves the providers (timing.py), TRL's alternating with kl_fused's (_interleaved_order); reported
+are the median and the 10th/90th percentiles.
 
 Bytes. The sparse floor reads the student once and writes its gradient once: 2e per element (plus
 O(K) per row); GB/s is that over the median time. `dense` is given its own floor, 3e.
@@ -50,6 +51,19 @@ def resolve(args):
     args.providers = choices(args.providers or ",".join(SPARSE_PROVIDERS), SPARSE_PROVIDERS, "provider")
 
 
+def _interleaved_order(names):
+    """TRL's providers alternating with kl_fused's. timing.py rotates the order each repetition but
+    keeps it cyclic, so every provider always runs right after the same one; a step that follows one
+    of TRL's (which allocate and free several rows x V float32 buffers) runs measurably slower (its
+    fresh gradient pages), and with this order each kl_fused provider pays that alike."""
+    trl = [name for name in names if name.startswith("trl")]
+    ours = [name for name in names if not name.startswith("trl")]
+    order = []
+    for i in range(max(len(trl), len(ours))):
+        order += trl[i : i + 1] + ours[i : i + 1]
+    return order
+
+
 def _run_once(step, student):
     try:
         loss = step()
@@ -87,7 +101,7 @@ def bench_slots(case, slots, student, teacher, args, environment):
     cached = (indices.long(), logprobs)
     inputs = {name: teacher if SPARSE_PROVIDERS[name].dense else cached for name in args.providers}
     steps = {name: make_step(SPARSE_PROVIDERS[name].build(args.temperature, args.tail), student, inputs[name], True)
-             for name in args.providers}
+             for name in _interleaved_order(args.providers)}
     outputs, failures, skipped = first_runs({name: (lambda step=step: _run_once(step, student))
                                              for name, step in steps.items()}, keep_outputs=not args.no_check)
     if not args.no_check:
