@@ -31,7 +31,8 @@ build: $(VENV)/.built
 # which ATen's capability switch selects (not torch.compile: inductor's own C++ build fails under it).
 test: build
 	$(PY) -m pytest -q tests
-	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py \
+		tests/test_sparse_values.py
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_jsd.py -k "not compile"
 
 bench: build

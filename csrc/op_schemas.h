@@ -35,6 +35,12 @@ inline void define_op_schemas(torch::Library& m) {
       "kl_grad_from_stats(Tensor student, Tensor teacher, Tensor? mask, Tensor stats, "
       "Tensor row_factor, float temperature, bool reverse, bool student_grad, bool teacher_grad) "
       "-> (Tensor grad_student, Tensor grad_teacher)");
+  // KL against a teacher known by K (index, log-prob) slots per row, bucket tail or renormalized
+  // (sparse_kl_common.h), with the gradients to the student and to teacher_logprobs at upstream 1.
+  m.def(
+      "sparse_kl_div(Tensor student, Tensor teacher_indices, Tensor teacher_logprobs, Tensor? mask, "
+      "float temperature, bool renormalize, str reduction, float mass_tolerance, bool validate, "
+      "bool student_grad, bool logprobs_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_logprobs)");
 }
 
 }  // namespace kl_fused

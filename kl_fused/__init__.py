@@ -6,7 +6,9 @@ from kl_fused.api import kl_div_logits
 from kl_fused.jsd import jsd_logits
 from kl_fused.linear import linear_jsd, linear_kl_div
 from kl_fused.module import JSDLogitsLoss, KLDivLogitsLoss, LinearKLDivLoss
+from kl_fused.sparse import sparse_kl_div, topk_teacher
 
 __version__ = "0.1.0"
-__all__ = ["kl_div_logits", "KLDivLogitsLoss", "jsd_logits", "JSDLogitsLoss", "linear_kl_div", "LinearKLDivLoss", "linear_jsd",
-           "is_fused_available", "fused_unavailable_reason", "reference", "distributed"]
+__all__ = ["kl_div_logits", "KLDivLogitsLoss", "jsd_logits", "JSDLogitsLoss", "sparse_kl_div", "topk_teacher",
+           "linear_kl_div", "LinearKLDivLoss", "linear_jsd", "is_fused_available", "fused_unavailable_reason",
+           "reference", "distributed"]

@@ -29,6 +29,7 @@ PUBLIC_OPS = {
     "linear_kl_div": (OP_NAME, "kl_fused::grad_scale_"),  # the chunk loop (plain PyTorch) runs this op
     "linear_jsd": ("kl_fused::jsd_logits", "kl_fused::grad_scale_"),  # ... and this one
     "jsd_logits": ("kl_fused::jsd_logits", "kl_fused::grad_scale_"),
+    "sparse_kl_div": ("kl_fused::sparse_kl_div", "kl_fused::grad_scale_"),
 }
 
 

@@ -74,7 +74,7 @@ def test_bench_package_has_no_import_circle():
         if any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODE" for t in node.targets)
                for node in tree.body):
             modes.add(path.stem)
-    assert {"kl", "vocab_parallel", "linear"} <= modes
+    assert {"kl", "vocab_parallel", "linear", "jsd", "sparse"} <= modes
     mode_helpers = {name for name in edges if name.endswith("_providers")}
     core = set(edges) - modes - mode_helpers - {"cli", "__init__", "__main__"}
     for name in core:
@@ -101,3 +101,16 @@ def test_bench_jsd_mode_checks_and_times_each_beta(tmp_path):
     assert sorted((r["provider"], r["beta"]) for r in records) == [("eager", 0.0), ("eager", 0.3), ("fused", 0.0),
                                                                   ("fused", 0.3)]
     assert all(r["pass"] == "fwd+bwd" and r["median_ms"] > 0 and r["speedup_vs_eager"] > 0 for r in records)
+
+
+def test_bench_sparse_mode(tmp_path):
+    out = tmp_path / "sparse.json"
+    code = bench.main(["--sparse", "--cases", "6x700:bfloat16", "--slots", "1,16", "--providers", "trl-eager,fused,dense",
+                       "--reps", "2", "--warmup", "1", "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert sorted((r["provider"], r["slots"]) for r in records) == [
+        ("dense", 1), ("dense", 16), ("fused", 1), ("fused", 16), ("trl-eager", 1), ("trl-eager", 16)]
+    for record in records:
+        assert record["rows"] == 6 and record["vocab"] == 700 and record["tail"] == "bucket"
+        assert record["median_ms"] > 0 and record["torch_version"] == torch.__version__

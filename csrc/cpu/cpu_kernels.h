@@ -37,6 +37,27 @@ struct GradScaleProblem {
   int64_t vocab;
 };
 
+// sparse_kl_div's rows (sparse_row_kernels.h; math in ../sparse_kl_common.h).
+struct SparseRowsProblem {
+  const void* student;        // (..., V) rows addressed through student_rows, unit stride along V
+  RowLayout student_rows;
+  const int64_t* indices;     // (rows, K) token ids
+  const void* logprobs;       // (rows, K) teacher log-probs, float (double for float64 logits)
+  const bool* mask;           // (rows,) or nullptr: rows where it is false are never read
+  void* row_loss;             // (rows,) float (double for float64 logits)
+  int32_t* status;            // (rows,) SparseRowStatus bits
+  void* grad_student;         // (rows, V) contiguous, or nullptr when not needed
+  void* grad_logprobs;        // (rows, K) float (double), or nullptr when not needed
+  int64_t rows;
+  int64_t vocab;
+  int64_t slots;
+  double inv_temperature;
+  bool renormalize;           // tail="renormalize" instead of the bucket
+  double mass_tolerance;      // bucket: sum_S p may exceed 1 by this much (then p_r = 0)
+  double student_factor;      // d(loss)/d(row loss) / T, resolved on the host
+  double logprobs_factor;     // d(loss)/d(row loss)
+};
+
 #define KL_FUSED_DECLARE_CPU_KERNELS(capability)                          \
   namespace capability {                                                  \
   void kl_rows(c10::ScalarType dtype, const KLRowsProblem& problem);      \
@@ -44,11 +65,17 @@ struct GradScaleProblem {
   void row_states(c10::ScalarType dtype, const KLRowsProblem& problem);   \
   void grad_from_stats(c10::ScalarType dtype, const KLRowsProblem& problem); \
   void grad_scale(c10::ScalarType dtype, const GradScaleProblem& problem); \
+  void sparse_kl_rows(c10::ScalarType dtype, const SparseRowsProblem& problem); \
   }
 
 KL_FUSED_DECLARE_CPU_KERNELS(generic)
 KL_FUSED_DECLARE_CPU_KERNELS(avx2)
 
 #undef KL_FUSED_DECLARE_CPU_KERNELS
+
+// Whether the AVX2 build of the kernels may run here (kl_div_cpu.cpp), and the huge-page advice for
+// a large gradient buffer.
+bool cpu_has_avx2();
+void advise_huge_pages(const at::Tensor& buffer);
 
 }  // namespace kl_fused::cpu

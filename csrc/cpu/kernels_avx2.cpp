@@ -21,6 +21,7 @@
 #define KL_FUSED_CPU_NAMESPACE avx2
 #include "row_kernels.h"
 #include "jsd_row_kernels.h"
+#include "sparse_row_kernels.h"
 #else
 // Not an x86-64 build: the AVX2 entry points forward to the portable kernels.
 #include "cpu_kernels.h"
@@ -30,5 +31,6 @@ void jsd_rows(c10::ScalarType dtype, const KLRowsProblem& p) { generic::jsd_rows
 void row_states(c10::ScalarType dtype, const KLRowsProblem& p) { generic::row_states(dtype, p); }
 void grad_from_stats(c10::ScalarType dtype, const KLRowsProblem& p) { generic::grad_from_stats(dtype, p); }
 void grad_scale(c10::ScalarType dtype, const GradScaleProblem& p) { generic::grad_scale(dtype, p); }
+void sparse_kl_rows(c10::ScalarType dtype, const SparseRowsProblem& p) { generic::sparse_kl_rows(dtype, p); }
 }  // namespace kl_fused::cpu::avx2
 #endif

@@ -2,3 +2,4 @@
 #define KL_FUSED_CPU_NAMESPACE generic
 #include "row_kernels.h"
 #include "jsd_row_kernels.h"
+#include "sparse_row_kernels.h"

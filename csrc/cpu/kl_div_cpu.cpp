@@ -12,7 +12,6 @@
 #endif
 
 namespace kl_fused::cpu {
-namespace {
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(_M_X64)
@@ -43,7 +42,6 @@ void advise_huge_pages(const at::Tensor& buffer) {
 #endif
 }
 
-}  // namespace
 
 // The fields of a KLRowsProblem that describe the rows to read.
 KLRowsProblem rows_problem(const PreparedRows& in, double temperature, bool reverse) {

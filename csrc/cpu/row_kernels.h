@@ -77,14 +77,7 @@ struct RowSolver {
   // exponentials are then 0 whatever the shift, and -inf - (-inf) would be NaN).
   static acc_t shift_of(acc_t m) { return m == kNegInf ? acc_t(0) : m; }
 
-  // max(acc, x) where a NaN x may be dropped (one instruction on AVX2 instead of three): pass 2
-  // finds NaN itself. A NaN kept (the portable path) makes the row NaN through the same check.
-  C10_ALWAYS_INLINE static Vec running_max(const Vec& acc, const Vec& x) {
-#if defined(CPU_CAPABILITY_AVX2)
-    if constexpr (std::is_same_v<acc_t, float>) return Vec(_mm256_max_ps(x, acc));  // NaN x -> acc
-#endif
-    return at::vec::maximum(acc, x);
-  }
+  // running_max (vec_lanes.h) may drop a NaN: pass 2 finds NaN itself.
 
   // body(i, n) over the row in steps of this solver's kStep (vec_lanes.h).
   template <typename Body>

@@ -139,6 +139,16 @@ struct PositiveLog {
   }
 };
 
+// max(acc, x) where a NaN x may be dropped (one instruction on AVX2 instead of three): the caller
+// finds NaN another way. A NaN kept (the portable path) is found the same way.
+template <typename acc_t>
+C10_ALWAYS_INLINE Vectorized<acc_t> running_max(const Vectorized<acc_t>& acc, const Vectorized<acc_t>& x) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<acc_t, float>) return Vectorized<acc_t>(_mm256_max_ps(x, acc));  // NaN x -> acc
+#endif
+  return at::vec::maximum(acc, x);
+}
+
 // Calls body(i, n) over [0, V) in steps of kStep elements: the full steps with n a compile-time
 // kStep, so that their loads and stores carry no tail logic, then the tail.
 template <int64_t kStep, typename Body>

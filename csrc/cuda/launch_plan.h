@@ -49,7 +49,9 @@ inline bool rows_vectorizable(const void* base, const RowLayout& layout, int64_t
 // The row kernel of kl_div_logits: one block per row, each thread streaming about
 // `per_thread_units` packs; per-warp merge states first in shared memory, then (with a gradient)
 // the row cache: the whole row when it fits in the opt-in shared memory (2 V e bytes: the gradient
-// pass then reads nothing from global memory), else as many leading packs as fit.
+// pass then reads nothing from global memory), else as many leading packs as fit. A kernel that
+// streams one input instead of two says so (`inputs`), and one that keeps more per row in shared
+// memory (sparse_kl_cuda.cu: the support's bitmap) reserves it in the scratch (`extra_scratch_bytes`).
 struct RowsLaunch {
   int threads = 0;
   unsigned int grid = 0;
@@ -61,16 +63,16 @@ struct RowsLaunch {
 
 inline RowsLaunch plan_rows_launch(int64_t rows, int64_t units, int64_t per_thread_units, int max_threads,
                                    int state_bytes, int pack_bytes, bool cache_rows,
-                                   const DeviceLimits& limits) {
+                                   const DeviceLimits& limits, int inputs = 2, int extra_scratch_bytes = 0) {
   RowsLaunch plan;
   plan.threads = block_threads(units, per_thread_units, max_threads);
   plan.grid = grid_blocks(rows, limits);
-  plan.scratch_bytes = (plan.threads / 32 * state_bytes + 15) / 16 * 16;
+  plan.scratch_bytes = (plan.threads / 32 * state_bytes + 15) / 16 * 16 + (extra_scratch_bytes + 15) / 16 * 16;
   if (cache_rows) {
     const int64_t budget = std::max<int64_t>(limits.max_shared_optin - plan.scratch_bytes, 0);
-    plan.cached_units = std::min<int64_t>(units, budget / (2 * static_cast<int64_t>(pack_bytes)));
+    plan.cached_units = std::min<int64_t>(units, budget / (inputs * static_cast<int64_t>(pack_bytes)));
   }
-  plan.shared_bytes = plan.scratch_bytes + 2 * plan.cached_units * pack_bytes;
+  plan.shared_bytes = plan.scratch_bytes + inputs * plan.cached_units * pack_bytes;
   plan.opt_in = plan.shared_bytes > kDefaultSharedBytes;
   return plan;
 }

@@ -17,8 +17,8 @@ import kl_fused
 from kl_fused import reference
 from kl_fused.bench.cases import cases_from_args, make_inputs
 from kl_fused.bench.jsd_providers import PROVIDERS
-from kl_fused.bench.logits_pass import PASSES, available_providers, bench_pass, results_table
-from kl_fused.bench.options import Mode, choices, comma_list
+from kl_fused.bench.logits_pass import PASSES, bench_pass, results_table
+from kl_fused.bench.options import Mode, available_providers, choices, comma_list
 from kl_fused.bench.report import report_failures, write_json
 
 DEFAULT_BETAS = "0.1,0.5,0.9"

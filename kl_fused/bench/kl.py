@@ -27,8 +27,8 @@ import kl_fused
 from kl_fused import reference
 from kl_fused.bench.cases import cases_from_args, make_inputs
 from kl_fused.bench.kl_providers import PROVIDERS
-from kl_fused.bench.logits_pass import PASSES, available_providers, bench_pass, results_table
-from kl_fused.bench.options import Mode, choices
+from kl_fused.bench.logits_pass import PASSES, bench_pass, results_table
+from kl_fused.bench.options import Mode, available_providers, choices
 from kl_fused.bench.report import report_failures, write_json
 
 DEFAULT_PASSES = {"cpu": "fwd+bwd", "cuda": "fwd,fwd+bwd"}

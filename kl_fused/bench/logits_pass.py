@@ -138,18 +138,6 @@ def _speedup(medians, baseline, name):
     return medians[baseline] / medians[name] if baseline in medians else None
 
 
-def available_providers(names, providers, device):
-    """The names whose provider can run on `device`, printing why the others cannot."""
-    available = []
-    for name in names:
-        reason = providers[name].unavailable_reason(device)
-        if reason is None:
-            available.append(name)
-        else:
-            print(f"note: skipping provider '{name}': {reason}")
-    return available
-
-
 def results_table(results, show_memory, extra_columns=()):
     """The records of `results` as a text table; extra_columns are record keys shown after vocab."""
     header = ["provider", "pass", "dtype", "rows", "vocab", *extra_columns, "median_ms", "p10_ms", "p90_ms", "GB/s"]

@@ -68,3 +68,16 @@ def resolve_device(text):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     return device
+
+
+def available_providers(names, providers, device):
+    """The names among `names` whose provider (providers[name].unavailable_reason(device) is None)
+    can run on `device`, printing why each other one is skipped."""
+    available = []
+    for name in names:
+        reason = providers[name].unavailable_reason(device)
+        if reason is None:
+            available.append(name)
+        else:
+            print(f"note: skipping provider '{name}': {reason}")
+    return available

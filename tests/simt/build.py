@@ -64,7 +64,7 @@ def _ninja_file():
         f"  command = $cxx -shared $in -o $out -L{torch_lib} -lc10 -ltorch_cpu -Wl,-rpath,{torch_lib}",
     ]
     objects = []
-    plain = [SIMT / "runtime.cpp", SIMT / "library.cpp", ROOT / "csrc" / "kl_div_common.cpp"]
+    plain = [SIMT / "runtime.cpp", SIMT / "library.cpp", *sorted((ROOT / "csrc").glob("*_common.cpp"))]  # the host code the ops share
     for source in plain:
         obj = BUILD / f"{source.stem}.o"
         lines.append(f"build {obj}: cxx {source}")

@@ -24,6 +24,8 @@ KERNEL_OWNERS = {
     "kl_row_states_kernel": "test_cuda_emulated.py",
     "kl_grad_from_stats_kernel": "test_cuda_emulated.py",
     "jsd_rows_kernel": "test_cuda_emulated_jsd.py",
+    "sparse_bucket_kernel": "test_cuda_emulated_sparse.py",
+    "sparse_renorm_kernel": "test_cuda_emulated_sparse.py",
 }
 _LOG_LINE = re.compile(r"^(?P<kernel>.+) grid=(?P<grid>\d+) block=(?P<block>\d+) shared=(?P<shared>\d+)$")
 

@@ -1,5 +1,5 @@
 """Mutation check of the emulated CUDA tests: inject plausible kernel bugs, one at a time, into the
-real sources, and show that tests/test_cuda_emulated.py fails on each.
+real sources, and show that the emulated test file of the mutated kernel fails on each.
 
     python tests/simt/mutation_check.py            every mutation
     python tests/simt/mutation_check.py NAME ...   some of them
@@ -104,6 +104,52 @@ MUTATIONS = [
              "sizeof(Pack<scalar_t, N>), /*cache_rows=*/any_grad, limits);",
              "the loss-only launch reads the row from global memory twice instead of caching it",
              tests="tests/test_cuda_emulated_jsd.py"),
+    # sparse_kl_div (csrc/cuda/sparse_kl_cuda.cu)
+    Mutation("support_left_in_the_rest", "sparse_kl_cuda.cu",
+             "support[i] = valid[i] ? support_bits<N>(bitmap, step_unit(first, i)) : 0u;",
+             "support[i] = 0u;",
+             "the complement's sums include the support (the bitmap is ignored)",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("tail_as_one_minus_support", "sparse_kl_cuda.cu",
+             "const double log_qr = log_rest - log_z;",
+             "const double log_qr = ::log(::fmax(1.0 - ::exp(lse_support - log_z), 0.0));",
+             "q_r as 1 - sum_S q, which cancels when the student is confident",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("missing_barrier_after_marking", "sparse_kl_cuda.cu",
+             "    __syncthreads();  // the bitmap is complete before the pass reads it\n",
+             "",
+             "the pass reads the bitmap before every thread has marked its slots",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("support_written_before_the_pass_ends", "sparse_kl_cuda.cu",
+             "      __syncthreads();  // the pass's writes before the support's overwrite them\n",
+             "",
+             "a slower thread's gradient pass overwrites the support's gradient",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("bitmap_left_marked", "sparse_kl_cuda.cu",
+             "        if (used) unmark_slot(bitmap, i, V);\n        if (row_state == 2",
+             "        if (row_state == 2",
+             "a row leaves its support marked for the block's next row",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("mass_tolerance_ignored", "sparse_kl_cuda.cu",
+             "const bool bad = st.status != 0 || (st.mass > 1.0 + args.mass_tolerance);",
+             "const bool bad = st.status != 0 || (st.mass > 1.0);",
+             "a support mass above 1 by rounding makes the row invalid",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("tail_dropped_from_rest_gradient", "sparse_kl_cuda.cu",
+             "f * (total * ::exp(log_qr) - p_r) / static_cast<double>(st.z_rest)",
+             "f * (total * ::exp(log_qr)) / static_cast<double>(st.z_rest)",
+             "the gradient off the support forgets the bucket's pull",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("bitmap_over_the_merge_states", "sparse_kl_cuda.cu",
+             "  args.bitmap_offset = (plan.threads / 32 * static_cast<int>(sizeof(BucketState<acc_t>)) + 15) / 16 * 16;",
+             "  args.bitmap_offset = 0;",
+             "the bitmap shares its bytes with the per-warp merge states",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("renormalize_fill_races_the_support", "sparse_kl_cuda.cu",
+             "      __syncthreads();  // the fill before the support's values\n",
+             "",
+             "the zero fill of a slower thread overwrites the support's gradient",
+             tests="tests/test_cuda_emulated_sparse.py"),
 ]
 
 

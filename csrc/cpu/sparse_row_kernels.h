@@ -1,0 +1,373 @@
+// CPU row kernel of sparse_kl_div (math and row contract in ../sparse_kl_common.h), vectorised with
+// at::vec. Like row_kernels.h, not a normal header: kernels_generic.cpp and kernels_avx2.cpp include it
+// once per CPU capability after defining KL_FUSED_CPU_NAMESPACE.
+//
+// One row, b = s / T over V elements of e bytes, K teacher slots (index, log-prob l):
+//   mark     the support: outside[i_k] = -inf (a per-thread row of 0s), which also finds indices out
+//            of range and duplicates; sum_S p in double                              O(K)
+//   bucket   the complement's softmax, chunk by chunk (kChunk elements, as in row_kernels.h): the
+//            chunk's maximum, then Z_c = sum exp(b + outside - shift_c), the exponentials kept in a
+//            per-thread row when a gradient is wanted; chunks merged into (m_r, Z_r) (rest_state).
+//            Summing over the complement itself keeps q_r = Z_r e^(m_r) / Z exact to fp32 rounding
+//            however little mass it holds (1 - sum_S q would cancel).    reads s once: e per element
+//            The support's b_k (K gathers) give log Z = logaddexp(lse_S b, m_r + log Z_r) and
+//   loss     sum_S p_k (l_k - b_k + log Z) + p_r (log p_r - log q_r)                 O(K), double
+//   ds       f (P q_r - p_r) / Z_r * exp(b_j - m_r) over the row (0 on the support, from the kept
+//            exponentials: no second exponential), then ds_{i_k} = f (P q_k - p_k)
+//            (P = sum_S p + p_r, f = d loss / d row loss / T)                   writes e per element
+//   dl_k     f_l p_k (l_k - log q_k + log q_r - log p_r), or + 1 where there is no bucket      O(K)
+//   renormalize: the support alone: KL(p~ || q~) from the K gathers; ds is 0 off the support and
+//            f (q~_k - p~_k) on it; dl_k = f_l p~_k (log p~_k - log q~_k - KL).   O(K) reads, e written
+// One exponential per element, the student read once and its gradient written once: the byte floor.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "../sparse_kl_common.h"
+#include "cpu_kernels.h"
+#include "row_loop.h"
+#include "vec_lanes.h"
+
+namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE {
+namespace {
+
+// What marking a row's support found: the problems (SparseRowStatus bits), the used slots, and
+// sum_S exp(l) in double.
+struct SupportMarks {
+  int32_t status;
+  int64_t used;
+  double mass;
+};
+
+// The complement's online softmax: b_j relative to the shift m (the maximum of b off the support, or
+// 0 when that is empty), Z = sum exp(b_j - m). `defined` is false for a NaN or +inf logit.
+template <typename acc_t>
+struct RestState {
+  acc_t m;
+  acc_t z;
+  bool defined;
+};
+
+template <typename scalar_t>
+struct SparseRowSolver {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  using Exp = NonPositiveExp<acc_t>;
+  static constexpr int64_t kStep = L::kStep;
+  static constexpr int64_t kChunk = 1024;
+  static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  static constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+  const SparseRowsProblem& pr;
+  acc_t* outside;       // (padded V): 0, and -inf on the current row's support (restored after the row)
+  acc_t* exps;          // (padded V): exp(b + outside - chunk shift) of the current row, for the gradient
+  acc_t* chunk_shift;   // per chunk: its shift, then (after the merge) its scale e^(shift - m)
+  acc_t* chunk_z;       // per chunk: its sum relative to its shift
+
+  static acc_t shift_of(acc_t m) { return m == kNegInf ? acc_t(0) : m; }
+
+  const scalar_t* student_row(int64_t row) const {
+    return static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row);
+  }
+  scalar_t* grad_row(int64_t row) const {
+    return pr.grad_student ? static_cast<scalar_t*>(pr.grad_student) + row * pr.vocab : nullptr;
+  }
+  acc_t* grad_logprobs_row(int64_t row) const {
+    return pr.grad_logprobs ? static_cast<acc_t*>(pr.grad_logprobs) + row * pr.slots : nullptr;
+  }
+  static bool used(acc_t l) { return l != kNegInf; }  // NaN counts as used: it poisons the row
+
+  // Marks the used, in-range slots' tokens in `outside`, reporting what is wrong with the support.
+  SupportMarks mark(const int64_t* idx, const acc_t* lp) const {
+    SupportMarks marks{0, 0, 0.0};
+    double* support_p = support_scratch + pr.slots;
+    for (int64_t k = 0; k < pr.slots; ++k) {
+      support_p[k] = 0.0;
+      if (!used(lp[k])) continue;
+      ++marks.used;
+      const int64_t i = idx[k];
+      if (i < 0 || i >= pr.vocab) {
+        marks.status |= kSlotOutOfRange;
+        continue;
+      }
+      if (outside[i] == kNegInf) marks.status |= kDuplicateSlot;
+      outside[i] = kNegInf;
+      support_p[k] = std::exp(static_cast<double>(lp[k]));
+      marks.mass += support_p[k];
+    }
+    if (!pr.renormalize && marks.mass > 1.0 + pr.mass_tolerance) marks.status |= kMassAboveOne;
+    return marks;
+  }
+
+  void unmark(const int64_t* idx, const acc_t* lp) const {
+    for (int64_t k = 0; k < pr.slots; ++k) {
+      if (used(lp[k]) && idx[k] >= 0 && idx[k] < pr.vocab) outside[idx[k]] = acc_t(0);
+    }
+  }
+
+  // Loss, gradients: a masked row (0) or an undefined one (NaN; the log-prob gradient only on used
+  // slots unless `all_slots`).
+  void fill_row(int64_t row, double value, const acc_t* lp, bool all_slots) const {
+    static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(value);
+    if (scalar_t* ds = grad_row(row)) std::fill_n(ds, pr.vocab, static_cast<scalar_t>(value));
+    if (acc_t* dl = grad_logprobs_row(row)) {
+      for (int64_t k = 0; k < pr.slots; ++k) dl[k] = all_slots || used(lp[k]) ? static_cast<acc_t>(value) : acc_t(0);
+    }
+  }
+
+  // A chunk's maximum of the raw logits, with the support left out (`exact`) or not. The fast one
+  // may drop a NaN (one instruction on AVX2): chunk_sums finds NaN itself.
+  template <bool kExact>
+  C10_ALWAYS_INLINE acc_t chunk_max(const scalar_t* sc, const acc_t* oc, int64_t len) const {
+    Vec m_lo(kNegInf), m_hi(kNegInf);
+    for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
+      Vec lo, hi;
+      L::load(sc + i, n, kNegInf, lo, hi);
+      if constexpr (kExact) {
+        m_lo = at::vec::maximum(m_lo, lo + Vec::loadu(oc + i));
+        m_hi = at::vec::maximum(m_hi, hi + Vec::loadu(oc + i + L::kVec));
+      } else {
+        m_lo = running_max(m_lo, lo);
+        m_hi = running_max(m_hi, hi);
+      }
+    });
+    return at::vec::vec_reduce_all<acc_t>([](Vec x, Vec y) { return at::vec::maximum(x, y); },
+                                          at::vec::maximum(m_lo, m_hi));
+  }
+
+  // sum exp(b + outside - shift) over a chunk (the support's terms are exp(-inf) = 0), the
+  // exponentials kept when `keep`; NaN when the chunk holds a NaN logit.
+  C10_ALWAYS_INLINE acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,
+                                     bool keep) const {
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_shift(-shift);
+    Vec z_lo(0), z_hi(0), nan_probe(0);  // nan_probe sums the arguments, <= 0 or -inf unless one is NaN
+    for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
+      __builtin_prefetch(sc + i + kChunk);
+      Vec lo, hi;
+      L::load(sc + i, n, kNegInf, lo, hi);
+      const Vec a_lo = at::vec::fmadd(lo, vinv_t, vneg_shift) + Vec::loadu(oc + i);
+      const Vec a_hi = at::vec::fmadd(hi, vinv_t, vneg_shift) + Vec::loadu(oc + i + L::kVec);
+      Vec live_lo, live_hi;
+      const Vec e_lo = Exp::exp(a_lo, live_lo), e_hi = Exp::exp(a_hi, live_hi);
+      z_lo += e_lo;
+      z_hi += e_hi;
+      nan_probe += a_lo + a_hi;
+      if (keep) {
+        e_lo.store(kc + i);
+        e_hi.store(kc + i + L::kVec);
+      }
+    });
+    const acc_t z = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z_lo + z_hi);
+    return std::isnan(at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), nan_probe)) ? std::numeric_limits<acc_t>::quiet_NaN() : z;
+  }
+
+  // The complement's softmax over the row, chunk by chunk (see the file's comment). A chunk is
+  // shifted by its maximum, support included (the fast maximum reads nothing but s); when a support
+  // logit there dominates the rest so far that the rest's sum falls below e^-60 (its terms may have
+  // passed the exponential's e^-87 floor), the chunk is done again with the support left out of the
+  // maximum. The chunks then merge in the log domain, M = max_c (shift_c + log Z_c), so that the
+  // row's shift is the complement's and chunk_shift[c] becomes e^(shift_c - M) (at most e^60).
+  RestState<acc_t> rest_state(const scalar_t* s, bool keep) const {
+    const int64_t V = pr.vocab;
+    const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
+    constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+    const acc_t kTiny = std::exp(acc_t(-60));
+    RestState<acc_t> st{kNegInf, acc_t(0), false};
+    const int64_t n_chunks = (V + kChunk - 1) / kChunk;
+    acc_t row_log = kNegInf;
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const int64_t begin = c * kChunk, len = std::min(kChunk, V - begin);
+      const scalar_t* sc = s + begin;
+      const acc_t* oc = outside + begin;
+      acc_t* kc = keep ? exps + begin : nullptr;
+      // Past the check every b + outside - shift lies in [-inf, 0] (or is NaN), NonPositiveExp's range.
+      acc_t cm = chunk_max<false>(sc, oc, len) * inv_t;
+      if (!(cm < kInf)) return st;  // +inf
+      acc_t z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
+      if (z < kTiny) {
+        cm = chunk_max<true>(sc, oc, len) * inv_t;
+        if (!(cm < kInf)) return st;
+        z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
+      }
+      if (std::isnan(z)) return st;
+      chunk_shift[c] = shift_of(cm);
+      chunk_z[c] = z;
+      if (z > 0) row_log = std::max(row_log, chunk_shift[c] + std::log(z));
+    }
+    const acc_t shift = shift_of(row_log);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      const acc_t scale = chunk_z[c] > 0 ? std::exp(chunk_shift[c] - shift) : acc_t(0);
+      st.z += chunk_z[c] * scale;
+      chunk_shift[c] = scale;
+    }
+    st.m = shift;
+    st.defined = true;
+    return st;
+  }
+
+  void solve(int64_t row) const {
+    const int64_t K = pr.slots;
+    const int64_t* idx = pr.indices + row * K;
+    const acc_t* lp = static_cast<const acc_t*>(pr.logprobs) + row * K;
+    pr.status[row] = 0;
+    if (pr.mask != nullptr && !pr.mask[row]) return fill_row(row, 0.0, lp, true);
+    const SupportMarks marks = mark(idx, lp);
+    pr.status[row] = marks.status;
+    if (marks.status != 0) {
+      unmark(idx, lp);
+      return fill_row(row, kNaN, lp, true);
+    }
+    if (pr.renormalize) solve_renormalized(row, idx, lp, marks);
+    else solve_bucket(row, idx, lp, marks);
+    unmark(idx, lp);
+  }
+
+  // log-sum-exp of the support's b_k (and of l_k for renormalize), in double; -inf for no slot.
+  double support_lse(const double* values, const acc_t* lp) const {
+    double m = -INFINITY, z = 0.0;
+    for (int64_t k = 0; k < pr.slots; ++k) {
+      if (used(lp[k])) m = std::max(m, values[k]);
+    }
+    if (std::isnan(m)) return m;
+    if (m == -INFINITY || m == INFINITY) return m;
+    for (int64_t k = 0; k < pr.slots; ++k) {
+      if (used(lp[k])) z += std::exp(values[k] - m);
+    }
+    return m + std::log(z);
+  }
+
+  // b_k = s[i_k] / T of the used slots (double), NaN when any is NaN; unused slots get -inf. The
+  // product with the acc_t 1/T is exact in double, and so the same b as the complement's pass uses.
+  void gather_support(const scalar_t* s, const int64_t* idx, const acc_t* lp, double* b) const {
+    const double inv_t = static_cast<double>(static_cast<acc_t>(pr.inv_temperature));
+    for (int64_t k = 0; k < pr.slots; ++k) {
+      b[k] = used(lp[k]) ? static_cast<double>(static_cast<acc_t>(s[idx[k]])) * inv_t : -INFINITY;
+    }
+  }
+
+  void solve_bucket(int64_t row, const int64_t* idx, const acc_t* lp, const SupportMarks& marks) const {
+    const int64_t K = pr.slots;
+    const scalar_t* s = student_row(row);
+    scalar_t* ds = grad_row(row);
+    const RestState<acc_t> rest = rest_state(s, ds != nullptr);
+    double* b = support_scratch;
+    gather_support(s, idx, lp, b);
+    const double lse_support = support_lse(b, lp);
+    const double log_rest = rest.z > 0 ? static_cast<double>(rest.m) + std::log(static_cast<double>(rest.z)) : -INFINITY;
+    const double hi = std::max(lse_support, log_rest), lo = std::min(lse_support, log_rest);
+    const double log_z = hi == -INFINITY ? -INFINITY : hi + std::log1p(std::exp(lo - hi));
+    // A NaN or +inf logit, or every logit -inf, leaves the softmax undefined.
+    if (!rest.defined || !std::isfinite(log_z)) return fill_row(row, kNaN, lp, false);
+
+    const double log_qr = log_rest - log_z;
+    // No bucket when the support covers the vocabulary (its mass deficit is rounding) or holds all
+    // of the teacher's mass (up to the tolerance that mark() enforced).
+    const double p_r = marks.used == pr.vocab ? 0.0 : std::max(1.0 - marks.mass, 0.0);
+    const double* p = support_scratch + K;  // exp(l_k) of the used slots, from mark()
+    double loss = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      if (used(lp[k]) && p[k] != 0.0) loss += p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z));
+    }
+    if (p_r != 0.0) loss += p_r * (std::log(p_r) - log_qr);
+    static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(loss);
+
+    const double total = marks.mass + p_r;  // P
+    if (ds != nullptr) {
+      const double f = pr.student_factor;
+      // Off the support ds_j = f (P q_r - p_r) q_j / q_r, and q_j / q_r = exp(b_j - m_r) / Z_r.
+      const double rest_coef = rest.z > 0 ? f * (total * std::exp(log_qr) - p_r) / static_cast<double>(rest.z) : 0.0;
+      const int64_t n_chunks = (pr.vocab + kChunk - 1) / kChunk;
+      for (int64_t c = 0; c < n_chunks; ++c) {
+        const int64_t begin = c * kChunk, len = std::min(kChunk, pr.vocab - begin);
+        const Vec coef(static_cast<acc_t>(rest_coef * chunk_shift[c]));
+        const acc_t* kc = exps + begin;
+        for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
+          L::store(ds + begin + i, n, Vec::loadu(kc + i) * coef, Vec::loadu(kc + i + L::kVec) * coef);
+        });
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        if (used(lp[k])) ds[idx[k]] = static_cast<scalar_t>(f * (total * std::exp(b[k] - log_z) - p[k]));
+      }
+    }
+    if (acc_t* dl = grad_logprobs_row(row)) {
+      const double c_tail = p_r != 0.0 ? log_qr - std::log(p_r) : 1.0;
+      for (int64_t k = 0; k < K; ++k) {
+        const bool live = used(lp[k]) && p[k] != 0.0;
+        dl[k] = static_cast<acc_t>(live ? pr.logprobs_factor * p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z) + c_tail) : 0.0);
+      }
+    }
+  }
+
+  void solve_renormalized(int64_t row, const int64_t* idx, const acc_t* lp, const SupportMarks& marks) const {
+    const int64_t K = pr.slots;
+    const scalar_t* s = student_row(row);
+    scalar_t* ds = grad_row(row);
+    if (ds != nullptr) std::fill_n(ds, pr.vocab, scalar_t(0));
+    if (marks.used == 0) return fill_row(row, 0.0, lp, true);  // no support: nothing to match
+    double* b = support_scratch;
+    double* l = support_scratch + K;
+    gather_support(s, idx, lp, b);
+    for (int64_t k = 0; k < K; ++k) l[k] = static_cast<double>(lp[k]);
+    const double lse_q = support_lse(b, lp), lse_p = support_lse(l, lp);
+    if (!std::isfinite(lse_q) || !std::isfinite(lse_p)) return fill_row(row, kNaN, lp, false);
+    double kl = 0.0;
+    for (int64_t k = 0; k < K; ++k) {
+      if (!used(lp[k])) continue;
+      const double log_pt = l[k] - lse_p, pt = std::exp(log_pt);
+      if (pt != 0.0) kl += pt * (log_pt - (b[k] - lse_q));
+    }
+    static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(kl);
+    if (ds != nullptr) {
+      for (int64_t k = 0; k < K; ++k) {
+        if (used(lp[k])) ds[idx[k]] = static_cast<scalar_t>(pr.student_factor * (std::exp(b[k] - lse_q) - std::exp(l[k] - lse_p)));
+      }
+    }
+    if (acc_t* dl = grad_logprobs_row(row)) {
+      for (int64_t k = 0; k < K; ++k) {
+        const double log_pt = l[k] - lse_p, pt = used(lp[k]) ? std::exp(log_pt) : 0.0;
+        dl[k] = static_cast<acc_t>(pt != 0.0 ? pr.logprobs_factor * pt * (log_pt - (b[k] - lse_q) - kl) : 0.0);
+      }
+    }
+  }
+
+  double* support_scratch;  // 2 K doubles: the support's b_k, then exp(l_k) (bucket) or l_k (renormalize)
+};
+
+template <typename scalar_t>
+void sparse_kl_rows_typed(const SparseRowsProblem& pr) {
+  using Solver = SparseRowSolver<scalar_t>;
+  using acc_t = typename Solver::acc_t;
+  const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
+  const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
+  const bool keep = pr.grad_student != nullptr && !pr.renormalize;
+  // Per task: outside (padded V), the kept exponentials (padded V when a gradient is wanted), two
+  // values per chunk, and 2 K doubles (as 4 K acc_t at most) for the support.
+  const int64_t rows_scratch = padded + (keep ? padded : 0);
+  const int64_t support_elems = 2 * pr.slots * static_cast<int64_t>(sizeof(double) / sizeof(acc_t) + 1);
+  parallel_rows<acc_t>(pr.rows, pr.vocab, rows_scratch + 2 * n_chunks + support_elems,
+                       [&](acc_t* scratch, int64_t begin, int64_t end) {
+    std::fill_n(scratch, padded, acc_t(0));
+    acc_t* tail = scratch + rows_scratch + 2 * n_chunks;
+    // Doubles start on an 8-byte boundary (acc_t may be float).
+    auto* support = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(tail) + 7) & ~uintptr_t(7));
+    const Solver solver{pr, scratch, keep ? scratch + padded : nullptr, scratch + rows_scratch,
+                        scratch + rows_scratch + n_chunks, support};
+    for (int64_t row = begin; row < end; ++row) solver.solve(row);
+  });
+}
+
+}  // namespace
+
+void sparse_kl_rows(c10::ScalarType dtype, const SparseRowsProblem& problem) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_sparse_kl_rows",
+                                  [&] { sparse_kl_rows_typed<scalar_t>(problem); });
+}
+
+}  // namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE
