@@ -343,6 +343,29 @@ def test_no_tensor_grows_with_the_rows_times_the_vocabulary(device):
     assert max(sizes) <= chunk * vocab, f"largest tensor {max(sizes)} elements > one chunk's {chunk * vocab}"
 
 
+@pytest.mark.parametrize("vocab", [301, 32000, 128256, 256000])
+@pytest.mark.parametrize("hidden", [0, 24, 256, 1000, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_chunk_rows_rule(vocab, hidden, dtype):
+    """The default chunk: a multiple of 64, at least the device's minimum and its budget's rows; on the
+    CPU at least the hidden size (rounded up to 64) unless that would put one logits buffer over the
+    cap; on CUDA independent of the hidden size."""
+    from kl_fused.linear import CHUNK_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_ROWS, default_chunk_rows
+
+    row_bytes = vocab * torch.empty((), dtype=dtype).element_size()
+    for device in ("cpu", "cuda"):
+        rows = default_chunk_rows(vocab, device, dtype, hidden)
+        budget_rows = max(MIN_CHUNK_ROWS[device], CHUNK_BYTES[device] // row_bytes // 64 * 64)
+        assert rows % 64 == 0 and rows >= budget_rows, (device, rows)
+        if rows > budget_rows:
+            assert rows * row_bytes <= MAX_CHUNK_BYTES[device] and rows < hidden + 64, (device, rows)
+        if device == "cpu" and (hidden + 63) // 64 * 64 * row_bytes <= MAX_CHUNK_BYTES["cpu"]:
+            assert rows >= hidden, (rows, hidden)
+    assert default_chunk_rows(vocab, "cuda", dtype, hidden) == default_chunk_rows(vocab, "cuda", dtype, 0)
+    assert default_chunk_rows(32000, "cpu", torch.float32, 1024) == 1024
+    assert default_chunk_rows(32000, "cpu", torch.float32, 256) == 256
+
+
 def test_autocast_runs_the_matmuls_in_its_dtype(device):
     tensors = make_problem((8,), 32, 200, torch.float32, device, seed=17)
     with torch.autocast(device, dtype=torch.bfloat16):

@@ -263,7 +263,7 @@ def bench_case(case, args, environment):
             "dtype": case.dtype_name,
             "teacher": case.teacher,
             "temperature": args.temperature,
-            "chunk_rows": kl_fused.linear.default_chunk_rows(case.vocab, args.device, case.dtype) if name == "linear" else None,
+            "chunk_rows": kl_fused.linear.default_chunk_rows(case.vocab, args.device, case.dtype, case.hidden) if name == "linear" else None,
             "median_ms": medians[name],
             "p10_ms": percentile(times, 0.1),
             "p90_ms": percentile(times, 0.9),
