@@ -81,14 +81,19 @@ class _LogitsPost:
         return (grad_z.to(tanh.dtype) * (1.0 - tanh * tanh)).mul_(self.scale).to(grad_z.dtype)
 
 
-def _accumulate_product(acc, a, b):
-    """acc += a @ b with acc in fp32 (or fp64): the product is never rounded to 16 bits first."""
+def _accumulate_product(acc, like, a, b):
+    """acc + a @ b, summed in fp32 for a 16-bit layer (`like`), else in its dtype: the product is never
+    rounded to 16 bits first. acc None (the first chunk) allocates it here, once the chunk's logits
+    are freed, so that a step's peak never holds both (with one chunk, no more than materialising)."""
+    if acc is None:
+        acc = _accumulator(like, True)
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif acc.device.type == "cuda":
         torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    return acc
 
 
 def _accumulator(like, needed):
@@ -204,11 +209,11 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
     row_loss = torch.zeros(rows, dtype=acc_dtype, device=device) if reduction == "none" else None
     total = torch.zeros((), dtype=acc_dtype, device=device)
     grad_h_s = rows_gradient(student_hidden, grad_student_hidden)
-    grad_w_s = _accumulator(student_weight, grad_student_weight)
+    grad_w_s = None  # the weights' accumulators: allocated by the first chunk's product
     grad_b_s = _accumulator(student_bias, grad_student_bias)
     grad_t_logits = rows_gradient(teacher_logits, grad_teacher_logits)
     grad_h_t = rows_gradient(teacher_hidden, grad_teacher_hidden)
-    grad_w_t = _accumulator(teacher_weight, grad_teacher_weight)
+    grad_w_t = None
     grad_b_t = _accumulator(teacher_bias, grad_teacher_bias)
 
     def finish_rows(values):
@@ -242,7 +247,7 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
             if grad_student_hidden:
                 _put_rows(grad_h_s, chunk, finish_rows(g @ w_s))
             if grad_student_weight:
-                _accumulate_product(grad_w_s, g.t(), h_s)
+                grad_w_s = _accumulate_product(grad_w_s, student_weight, g.t(), h_s)
             if grad_student_bias:
                 grad_b_s += g.sum(0, dtype=grad_b_s.dtype)
         if need_teacher:
@@ -252,10 +257,14 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
             if grad_teacher_hidden:
                 _put_rows(grad_h_t, chunk, finish_rows(g @ w_t))
             if grad_teacher_weight:
-                _accumulate_product(grad_w_t, g.t(), h_t)
+                grad_w_t = _accumulate_product(grad_w_t, teacher_weight, g.t(), h_t)
             if grad_teacher_bias:
                 grad_b_t += g.sum(0, dtype=grad_b_t.dtype)
 
+    if grad_w_s is None:  # no counted rows
+        grad_w_s = _accumulator(student_weight, grad_student_weight)
+    if grad_w_t is None:
+        grad_w_t = _accumulator(teacher_weight, grad_teacher_weight)
     result_loss = row_loss.view(leading) if reduction == "none" else total / denominator
     # Rows gradients are written once per row, already divided; accumulators are divided here and
     # rounded once to their tensor's dtype.
