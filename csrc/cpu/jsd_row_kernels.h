@@ -114,22 +114,25 @@ struct JSDRowSolver {
     if (ds == nullptr && dt == nullptr) return;
     const acc_t f = static_cast<acc_t>(pr.grad_factor);
     const Vec vk_p(k_p), vk_q(k_q);
+    // Written once, never read back here: streamed past the caches where the row is aligned.
+    const bool streaming_s = L::streaming_ok(ds), streaming_t = L::streaming_ok(dt);
     const auto gradient = [&](scalar_t* out, const acc_t* e, const acc_t* ratio, const Vec& scale, const Vec& kl,
-                              int64_t begin, int64_t j, auto n) {
+                              int64_t begin, int64_t j, auto n, bool streaming) {
       const int64_t i = begin + j;
       const Vec lo = Vec::loadu(e + i) * scale * (Vec::loadu(ratio + i) - kl);
       const Vec hi = Vec::loadu(e + i + kVec) * scale * (Vec::loadu(ratio + i + kVec) - kl);
-      L::store(out + j, n, lo, hi);
+      L::store_step(out + j, n, lo, hi, streaming);
     };
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
       const Vec scale_q((acc_t(1) - beta) * f * rows.chunk_scales[2 * k + 1] / st.z_b);
       const Vec scale_p(beta * f * rows.chunk_scales[2 * k] / st.z_a);
       Rows::for_each_step(len, [&](int64_t j, auto n) {
-        if (ds != nullptr) gradient(ds + begin, rows.scratch_b, log_ratio_q, scale_q, vk_q, begin, j, n);
-        if (dt != nullptr) gradient(dt + begin, rows.scratch_a, log_ratio_p, scale_p, vk_p, begin, j, n);
+        if (ds != nullptr) gradient(ds + begin, rows.scratch_b, log_ratio_q, scale_q, vk_q, begin, j, n, streaming_s);
+        if (dt != nullptr) gradient(dt + begin, rows.scratch_a, log_ratio_p, scale_p, vk_p, begin, j, n, streaming_t);
       });
     }
+    if (streaming_s || streaming_t) stream_fence();
   }
 };
 

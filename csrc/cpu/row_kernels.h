@@ -258,6 +258,8 @@ struct RowSolver {
     // log p - log q and so the logits again (still in cache).
     scalar_t* diff_grad = kReverse ? dt : ds;       // forward: ds = (q - p) f; reverse: dt = (p - q) f
     scalar_t* weighted_grad = kReverse ? ds : dt;   // forward: dt = p (log p/q - KL) f; reverse: ds = q (log q/p - KL) f
+    // Written once, never read back here: streamed past the caches where the row is aligned.
+    const bool diff_streaming = L::streaming_ok(diff_grad), weighted_streaming = L::streaming_ok(weighted_grad);
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
       const Vec fp(f / Z_a * chunk_scales[2 * k]), fq(f / Z_b * chunk_scales[2 * k + 1]);
@@ -268,8 +270,8 @@ struct RowSolver {
         const Vec p_lo = ea_lo * fp, p_hi = ea_hi * fp;   // p * f
         const Vec q_lo = eb_lo * fq, q_hi = eb_hi * fq;   // q * f
         if (diff_grad) {
-          if constexpr (kReverse) L::store(diff_grad + i, n, p_lo - q_lo, p_hi - q_hi);
-          else L::store(diff_grad + i, n, q_lo - p_lo, q_hi - p_hi);
+          if constexpr (kReverse) L::store_step(diff_grad + i, n, p_lo - q_lo, p_hi - q_hi, diff_streaming);
+          else L::store_step(diff_grad + i, n, q_lo - p_lo, q_hi - p_hi, diff_streaming);
         }
         if (weighted_grad) {
           Vec s_lo, s_hi, t_lo, t_hi;
@@ -285,10 +287,11 @@ struct RowSolver {
             g_lo = Vec::blendv(zero, p_lo * (a_lo - b_lo + c), ea_lo > zero);
             g_hi = Vec::blendv(zero, p_hi * (a_hi - b_hi + c), ea_hi > zero);
           }
-          L::store(weighted_grad + i, n, g_lo, g_hi);
+          L::store_step(weighted_grad + i, n, g_lo, g_hi, weighted_streaming);
         }
       });
     }
+    if (diff_streaming || weighted_streaming) stream_fence();
   }
 
   // kl_grad_from_stats: the gradient of one shard of a row, given the statistics of the full row

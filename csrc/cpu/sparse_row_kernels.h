@@ -284,14 +284,16 @@ struct SparseRowSolver {
       // Off the support ds_j = f (P q_r - p_r) q_j / q_r, and q_j / q_r = exp(b_j - m_r) / Z_r.
       const double rest_coef = rest.z > 0 ? f * (total * std::exp(log_qr) - p_r) / static_cast<double>(rest.z) : 0.0;
       const int64_t n_chunks = (pr.vocab + kChunk - 1) / kChunk;
+      const bool streaming = L::streaming_ok(ds);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t begin = c * kChunk, len = std::min(kChunk, pr.vocab - begin);
         const Vec coef(static_cast<acc_t>(rest_coef * chunk_shift[c]));
         const acc_t* kc = exps + begin;
         for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
-          L::store(ds + begin + i, n, Vec::loadu(kc + i) * coef, Vec::loadu(kc + i + L::kVec) * coef);
+          L::store_step(ds + begin + i, n, Vec::loadu(kc + i) * coef, Vec::loadu(kc + i + L::kVec) * coef, streaming);
         });
       }
+      if (streaming) stream_fence();
       for (int64_t k = 0; k < K; ++k) {
         if (used(lp[k])) ds[idx[k]] = static_cast<scalar_t>(f * (total * std::exp(b[k] - log_z) - p[k]));
       }

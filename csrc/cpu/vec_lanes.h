@@ -56,7 +56,46 @@ struct Lanes {
       if (n > kVec) hi.store(p + kVec, n - kVec);
     }
   }
+
+  // A full step stored past the caches (non-temporal): for a gradient row that the kernel writes
+  // once and never reads back, this saves each cache line's read-for-ownership, a third of the
+  // memory traffic of writing it. p must be 32-byte aligned (streaming_ok); call stream_fence()
+  // before the row is handed to another thread. Off AVX2 it is store().
+  C10_ALWAYS_INLINE static void store_streaming(scalar_t* p, const Vec& lo, const Vec& hi) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      _mm256_stream_ps(p, lo);
+      _mm256_stream_ps(p + kVec, hi);
+      return;
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      _mm256_stream_pd(p, lo);
+      _mm256_stream_pd(p + kVec, hi);
+      return;
+    } else {
+      const __m256i packed = at::vec::convert_from_float<scalar_t>(lo, hi);
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(p), packed);
+      return;
+    }
+#endif
+    store(p, kStep, lo, hi);
+  }
+
+  // store(), with a full step streamed when `streaming` (the row passed streaming_ok).
+  C10_ALWAYS_INLINE static void store_step(scalar_t* p, int64_t n, const Vec& lo, const Vec& hi, bool streaming) {
+    if (streaming && n == kStep) store_streaming(p, lo, hi);
+    else store(p, n, lo, hi);
+  }
+
+  // Whether a row starting at p can take store_streaming for its full steps (each is 32 or 64 bytes).
+  static bool streaming_ok(const scalar_t* p) { return p != nullptr && reinterpret_cast<uintptr_t>(p) % 32 == 0; }
 };
+
+// Orders the streaming stores before whatever follows (the row's hand-over to another thread).
+C10_ALWAYS_INLINE void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
 
 // exp(x) for the shifted logits x = logit - row max, which lie in [-inf, 0] (plus a rounding
 // residue above 0) once the row's maxima are known to be finite. Returns exp(x) and sets `live` to
