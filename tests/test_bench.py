@@ -20,6 +20,25 @@ def test_bench_writes_one_checked_record_per_provider(tmp_path):
     for record in records:
         assert record["rows"] == 8 and record["vocab"] == 1000 and record["dtype"] == "float32"
         assert record["median_ms"] > 0 and record["torch_version"] == torch.__version__
+        assert record["allocator"] == "default"
+
+
+def test_bench_keep_freed_memory_reruns_with_the_glibc_settings_and_says_so(tmp_path):
+    """--keep-freed-memory re-runs the command under the tunables of allocator.py; every record of
+    that run names them, as every record of a default run says "default"."""
+    import subprocess
+    import sys
+
+    from kl_fused.bench.allocator import KEEP_FREED_MEMORY_ENV
+
+    out = tmp_path / "records.json"
+    subprocess.run([sys.executable, "-m", "kl_fused.bench", "--keep-freed-memory", "--cases", "8x1000:float32",
+                    "--providers", "fused,eager", "--reps", "2", "--warmup", "1", "--json", str(out)], check=True)
+    records = json.loads(out.read_text())
+    assert sorted(r["provider"] for r in records) == ["eager", "fused"]
+    for record in records:
+        assert record["allocator"].startswith("glibc keeping freed memory")
+        assert all(f"{name}={value}" in record["allocator"] for name, value in KEEP_FREED_MEMORY_ENV.items())
 
 
 def test_bench_vocab_parallel_mode(tmp_path):

@@ -6,10 +6,12 @@ is the default. A new mode is one file defining its Mode (options.py) and one en
 
 import argparse
 import math
+import sys
 
 import torch
 
 from kl_fused.bench import jsd, kl, linear, sparse, vocab_parallel
+from kl_fused.bench.allocator import keeps_freed_memory, rerun_keeping_freed_memory
 from kl_fused.bench.environment import describe_environment
 from kl_fused.bench.options import DEFAULT_REPS, DTYPES, resolve_device
 
@@ -46,6 +48,10 @@ def build_parser():
     parser.add_argument("--json", metavar="PATH", help="write one record per provider, case and pass")
     parser.add_argument("--no-check", action="store_true", help="skip the agreement check against float64")
     parser.add_argument("--threads", type=int, metavar="N", help="torch.set_num_threads(N) before running")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="cpu: re-run under glibc settings that keep freed memory for reuse (as jemalloc or "
+                        "tcmalloc would), so that no provider pays fresh-page faults; each record's "
+                        "`allocator` says which (kl_fused/bench/allocator.py)")
     for mode in MODES:
         mode.add_arguments(parser)
     return parser
@@ -80,7 +86,12 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.keep_freed_memory and not keeps_freed_memory():
+        if args.device.type != "cpu":
+            raise SystemExit("--keep-freed-memory is for --device cpu (CUDA memory is cached by PyTorch already)")
+        rerun_keeping_freed_memory(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     environment = describe_environment(args.device)

@@ -1,4 +1,5 @@
-"""The environment every record carries: device, its name, torch and kl_fused versions, threads, date."""
+"""The environment every record carries: device, its name, torch and kl_fused versions, threads,
+the allocator setting (allocator.py), date."""
 
 import platform
 from datetime import datetime, timezone
@@ -6,9 +7,10 @@ from datetime import datetime, timezone
 import torch
 
 import kl_fused
+from kl_fused.bench.allocator import allocator_description
 
 # Keys of describe_environment() copied into every record (next to device and device_name).
-ENVIRONMENT_KEYS = ("torch_version", "kl_fused_version", "fused_available", "threads", "date")
+ENVIRONMENT_KEYS = ("torch_version", "kl_fused_version", "fused_available", "threads", "allocator", "date")
 
 
 def device_name(device):
@@ -32,6 +34,7 @@ def describe_environment(device):
         "kl_fused_version": kl_fused.__version__,
         "fused_available": kl_fused.is_fused_available(device),
         "threads": torch.get_num_threads(),
+        "allocator": allocator_description(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
