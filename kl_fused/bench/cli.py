@@ -78,6 +78,8 @@ def parse_args(argv):
             raise ValueError(f"--temperature must be finite and positive, got {args.temperature}")
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
+        if args.keep_freed_memory and args.device.type != "cpu":
+            raise ValueError("--keep-freed-memory is for --device cpu (PyTorch's caching allocator reuses CUDA memory)")
         args.mode = _selected_mode(args)
         args.mode.resolve(args)
     except ValueError as error:
@@ -89,8 +91,6 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.keep_freed_memory and not keeps_freed_memory():
-        if args.device.type != "cpu":
-            raise SystemExit("--keep-freed-memory is for --device cpu (CUDA memory is cached by PyTorch already)")
         rerun_keeping_freed_memory(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
