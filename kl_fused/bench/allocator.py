@@ -3,11 +3,11 @@
 With glibc's defaults, every CPU buffer above the mmap threshold (a (rows x V) float32 tensor is
 65 MB at 512 x 32000) is mapped fresh and unmapped when freed, so each step pays a page fault and
 the kernel's zeroing for every page it writes. On this project's 2-core virtual machines that cost
-is large and erratic (6 to 90 ms for one 65 MB gradient, against 7 ms for the kernel writing it),
-and it falls hardest on the providers that allocate the most: eager PyTorch maps several such
-buffers per step. jemalloc and tcmalloc, which PyTorch's CPU performance guide recommends, keep
-freed memory instead. glibc's own tunables do the same without installing anything; they must be
-set before the process starts, so the flag re-runs the benchmark with them.
+is large and erratic (6 to 90 ms for one 65 MB float32 gradient at 512 x 32000, against about 3 ms
+for a kernel to write it), and it falls hardest on the providers that allocate the most: eager
+PyTorch maps several such buffers per step. jemalloc and tcmalloc, which PyTorch's CPU performance
+guide recommends, keep freed memory instead. glibc's own tunables do the same without installing
+anything; they must be set before the process starts, so the flag re-runs the benchmark with them.
 
 Both figures are real: the default is what a PyTorch user gets out of the box, the other what
 the kernels cost when freed memory is reused. Every record says which one it is.
