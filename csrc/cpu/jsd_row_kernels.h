@@ -18,7 +18,7 @@
 //             log q - log m (log p - log m) in the scratch where a gradient is wanted, in place of
 //             the exponential that gradient no longer needs      reads s, t from cache, 1 log
 //   pass 4    the gradients, from the scratch alone: ds = (1 - beta) f q (d_q - K_q)   writes e per
-//             gradient
+//             gradient (non-temporal stores where the row is 32-byte aligned)
 // Two exponentials and one logarithm per element in all; memory traffic is the 2e of the inputs plus
 // e per gradient. A probability of 0 contributes 0 to K and to the gradient, never 0 * inf = NaN.
 // Rows run in parallel.

@@ -13,7 +13,9 @@
 //   pass 3  gradient, forward direction, student:  ds = (q - p) * f     reads scratch, writes ds (e)
 //                    teacher: dt = p (log p - log q - KL) * f          reads s, t again, writes dt
 //                    reverse direction swaps the roles: ds = q (log q - log p - KL) f, dt = (p - q) f
-// with f = d(loss)/d(row loss) / T. Two exponentials per element in all (the floor on a CPU);
+// with f = d(loss)/d(row loss) / T. The gradients are written with non-temporal stores where a row is
+// 32-byte aligned (Lanes::store_step): no read-for-ownership of lines never read back.
+// Two exponentials per element in all (the floor on a CPU);
 // memory traffic is the 2e of the inputs plus e per gradient written. Rows run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

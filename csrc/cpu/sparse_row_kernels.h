@@ -15,6 +15,7 @@
 //   ds       f (P q_r - p_r) / Z_r * exp(b_j - m_r) over the row (0 on the support, from the kept
 //            exponentials: no second exponential), then ds_{i_k} = f (P q_k - p_k)
 //            (P = sum_S p + p_r, f = d loss / d row loss / T)                   writes e per element
+//            (the row sweep with non-temporal stores where the row is 32-byte aligned)
 //   dl_k     f_l p_k (l_k - log q_k + log q_r - log p_r), or + 1 where there is no bucket      O(K)
 //   renormalize: the support alone: KL(p~ || q~) from the K gathers; ds is 0 off the support and
 //            f (q~_k - p~_k) on it; dl_k = f_l p~_k (log p~_k - log q~_k - KL).   O(K) reads, e written
