@@ -32,12 +32,13 @@ def scale_by_upstream(grad, upstream):
     return grad
 
 
-def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_arg=None):
-    """Registers autograd for a fused loss op ``op(*args) -> (loss, *grads)``.
+def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_arg=None, extra_outputs=0):
+    """Registers autograd for a fused loss op ``op(*args) -> (loss, *grads, *extras)``.
 
     grad_inputs[i] is the position in args of the input that grads[i] belongs to, grad_flags[i]
     the position of the bool argument that asks the op for it. Every other argument is treated as
-    non-differentiable (masks, indices, options).
+    non-differentiable (masks, indices, options). `extra_outputs` trailing outputs (the distillation
+    step's unweighted parts, for logging) are non-differentiable results, not gradients.
 
     Gradients of logits scale per row, so a per-row upstream gradient (reduction "none") scales the
     forward's rows. Gradients that mix rows (a weight's, in the fused linear losses) do not: such an
@@ -50,9 +51,11 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_a
     name = op_name.split("::")[-1]
     op = getattr(torch.ops.kl_fused, name)
 
+    n_grads = len(grad_inputs)
+
     def setup_context(ctx, inputs, output):
-        grads = output[1:]
-        ctx.mark_non_differentiable(*grads)
+        grads = output[1 : 1 + n_grads]
+        ctx.mark_non_differentiable(*output[1:])
         # Otherwise autograd hands backward (rows x V) zero tensors for those outputs.
         ctx.set_materialize_grads(False)
         # Kept as attributes, not saved tensors: the first backward takes them over and scales
@@ -85,7 +88,7 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_a
                 args[flag] = need
             if weighted_rows:
                 args[row_weights_arg] = grad_loss.reshape(-1)
-            grads = op(*args)[1:]
+            grads = op(*args)[1 : 1 + n_grads]
         for position, need, grad in zip(grad_inputs, needed, grads):
             if need:
                 result[position] = grad if weighted_rows else scale_by_upstream(grad, grad_loss)
