@@ -22,10 +22,13 @@ def load_example(name):
 @pytest.mark.parametrize("loss", ["kl", "jsd"])
 def test_distillation_with_the_hf_trainer_lowers_the_loss_and_trains_head_and_body(loss):
     distill_hf = load_example("distill_hf")
-    row_op = torch.ops.kl_fused.jsd_logits.default if loss == "jsd" else torch.ops.kl_fused.kl_div_logits.default
-    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, row_op):
-        losses, grad_norms = distill_hf.distil(steps=8, loss=loss, teacher_steps=20, quiet=True)
+    record = {}
+    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.distillation_loss.default):
+        losses, grad_norms = distill_hf.distil(steps=8, loss=loss, teacher_steps=20, quiet=True, record=record)
     assert len(losses) == 8 and len(grad_norms) == 8
+    # The Trainer counted the batch's labels and passed the count on: the loss's batchmean used it.
+    counts = record["num_items_in_batch"]
+    assert len(counts) == 8 and all(count is not None and int(count) > 0 for count in counts), counts
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) < sum(losses[:2]), f"the loss did not fall: {losses}"
     for step, norms in enumerate(grad_norms):
