@@ -2,8 +2,8 @@
 (hard_weight) + soft forward KL (soft_weight 1) -- against the ways users compute it (distill_providers.py),
 from logits and from hidden states, with a dense teacher and a top-k one, at each temperature.
 
-    kl-fused-bench --distill [--cases 512x32000:float32,...] [--linear-cases 4096x256x32000,...]
-                             [--temperatures 1,2] [--teacher dense,topk] [--slots 64] [--hard-weight 0.5]
+    kl-fused-bench --distill [--cases 512x32000:float32,...] [--distill-linear-cases 4096x256x32000,...]
+                             [--temperatures 1,2] [--teachers dense,topk] [--topk-slots 64] [--hard-weight 0.5]
 
 Per case, every provider is first run once and checked against the float64 reference on the same
 inputs (kl_fused.reference.distillation_loss, or the soft term's reference for the `soft` providers):
@@ -142,7 +142,7 @@ def _records(samples, base, environment):
 
 
 def bench_logits(case, form, temperature, student, teacher_logits, labels, args, environment):
-    teacher = _topk(teacher_logits, args.slots, temperature) if form == "topk" else teacher_logits
+    teacher = _topk(teacher_logits, args.topk_slots, temperature) if form == "topk" else teacher_logits
     names = [n for n in args.providers if n in LOGITS_PROVIDERS and LOGITS_PROVIDERS[n].unavailable_reason(
         form, args.device) is None]
     fns = {n: LOGITS_PROVIDERS[n].build(temperature, args.hard_weight, 1.0, form) for n in names}
@@ -172,7 +172,7 @@ def bench_logits(case, form, temperature, student, teacher_logits, labels, args,
     for name in (*failures, *skipped):
         steps.pop(name, None)
     samples = time_interleaved(steps, args.warmup, args.reps, args.device) if steps else {}
-    base = {"mode": "distill", "input": "logits", "teacher": form, "slots": args.slots if form == "topk" else None,
+    base = {"mode": "distill", "input": "logits", "teacher": form, "slots": args.topk_slots if form == "topk" else None,
             "dtype": case.dtype_name, "rows": case.rows, "vocab": case.vocab, "hidden": None,
             "temperature": temperature, "hard_weight": args.hard_weight}
     return _records(samples, base, environment), failures, skipped
@@ -206,7 +206,7 @@ def _linear_step(fn, inputs, labels):
 def bench_linear(shape, form, temperature, args, environment):
     rows, hidden, vocab = shape
     dtype_name = args.linear_dtype
-    inputs, labels = _linear_inputs(rows, hidden, vocab, dtype_name, form, temperature, args.slots, args.device)
+    inputs, labels = _linear_inputs(rows, hidden, vocab, dtype_name, form, temperature, args.topk_slots, args.device)
     names = [n for n in args.linear_providers if LINEAR_PROVIDERS[n].unavailable_reason(form, args.device) is None]
     steps = {n: _linear_step(LINEAR_PROVIDERS[n].build(temperature, args.hard_weight, 1.0, form), inputs, labels)
              for n in names}
@@ -227,7 +227,7 @@ def bench_linear(shape, form, temperature, args, environment):
     for name in (*failures, *skipped):
         steps.pop(name, None)
     samples = time_interleaved(steps, args.warmup, args.reps, args.device) if steps else {}
-    base = {"mode": "distill", "input": "hidden", "teacher": form, "slots": args.slots if form == "topk" else None,
+    base = {"mode": "distill", "input": "hidden", "teacher": form, "slots": args.topk_slots if form == "topk" else None,
             "dtype": dtype_name, "rows": rows, "vocab": vocab, "hidden": hidden, "temperature": temperature,
             "hard_weight": args.hard_weight}
     records = _records(samples, base, environment)
@@ -243,7 +243,7 @@ def _peak(name, steps, shape, form, temperature, args):
         return cuda_peak_mib(steps[name], args.device)
     rows, hidden, vocab = shape
     kwargs = dict(provider=name, rows=rows, hidden=hidden, vocab=vocab, dtype_name=args.linear_dtype, form=form,
-                  temperature=temperature, hard_weight=args.hard_weight, slots=args.slots, device="cpu")
+                  temperature=temperature, hard_weight=args.hard_weight, slots=args.topk_slots, device="cpu")
     try:
         return measure_cpu_peak("kl_fused.bench.distill:memory_probe_step", kwargs)["peak_above_mib"]
     except RuntimeError as error:
@@ -262,7 +262,7 @@ def add_arguments(parser):
     group.add_argument("--temperatures", metavar="LIST", help="--distill: comma list of T (default 1,2)")
     group.add_argument("--hard-weight", type=float, default=0.5, help="--distill: weight of the CE (default 0.5)")
     group.add_argument("--teachers", metavar="LIST", help="--distill: dense, topk or both (default both)")
-    group.add_argument("--topk-slots", dest="slots", type=int, default=64, help="--distill: K of the top-k teacher")
+    group.add_argument("--topk-slots", dest="topk_slots", type=int, default=64, help="--distill: K of the top-k teacher")
     group.add_argument("--distill-linear-cases", metavar="LIST",
                        help="--distill: ROWSxHxV comma list of linear cases, or 'none' (default: the device's)")
 
@@ -280,7 +280,7 @@ def resolve(args):
     if not args.temperatures or not all(t > 0 for t in args.temperatures):
         raise ValueError("--temperatures must be positive")
     args.teachers = choices(args.teachers or ",".join(TEACHERS), TEACHERS, "teacher")
-    if args.slots < 1 or not (args.hard_weight >= 0):
+    if args.topk_slots < 1 or not (args.hard_weight >= 0):
         raise ValueError("--topk-slots must be >= 1 and --hard-weight >= 0")
     linear = args.distill_linear_cases or DEFAULT_LINEAR_CASES[device_type]
     args.linear_shapes = []
@@ -316,7 +316,7 @@ def run(args, environment):
     if not kl_fused.is_fused_available(args.device, "distillation_loss"):
         print(f"note: NO FUSED KERNEL for distillation_loss on {args.device.type}: 'fused' times the reference fallback")
     print(f"distill mode: hard_weight {args.hard_weight:g}, soft_weight 1, forward KL, T {args.temperatures}, "
-          f"teachers {args.teachers} (top-{args.slots}); warmup {args.warmup}, reps {args.reps}")
+          f"teachers {args.teachers} (top-{args.topk_slots}); warmup {args.warmup}, reps {args.reps}")
     units = [("logits", case, form, t) for case in args.cases for form in args.teachers for t in args.temperatures]
     units += [("hidden", shape, form, t) for shape in args.linear_shapes for form in args.teachers
               for t in args.temperatures]
