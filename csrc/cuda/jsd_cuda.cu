@@ -116,9 +116,10 @@ struct JSDGradientPass {
 // kernel on sm_90, so the gradient kernels run at most 512 threads per block (128 registers).
 template <typename scalar_t, bool kGrad>
 constexpr int kMaxJSDThreads = kGrad ? 512 : kMaxRowThreads<scalar_t>;
-// With the hard term (jsd_hard_rows_kernel) at most 512 threads as well: its sums and constants add to both.
+// With the hard term (jsd_hard_rows_kernel) at most 512 threads as well: its sums and constants add to both;
+// fp64 at most 256 (at 512 threads, 128 registers, ptxas spilled the fp64 kernels on sm_90).
 template <typename scalar_t, bool kGrad, bool kHard>
-constexpr int kMaxJSDRowThreads = kHard ? 512 : kMaxJSDThreads<scalar_t, kGrad>;
+constexpr int kMaxJSDRowThreads = kHard ? (sizeof(scalar_t) == 8 ? 256 : 512) : kMaxJSDThreads<scalar_t, kGrad>;
 
 // Per-row generalized JSD of p = softmax(x/T) (teacher) and q = softmax(y/T) (student), m =
 // beta p + (1 - beta) q, 0 < beta < 1, and with kGrad its gradients:
