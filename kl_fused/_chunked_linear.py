@@ -183,11 +183,16 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
                 renormalize, temperature, soft_weight, hard_weight, ignore_index, label_smoothing, mass_tolerance,
                 validate, student_scale, student_softcap, teacher_scale, teacher_softcap, compute_dtype, reduction,
                 chunk_rows, grad_student_hidden, grad_student_weight, grad_student_bias, grad_teacher_logits,
-                grad_teacher_hidden, grad_teacher_weight, grad_teacher_bias, grad_teacher_logprobs):
+                grad_teacher_hidden, grad_teacher_weight, grad_teacher_bias, grad_teacher_logprobs, row_op=None,
+                total_vocab=None):
+    """The loop. row_op (default: the fused op kl_fused::distillation_loss, with its arguments) computes a
+    chunk's rows; the vocab-parallel losses (kl_fused.distributed) plug in their shard's, whose vocabulary
+    is total_vocab (default: the weight's rows) for the "mean" reduction."""
+    row_op = row_op if row_op is not None else torch.ops.kl_fused.distillation_loss
     device = student_hidden.device
     leading = student_hidden.shape[:-1]
     rows = leading.numel()
-    vocab = student_weight.shape[0]
+    vocab = total_vocab if total_vocab is not None else student_weight.shape[0]
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     student_post = _LogitsPost(student_scale, student_softcap)
     teacher_post = _LogitsPost(teacher_scale, teacher_softcap)
@@ -263,7 +268,7 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
         labels_c = (flat_labels[chunk] if isinstance(chunk, slice) else flat_labels.index_select(0, chunk)) \
             if flat_labels is not None else None
         # Every row of the chunk counts: no mask, the labels' ignore_index never occurs here.
-        chunk_row_losses, dz_s, dz_t, dlp, parts = torch.ops.kl_fused.distillation_loss(
+        chunk_row_losses, dz_s, dz_t, dlp, parts = row_op(
             z_s, z_t, idx_c, lp_c, labels_c, None, None, divergence, beta, renormalize, temperature, soft_weight,
             hard_weight, ignore_index, label_smoothing, "none", mass_tolerance, validate, need_student,
             need_teacher and z_t is not None, grad_teacher_logprobs)

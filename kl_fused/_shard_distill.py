@@ -1,0 +1,258 @@
+"""The distillation step's row math on a vocabulary shard (kl_fused.distributed's
+distillation_loss_vocab_parallel and linear_distillation_loss_vocab_parallel): the per-row loss of the
+full rows and the gradient of this rank's shard, from O(rows) collectives.
+
+Rank r holds columns [v_r, v_r + w_r) of every row (all of the rows here count). With b = s / T,
+a = t / T, each quantity a full row needs is a sum over the vocabulary, so each rank sums its own
+columns and the ranks add those partial sums:
+
+    stage 1, all-reduce MAX    the row maxima M_b, M_a (and M_s of s at T = 1 for the hard term when
+                               T != 1): the shifts that keep every exponential finite
+    stage 2, all-reduce SUM    Z_b = sum e^(b - M_b), Z_a, and per divergence / term:
+                               KL    W = sum e^(x - M_x) (x - y)    (x = a forward, b reverse)
+                               hard  s_y (from the rank that owns label y, 0 elsewhere), Z_s, sum_v s
+                               top-k b at the K support slots (from the owning ranks), and the
+                                     complement's mass sum_{v not in S} e^(b - M_b) (bucket tail)
+    stage 3, all-reduce SUM    JSD only: sum p (log p - log m) and sum q (log q - log m), which need
+                               log m per element, hence the full rows' lse from stage 2
+    finish (every rank)        KL = W / Z_x - lse_x + lse_y; JSD = beta KL(p||m) + (1 - beta) KL(q||m);
+                               top-k as kl_fused.sparse_kl_div; CE = (1 - eps)(lse_s - s_y)
+                               + eps (lse_s - sum_v s / V)
+
+Bytes per row per chunk (accumulation type of e bytes: 4, or 8 for float64): stage 1 at most 3e,
+stage 2 at most (6 + K)e, stage 3 2e -- never O(V). See collective_values_per_row.
+
+Gradients: each collective's backward is local (the derivative of an all-reduced SUM with respect to
+this rank's summand is the upstream gradient itself, and the maxima are shifts with no gradient), so
+autograd through these torch ops gives each rank exactly its shard's gradient, with no collective in
+backward. Temporaries: a few (rows x w_r) buffers of the accumulation type, which the callers bound by
+chunking the rows.
+"""
+
+import torch
+import torch.distributed as dist
+
+NEG_INF = float("-inf")
+
+
+class VocabShard:
+    """This rank's place in a vocabulary split: the group, its columns [offset, offset + width) of
+    `vocab`, and the device its collectives run on."""
+
+    def __init__(self, group, offset, width, vocab, comm_device):
+        self.group, self.offset, self.width, self.vocab, self.comm = group, offset, width, vocab, comm_device
+
+    def max(self, x):
+        """All-reduce MAX of x (no gradient: maxima are shifts). NaN is sent as -inf (gloo's MAX does
+        not promise to keep it); the row's NaN reaches every rank through the sums instead."""
+        y = torch.where(x.isnan(), NEG_INF, x.detach()).to(self.comm, copy=True)
+        dist.all_reduce(y, op=dist.ReduceOp.MAX, group=self.group)
+        return y.to(x.device)
+
+    def sum(self, x):
+        """All-reduce SUM of x, differentiable: the gradient of this rank's summand is the upstream one."""
+        return _SumOverRanks.apply(x, self)
+
+    def owned(self, ids):
+        """(ids in this rank's columns, their local column, clamped into range where not owned)."""
+        local = ids.long() - self.offset
+        mine = (local >= 0) & (local < self.width)
+        return mine, local.clamp(0, self.width - 1)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shard):
+        y = x.detach().to(shard.comm, copy=True)
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=shard.group)
+        return y.to(x.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def collective_values_per_row(divergence, dense, topk_slots, hard, temperature, label_smoothing):
+    """Values of the accumulation type one rank sends per row per chunk in stages 1 to 3."""
+    soft = dense or topk_slots > 0
+    own_hard_max = hard and not (soft and temperature == 1.0)
+    maxima = int(soft) + int(dense) + int(own_hard_max)
+    sums = int(soft) + int(dense)
+    if dense and divergence != "jsd":
+        sums += 1
+    if hard:
+        sums += 1 + int(own_hard_max) + int(label_smoothing > 0)
+    if topk_slots:
+        sums += topk_slots + 1
+    jsd_terms = 2 if dense and divergence == "jsd" else 0
+    return maxima + sums + jsd_terms
+
+
+def _shift(m):
+    return torch.where(m == NEG_INF, 0.0, m)
+
+
+def _safe_product(weight, diff, keep):
+    """weight * diff where keep, else 0, with no NaN in value or gradient from diff = +-inf there."""
+    return weight * torch.where(keep, diff, 0.0)
+
+
+def _kl_style(beta, divergence):
+    """'forward', 'reverse' or 'jsd': JSD's endpoints are the KL divergences (TRL's convention)."""
+    if divergence == "jsd":
+        return "forward" if beta == 0 else ("reverse" if beta == 1 else "jsd")
+    return "reverse" if divergence == "reverse_kl" else "forward"
+
+
+def shard_row_losses(shard, student, teacher, indices, logprobs, labels, divergence, beta, renormalize, temperature,
+                     label_smoothing):
+    """(soft, hard) per row of the full rows, in the accumulation type; None for a term not given.
+    Differentiable with respect to student, teacher and logprobs (this rank's share of the gradient)."""
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    dense, sparse = teacher is not None, indices is not None
+    soft_wanted, hard_wanted = dense or sparse, labels is not None
+    style = _kl_style(beta, divergence)
+    s = student.to(acc)
+    b = s / temperature if soft_wanted else None
+    a = teacher.to(acc) / temperature if dense else None
+    share_hard = soft_wanted and temperature == 1.0
+
+    # Stage 1: the maxima.
+    maxima = [x.detach().amax(-1) for x in (b, a) if x is not None]
+    if hard_wanted and not share_hard:
+        maxima.append(s.detach().amax(-1))
+    shifts = _shift(shard.max(torch.stack(maxima, -1))).unbind(-1)
+    shift_b = shifts[0] if soft_wanted else None
+    shift_a = shifts[1] if dense else None
+    shift_s = shift_b if share_hard else (shifts[-1] if hard_wanted else None)
+
+    # Stage 2: this shard's partial sums, then the full rows' by one all-reduce.
+    local = {}
+    if soft_wanted:
+        e_b = torch.exp(b - shift_b[:, None])
+        local["z_b"] = e_b.sum(-1)
+    if dense:
+        e_a = torch.exp(a - shift_a[:, None])
+        local["z_a"] = e_a.sum(-1)
+        if style != "jsd":
+            x, y, e_x = (a, b, e_a) if style == "forward" else (b, a, e_b)
+            local["w"] = _safe_product(e_x, x - y, e_x > 0).sum(-1)
+    if hard_wanted:
+        if not share_hard:
+            local["z_s"] = torch.exp(s - shift_s[:, None]).sum(-1)
+        mine, column = shard.owned(labels)
+        local["s_y"] = torch.where(mine, s.gather(-1, column[:, None]).squeeze(-1), 0.0)
+        if label_smoothing > 0:
+            local["sum_s"] = s.sum(-1)
+    if sparse:
+        used = logprobs != NEG_INF
+        mine, column = shard.owned(indices)
+        mine = mine & used
+        local["b_support"] = torch.where(mine, b.gather(-1, column), 0.0)
+        if not renormalize:
+            in_support = torch.zeros_like(b, dtype=torch.int32).scatter_add(-1, column, mine.to(torch.int32)) > 0
+            local["rest"] = torch.where(in_support, 0.0, e_b).sum(-1)
+    full = _split(shard.sum(torch.cat([v.reshape(v.shape[0], -1) for v in local.values()], -1)), local)
+
+    soft = hard = None
+    if soft_wanted:
+        lse_b = full["z_b"].log() + shift_b
+    if dense:
+        lse_a = full["z_a"].log() + shift_a
+        if style == "forward":
+            soft = full["w"] / full["z_a"] - lse_a + lse_b
+        elif style == "reverse":
+            soft = full["w"] / full["z_b"] - lse_b + lse_a
+        else:  # Stage 3: JSD's two KLs against the mixture need the full rows' lse first.
+            log_p, log_q = a - lse_a[:, None], b - lse_b[:, None]
+            p, q = log_p.exp(), log_q.exp()
+            m = beta * p + (1 - beta) * q
+            log_m = torch.log(torch.where(m > 0, m, 1.0))
+            terms = torch.stack([_safe_product(p, log_p - log_m, p > 0).sum(-1),
+                                 _safe_product(q, log_q - log_m, q > 0).sum(-1)], -1)
+            kl_pm, kl_qm = shard.sum(terms).unbind(-1)
+            soft = beta * kl_pm + (1 - beta) * kl_qm
+        # KL >= 0: rounding below 0 is clamped in the value only (the gradient is the unclamped one's).
+        soft = soft + (soft.clamp_min(0.0) - soft).detach()
+    if sparse:
+        soft = _sparse_rows(full, logprobs.to(acc), used, lse_b, shift_b, shard.vocab, renormalize)
+    if hard_wanted:
+        lse_s = lse_b if share_hard else full["z_s"].log() + shift_s
+        hard = (1 - label_smoothing) * (lse_s - full["s_y"])
+        if label_smoothing > 0:
+            hard = hard + label_smoothing * (lse_s - full["sum_s"] / shard.vocab)
+    return soft, hard
+
+
+def _split(flat, named):
+    """The all-reduced columns back under their names and shapes."""
+    out, start = {}, 0
+    for name, value in named.items():
+        width = value[0].numel() if value.dim() > 1 else 1
+        part = flat[:, start:start + width]
+        out[name] = part if value.dim() > 1 else part[:, 0]
+        start += width
+    return out
+
+
+def _sparse_rows(full, lp, used, lse_b, shift_b, vocab, renormalize):
+    """kl_fused.sparse_kl_div's row loss (bucket or renormalised tail) from the full rows' sums."""
+    safe_lp = torch.where(used, lp, 0.0)
+    b_support = full["b_support"]
+    if renormalize:
+        has_support = used.any(-1, keepdim=True)
+        lse_q = torch.where(used, b_support, NEG_INF).logsumexp(-1, keepdim=True)
+        lse_p = torch.where(used, safe_lp, NEG_INF).logsumexp(-1, keepdim=True)
+        log_qt = torch.where(used, b_support - torch.where(has_support, lse_q, 0.0), 0.0)
+        log_pt = torch.where(used, safe_lp - torch.where(has_support, lse_p, 0.0), 0.0)
+        pt = torch.where(used, log_pt.exp(), 0.0)
+        return _safe_product(pt, log_pt - log_qt, pt != 0).sum(-1)
+    p = torch.where(used, safe_lp.exp(), 0.0)
+    log_q_support = torch.where(used, b_support - lse_b[:, None], 0.0)
+    rows = _safe_product(p, safe_lp - log_q_support, p != 0).sum(-1)
+    # The complement's mass was summed over the complement (1 - sum_S q would cancel).
+    rest_count = vocab - used.sum(-1)
+    has_rest = (rest_count > 0) & (full["rest"] > 0)
+    log_qr = torch.where(has_rest, torch.where(has_rest, full["rest"], 1.0).log() + shift_b - lse_b, NEG_INF)
+    p_r = torch.where(rest_count > 0, (1.0 - p.sum(-1)).clamp_min(0.0), 0.0)
+    bucket = _safe_product(p_r, torch.where(p_r != 0, p_r, 1.0).log() - log_qr, p_r != 0)
+    return rows + bucket
+
+
+def shard_distillation_rows(shard, student, teacher, indices, logprobs, labels, divergence, beta, renormalize,
+                            temperature, soft_weight, hard_weight, label_smoothing, bad_rows, student_grad,
+                            teacher_grad, logprobs_grad):
+    """The vocab-parallel counterpart of the op kl_fused::distillation_loss at reduction "none" on rows
+    that all count: (row losses, grad of the student shard, of the teacher shard, of the log-probs,
+    parts (2, rows)), gradients at upstream gradient 1 per row, with both weights folded in; empty
+    tensors for gradients not asked for. bad_rows (or None): rows with a label or top-k support the
+    caller found invalid (validate=False), whose losses are NaN, their gradients zero."""
+    wanted = [(x, flag) for x, flag in ((student, student_grad), (teacher, teacher_grad), (logprobs, logprobs_grad))]
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(flag) if x is not None else None for x, flag in wanted]
+        soft, hard = shard_row_losses(shard, leaves[0], leaves[1], indices, leaves[2], labels, divergence, beta,
+                                      renormalize, temperature, label_smoothing)
+        rows = None
+        if soft is not None and soft_weight != 0:
+            rows = soft_weight * soft
+        if hard is not None and hard_weight != 0:
+            rows = hard_weight * hard if rows is None else rows + hard_weight * hard
+        if rows is None:
+            rows = torch.zeros_like(soft if soft is not None else hard)
+        if bad_rows is not None:
+            rows = torch.where(bad_rows, float("nan"), rows)
+        targets = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+        grads = torch.autograd.grad(rows.sum(), targets, allow_unused=True) if targets and rows.requires_grad else ()
+    grads = iter(grads)
+    out = []
+    for leaf, (x, flag) in zip(leaves, wanted):
+        if leaf is not None and leaf.requires_grad:
+            g = next(grads, None)
+            out.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
+        else:
+            out.append(student.new_empty((0,)))
+    zeros = torch.zeros_like(rows.detach())
+    parts = torch.stack([soft.detach() if soft is not None else zeros, hard.detach() if hard is not None else zeros])
+    if bad_rows is not None:
+        parts = torch.where(bad_rows, float("nan"), parts)
+    return (rows.detach(), *out, parts)
