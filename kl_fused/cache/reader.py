@@ -129,11 +129,12 @@ class TeacherCache:
                     return torch.full((len(sequence_ids),), -1, dtype=torch.int64)
                 raise KeyError(next(i for i in sequence_ids if not -(2**63) <= i < 2**63))
             wanted = torch.tensor(sequence_ids, dtype=torch.int64)
-        if len(self._sorted_ids) == 0:
-            found = torch.zeros(len(wanted), dtype=torch.bool)
-            where = torch.zeros(len(wanted), dtype=torch.int64)
+        stored = self._sorted_ids.shape[0]
+        if stored == 0:
+            found = torch.zeros(wanted.shape, dtype=torch.bool)
+            where = torch.zeros(wanted.shape, dtype=torch.int64)
         else:
-            where = torch.searchsorted(self._sorted_ids, wanted).clamp_(max=len(self._sorted_ids) - 1)
+            where = torch.searchsorted(self._sorted_ids, wanted).clamp_(max=stored - 1)
             found = self._sorted_ids[where] == wanted
         if not bool(found.all()):
             if missing_ok:
@@ -179,17 +180,20 @@ class TeacherCache:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         lengths = self._lengths[positions]
         kept = (lengths - offset).clamp_(min=0)
-        steps = int(kept.max()) if length is None and len(kept) else (length or 0)
-        count = len(positions)
-        out = {name: torch.zeros(count * steps, width, dtype=dtype)
+        steps = int(kept.max()) if length is None and kept.shape[0] else (length or 0)
+        count = positions.shape[0]
+        out = {name: torch.empty(count * steps, width, dtype=dtype)
                for name, (dtype, width) in self._layout.tensor_widths().items()}
-        out["logprobs"].fill_(float("-inf"))
         for row, (position, rows) in enumerate(zip(positions.tolist(), kept.clamp(max=steps).tolist())):
+            first, end = row * steps, (row + 1) * steps
             if rows:
                 tensors = self._tensors(int(self._shard_of[position]))
                 start = int(self._start[position]) + offset
                 for name, buffer in out.items():
-                    buffer[row * steps : row * steps + rows] = tensors[name][start : start + rows]
+                    buffer[first : first + rows] = tensors[name][start : start + rows]
+            if rows < steps:  # padding: no slots (log-prob -inf, index 0)
+                for name, buffer in out.items():
+                    buffer[first + rows : end] = float("-inf") if name == "logprobs" else 0
         logprobs = out.pop("logprobs").view(count, steps, self.k)
         indices = self._layout.codec.decode(out).view(count, steps, self.k)
         return TeacherTopK(indices, logprobs, self.vocab_size)
