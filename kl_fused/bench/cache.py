@@ -27,7 +27,7 @@ import torch
 from kl_fused.bench.environment import record_environment
 from kl_fused.bench.options import DTYPES, Mode, choices, comma_list, positive_int, positive_ints
 from kl_fused.bench.report import format_table, write_json
-from kl_fused.bench.timing import percentile, summarize, synchronize
+from kl_fused.bench.timing import percentile, summarize, time_interleaved
 
 ENCODINGS = {"int32": None, "packed": "packed"}
 
@@ -100,16 +100,7 @@ def bench_writer(args, directory, environment):
         return run
 
     steps = {"topk_teacher": topk_only, **{f"writer-{name}": writer(bits) for name, bits in ENCODINGS.items()}}
-    samples = {name: [] for name in steps}
-    names = list(steps)
-    for rep in range(args.warmup + args.reps):
-        for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            synchronize(args.device)
-            start = time.perf_counter()
-            steps[name]()
-            synchronize(args.device)
-            if rep >= args.warmup:
-                samples[name].append((time.perf_counter() - start) * 1e3)
+    samples = time_interleaved(steps, args.warmup, args.reps, args.device)
     base = percentile(samples["topk_teacher"], 0.5)
     tokens = args.write_sequences * args.write_tokens
     return [{

@@ -68,7 +68,8 @@ def dumps(manifest):
     return json.dumps(manifest, separators=(",", ":")).encode() + b"\n"
 
 
-def _no_duplicate_keys(pairs):
+def reject_duplicate_keys(pairs):
+    """json's object_pairs_hook: a JSON object, or ValueError for a key given twice."""
     seen = {}
     for key, value in pairs:
         if key in seen:
@@ -99,7 +100,7 @@ def parse_manifest(data, bytes_per_token_of):
     """The checked manifest of `data` (bytes), or ValueError. bytes_per_token_of(manifest) gives a
     shard's payload bytes per token for the store's K, V, dtype and encoding (checked first)."""
     try:
-        manifest = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+        manifest = json.loads(data.decode("utf-8"), object_pairs_hook=reject_duplicate_keys,
                               parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as error:
         raise ValueError(f"the manifest is not valid JSON: {error}") from None

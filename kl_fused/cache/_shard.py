@@ -19,21 +19,12 @@ import warnings
 
 import torch
 
-from kl_fused.cache._manifest import MAX_SHARD_HEADER_BYTES
+from kl_fused.cache._manifest import MAX_SHARD_HEADER_BYTES, reject_duplicate_keys
 
 SAFETENSORS_DTYPES = {"I32": torch.int32, "U8": torch.uint8, "BF16": torch.bfloat16, "F16": torch.float16,
                       "F32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 TENSOR_KEYS = {"dtype", "shape", "data_offsets"}
-
-
-def _duplicates_rejected(pairs):
-    seen = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen[key] = value
-    return seen
 
 
 def _open_regular_file(path):
@@ -107,7 +98,7 @@ class MappedShard:
             raise ValueError(f"its header length {header_bytes} does not fit the file")
         try:
             header = json.loads(bytes(mapping[8 : 8 + header_bytes]).decode("utf-8"),
-                                object_pairs_hook=_duplicates_rejected)
+                                object_pairs_hook=reject_duplicate_keys)
         except (UnicodeDecodeError, ValueError) as error:
             raise ValueError(f"its header is not valid JSON: {error}") from None
         data_start = 8 + header_bytes
