@@ -32,8 +32,8 @@ def teacher(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("teacher")
     corpus = workdir / "corpus.jsonl"
     example.write_corpus(corpus, lines=14)
-    with open(corpus, "a") as out:  # a blank line (skipped, its number unused) and one more record
-        out.write("\n" + json.dumps({"text": "the cat sees a book ."}) + "\n")
+    with open(corpus, "a") as out:  # a blank line (skipped, its number unused), an empty text, one more record
+        out.write("\n" + json.dumps({"text": ""}) + "\n" + json.dumps({"text": "the cat sees a book ."}) + "\n")
     example.save_teacher(workdir / "model", corpus, MAX_LENGTH, steps=0)
     return workdir / "model", corpus
 
@@ -62,7 +62,8 @@ def test_build_stores_the_teachers_topk_of_each_token_by_line_number(teacher, st
     assert cache.sequence_ids == [n for n, line in enumerate(lines) if line.strip()] and 14 not in cache
     assert (cache.k, cache.temperature, cache.index_encoding, cache.vocab_size) == (K, 2.0, "packed", len(tokenizer))
     assert cache.metadata["data"] == str(corpus) and cache.metadata["max_length"] == str(MAX_LENGTH)
-    for sequence_id in (0, 5, 15):
+    assert cache.length(15) == 1  # the empty text: its [BOS] alone, a row with no slots
+    for sequence_id in (0, 5, 15, 16):
         tokens = tokenizer(json.loads(lines[sequence_id])["text"], truncation=True, max_length=MAX_LENGTH)["input_ids"]
         with torch.no_grad():  # alone, unpadded: the batch's padding must not have changed anything
             logprobs = (model(input_ids=torch.tensor([tokens])).logits[0].double() / 2).log_softmax(-1)
@@ -80,7 +81,7 @@ def test_inspect_reports_counts_bytes_and_support_mass(store, capsys):
     assert main(["inspect", str(store), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     cache = TeacherCache(store)
-    assert report["sequences"] == len(cache) == 15 and report["tokens"] == cache.num_tokens
+    assert report["sequences"] == len(cache) == 16 and report["tokens"] == cache.num_tokens
     bits = math.ceil(math.log2(cache.vocab_size))  # packed ids: whole bytes, then bit planes of ceil(K / 8) bytes
     assert report["payload_bytes_per_token"] == K * (bits // 8) + (bits % 8) * math.ceil(K / 8) + 4 * K
     assert report["disk_bytes"] / report["tokens"] == report["bytes_per_token"] > report["payload_bytes_per_token"]
@@ -93,7 +94,7 @@ def test_inspect_reports_counts_bytes_and_support_mass(store, capsys):
     assert abs(mass["p50"] - float(masses.quantile(0.5))) <= 0.003
     assert main(["inspect", str(store)]) == 0
     text = capsys.readouterr().out
-    assert "15 sequences" in text and "support mass" in text and "data_sha256" in text
+    assert "16 sequences" in text and "support mass" in text and "data_sha256" in text
 
 
 def test_build_resumes_and_refuses_what_it_cannot_continue(teacher, store, tmp_path, capsys):
@@ -130,7 +131,7 @@ def test_build_errors_name_the_problem(teacher, tmp_path, capsys):
 
 def test_verify_command_names_a_damaged_shard(store, tmp_path, capsys, monkeypatch):
     assert main(["verify", str(store)]) == 0
-    assert "ok: 1 shards, 15 sequences" in capsys.readouterr().out
+    assert "ok: 1 shards, 16 sequences" in capsys.readouterr().out
     damaged = tmp_path / "damaged"
     damaged.mkdir()
     for name in os.listdir(store):

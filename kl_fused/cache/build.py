@@ -74,6 +74,10 @@ def _pad_id(tokenizer):
 def store_batch(writer, model, batch, pad_id, device):
     """Run the teacher on a batch of (id, token ids), right-padded, and add each sequence's rows."""
     longest = max(len(tokens) for _, tokens in batch)
+    if longest == 0:  # texts that tokenize to nothing: stored with no rows
+        for sequence_id, _ in batch:
+            writer.add_topk(sequence_id, torch.zeros(0, writer.k, dtype=torch.int32), torch.zeros(0, writer.k))
+        return
     input_ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), longest), dtype=torch.long)
     for row, (_, tokens) in enumerate(batch):
