@@ -55,7 +55,7 @@ def resolve(args):
     if args.providers is not None:
         raise ValueError("--cache has no providers")
     if not 1 <= args.cache_k <= args.cache_vocab < 2**31:
-        raise ValueError(f"--cache-k must be in [1, --cache-vocab] and --cache-vocab below 2**31")
+        raise ValueError("--cache-k must be in [1, --cache-vocab] and --cache-vocab below 2**31")
     args.batch, args.steps = _pair(args.cache_batch, "--cache-batch")
     args.write_sequences, args.write_tokens = _pair(args.cache_write, "--cache-write")
     args.workers = positive_ints(args.cache_workers, "--cache-workers")

@@ -17,6 +17,7 @@ import time
 import torch
 
 from kl_fused.cache.writer import TeacherCacheWriter
+from kl_fused.sparse import topk_teacher
 
 ROWS = "row i: the teacher's top-k distribution of token i (its logits at position i - 1); row 0: no slots"
 
@@ -88,8 +89,6 @@ def store_batch(writer, model, batch, pad_id, device):
     if logits.shape[-1] != writer.vocab_size:
         raise ValueError(f"the teacher's logits have {logits.shape[-1]} columns, the store's vocab_size is "
                          f"{writer.vocab_size}")
-    from kl_fused.sparse import topk_teacher
-
     for row, (sequence_id, tokens) in enumerate(batch):
         length = len(tokens)
         indices = torch.zeros(length, writer.k, dtype=torch.int32)

@@ -14,6 +14,7 @@ import os
 import torch
 
 from kl_fused._sparse_args import check_temperature
+from kl_fused.sparse import topk_teacher
 from kl_fused.cache._files import DirectoryLock, LOCK_NAME, is_temporary, write_atomically
 from kl_fused.cache._layout import StoreLayout, as_sequence_id, read_manifest
 from kl_fused.cache._manifest import (
@@ -150,8 +151,6 @@ class TeacherCacheWriter:
 
     def add(self, sequence_id, teacher_logits):
         """Store the top-k of (L, V) teacher logits at the writer's temperature (kl_fused.topk_teacher)."""
-        from kl_fused.sparse import topk_teacher
-
         self._check_new_id(sequence_id)
         if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() != 2:
             raise ValueError(f"teacher_logits must be an (L, V) tensor, got "
