@@ -10,15 +10,18 @@ CSRC := $(shell find csrc -type f)
 
 all: test
 
-# The test extra of pyproject.toml (oracles and peers: scipy, trl, transformers) is installed
-# against a constraint that pins the torch just installed: otherwise a peer's `torch>=2` can pull
-# a newer torch built for another CUDA than the nvcc the extension compiles with.
+# The extras of pyproject.toml that the tests need (test: oracles and peers, scipy, trl, transformers;
+# cache: safetensors, tqdm) are installed against a constraint that pins the torch just installed:
+# otherwise a peer's `torch>=2` can pull a newer torch built for another CUDA than the nvcc the
+# extension compiles with.
+TEST_EXTRAS ?= test cache
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" ninja setuptools wheel
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt $$($(PY) -c "import tomllib; \
-		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))")
+		extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; \
+		print(' '.join(sorted({r for name in '$(TEST_EXTRAS)'.split() for r in extras[name]})))")
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
