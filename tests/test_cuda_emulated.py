@@ -3,11 +3,13 @@ same float64 reference and scipy oracle as the CPU kernels.
 
 The emulator compiles the unchanged .cu sources with the host compiler: every block's threads run as
 fibers, __syncthreads is a real barrier, warp shuffles exchange values in lock-step, ex2.approx errs
-as much as the hardware may, and every memory access is checked (bounds, alignment, shared-memory
-races, uninitialised shared memory). The host code path is the real one too: launch plan, opt-in
-shared memory, vectorised-or-scalar choice, grid size. Each test asserts which kernel instantiation
-ran with which launch configuration, and the last test checks that every instantiation the host
-code can launch ran at least once.
+as much as the hardware may, every memory access is checked (bounds, alignment, races through
+shared and global memory, uninitialised shared memory), no output may keep bytes no kernel wrote,
+and every call runs under two schedules whose outputs must be the same bits (tests/simt/emulator.py;
+tests/test_simt_emulator.py shows each check at work). The host code path is the real one too:
+launch plan, opt-in shared memory, vectorised-or-scalar choice, grid size. Each test asserts which
+kernel instantiation ran with which launch configuration, and the last test checks that every
+instantiation the host code can launch ran at least once.
 """
 
 import math

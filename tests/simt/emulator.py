@@ -165,12 +165,13 @@ class Emulator:
                 self._use(self.schedules[0])
             names = f"schedules {self.schedules[0]} and {schedule}"
             assert other_launches == launches, f"{what}: the launches differ between {names}"
-            pairs = [("output", a, b) for a, b in zip(_tensors(result), _tensors(other))]
-            pairs += [("argument", a, b) for a, b in zip(args, twin) if isinstance(a, torch.Tensor)]
-            assert len(_tensors(result)) == len(_tensors(other))
-            for i, (kind, a, b) in enumerate(pairs):
+            outputs, other_outputs = _tensors(result), _tensors(other)
+            assert len(outputs) == len(other_outputs), f"{what}: the outputs differ between {names}"
+            pairs = [(f"output {i}", a, b) for i, (a, b) in enumerate(zip(outputs, other_outputs))]
+            pairs += [(f"argument {i}", a, b) for i, (a, b) in enumerate(zip(args, twin)) if isinstance(a, torch.Tensor)]
+            for name, a, b in pairs:
                 where = first_different_bits(a, b)
-                assert where is None, f"{what}: {kind} {i} differs between {names}, {where}"
+                assert where is None, f"{what}: {name} differs between {names}, {where}"
         return result, launches
 
     def call(self, op_name, *args):

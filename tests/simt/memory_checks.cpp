@@ -86,22 +86,15 @@ bool races(Touches<Id>& t, Id me, Access kind, Access* earlier, Id* other) {
   return false;
 }
 
+// An access kind in messages: "(write after read)", "written by thread (0,0,0)".
 const char* noun(Access kind) {
-  switch (kind) {
-    case Access::Read: return "read";
-    case Access::Write: return "write";
-    case Access::Atomic: return "atomic";
-  }
-  return "?";
+  static const char* const names[] = {"read", "write", "atomic"};
+  return names[static_cast<int>(kind)];
 }
 
 const char* past(Access kind) {
-  switch (kind) {
-    case Access::Read: return "read";
-    case Access::Write: return "written";
-    case Access::Atomic: return "accessed atomically";
-  }
-  return "?";
+  static const char* const names[] = {"read", "written", "accessed atomically"};
+  return names[static_cast<int>(kind)];
 }
 
 std::string thread_name(uint16_t id) {

@@ -207,21 +207,6 @@ __global__ void probe_execution_order(const float* in, float* out, int blocks) {
 
 // ---- the block reductions of csrc/cuda (block_reduce.cuh, row_state.cuh)
 
-// Thread i's online-softmax state, made from in[i] (every field depends on it).
-__device__ __forceinline__ kl_fused::cuda::RowState<float> probe_state(const float* in) {
-  const float v = in[blockIdx.x * blockDim.x + threadIdx.x];
-  return {v, 0.5f * v, 1.0f + v * v, 2.0f - 0.25f * v, 0.75f * v};
-}
-
-__device__ __forceinline__ void probe_write_state(float* out, const kl_fused::cuda::RowState<float>& st) {
-  float* o = out + 5 * (blockIdx.x * blockDim.x + threadIdx.x);
-  o[0] = st.mx;
-  o[1] = st.my;
-  o[2] = st.zx;
-  o[3] = st.zy;
-  o[4] = st.w;
-}
-
 // A combine that is commutative in exact arithmetic, whose rounding depends on the order of its
 // operands once a*b + c is contracted: fma(a.p, a.q, b.p * b.q) is not fma(b.p, b.q, a.p * a.q).
 struct ProbeProducts {
