@@ -30,10 +30,15 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 
 build: $(VENV)/.built
 
-# The second run serves the same values, edges and gradients from the portable (non-AVX2) kernels,
+# After the whole suite (whose emulated CUDA tests run every call under the forward and a random
+# schedule), the emulated tests once more in the build whose kernels contract a*b + c into fused
+# multiply-adds as nvcc's do, under two other schedules, and the mutation check's CI subset.
+# The last runs serve the same values, edges and gradients from the portable (non-AVX2) kernels,
 # which ATen's capability switch selects (not torch.compile: inductor's own C++ build fails under it).
 test: build
 	$(PY) -m pytest -q tests
+	SIMT_FMA=1 SIMT_SCHEDULES=reverse,random:2 $(PY) -m pytest -q tests/test_simt_emulator.py tests/test_cuda_emulated*.py
+	$(PY) tests/simt/mutation_check.py --ci
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py \
 		tests/test_sparse_values.py
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_jsd.py -k "not compile"
