@@ -85,7 +85,7 @@ def test_offline_distillation_builds_a_store_and_the_student_learns_from_it(tmp_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second thread only waits, and on a loaded machine it spins
     try:
-        with fused_op_must_run(torch.ops.kl_fused.sparse_kl_div.default):
+        with fused_op_must_run(torch.ops.kl_fused.distillation_loss.default):
             losses = offline.run(tmp_path, steps=14, lines=48, length=24, teacher_steps=20, packed=True, quiet=True)
     finally:
         torch.set_num_threads(threads)
