@@ -26,10 +26,12 @@ gradient (reduction "none") cannot be applied to a weight's gradient after the f
 forward computes the loss only and backward runs the loop again with the rows weighted.
 
 Host synchronisation: one per call to count the rows that count (their number sets the chunk
-shapes) when there is a mask or labels, none otherwise; with validate, one per chunk on CUDA to
-raise on a bad label or top-k slot. num_items_in_batch on the device is read there.
+shapes) when there is a mask or labels, none otherwise; with validate, one more on CUDA at the end
+of the loop to raise on a bad label or top-k slot (not one per chunk). num_items_in_batch on the
+device is read there.
 """
 
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -183,12 +185,12 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
                 renormalize, temperature, soft_weight, hard_weight, ignore_index, label_smoothing, mass_tolerance,
                 validate, student_scale, student_softcap, teacher_scale, teacher_softcap, compute_dtype, reduction,
                 chunk_rows, grad_student_hidden, grad_student_weight, grad_student_bias, grad_teacher_logits,
-                grad_teacher_hidden, grad_teacher_weight, grad_teacher_bias, grad_teacher_logprobs, row_op=None,
+                grad_teacher_hidden, grad_teacher_weight, grad_teacher_bias, grad_teacher_logprobs, rows_op=None,
                 total_vocab=None):
-    """The loop. row_op (default: the fused op kl_fused::distillation_loss, with its arguments) computes a
-    chunk's rows; the vocab-parallel losses (kl_fused.distributed) plug in their shard's, whose vocabulary
-    is total_vocab (default: the weight's rows) for the "mean" reduction."""
-    row_op = row_op if row_op is not None else torch.ops.kl_fused.distillation_loss
+    """The loop. rows_op (default: distillation_rows, the fused op kl_fused::distillation_loss, with its
+    arguments) computes a chunk's rows; the vocab-parallel losses (kl_fused.distributed) plug in their
+    shard's, whose full vocabulary is total_vocab (default: the weight's rows) for the "mean" reduction."""
+    rows_op = rows_op if rows_op is not None else distillation_rows
     device = student_hidden.device
     leading = student_hidden.shape[:-1]
     rows = leading.numel()
@@ -253,9 +255,8 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
     def take(rows_of, chunk):
         return rows_of.take(chunk) if rows_of is not None else None
 
-    for start in range(0, counted, chunk_rows):
-        end = min(start + chunk_rows, counted)
-        chunk = kept[start:end] if kept is not None else slice(start, end)
+    def chunk_inputs(chunk):
+        """A chunk's student (h_s, z_s, saved), teacher (h_t, z_t, saved), top-k slots and labels."""
         h_s = h_s_rows.take(chunk).to(compute_dtype)
         z_s, s_saved = student_post.forward(torch.nn.functional.linear(h_s, w_s, b_s))
         h_t, t_saved, z_t = None, None, None
@@ -267,12 +268,31 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
         idx_c, lp_c = (take(topk_rows[0], chunk), take(topk_rows[1], chunk)) if topk_rows is not None else (None, None)
         labels_c = (flat_labels[chunk] if isinstance(chunk, slice) else flat_labels.index_select(0, chunk)) \
             if flat_labels is not None else None
+        return (h_s, z_s, s_saved), (h_t, z_t, t_saved), (idx_c, lp_c, labels_c)
+
+    def row_op(z_s, z_t, slots, kernel_validates, student_grad, teacher_grad, logprobs_grad):
         # Every row of the chunk counts: no mask, the labels' ignore_index never occurs here.
-        chunk_row_losses, dz_s, dz_t, dlp, parts = row_op(
-            z_s, z_t, idx_c, lp_c, labels_c, None, None, divergence, beta, renormalize, temperature, soft_weight,
-            hard_weight, ignore_index, label_smoothing, "none", mass_tolerance, validate, need_student,
-            need_teacher and z_t is not None, grad_teacher_logprobs)
-        del z_s, z_t
+        return rows_op(
+            z_s, z_t, *slots, None, None, divergence, beta, renormalize, temperature, soft_weight, hard_weight,
+            ignore_index, label_smoothing, "none", mass_tolerance, kernel_validates, student_grad, teacher_grad,
+            logprobs_grad)
+
+    # validate on a device where reading the kernels' row status costs a host synchronisation: the
+    # chunks run unvalidated (a bad label or top-k slot then makes its row's loss or part NaN, nothing
+    # is read out of bounds), a flag on the device collects rows that are not finite, and one
+    # synchronisation at the end reads it; only then are those rows run again, validated, to raise.
+    deferred = validate and defers_validation(device)
+    not_finite = torch.zeros((), dtype=torch.bool, device=device) if deferred else None
+
+    for start in range(0, counted, chunk_rows):
+        end = min(start + chunk_rows, counted)
+        chunk = kept[start:end] if kept is not None else slice(start, end)
+        (h_s, z_s, s_saved), (h_t, z_t, t_saved), slots = chunk_inputs(chunk)
+        chunk_row_losses, dz_s, dz_t, dlp, parts = row_op(z_s, z_t, slots, validate and not deferred, need_student,
+                                                          need_teacher and z_t is not None, grad_teacher_logprobs)
+        del z_s, z_t, slots
+        if deferred:
+            not_finite |= ~(chunk_row_losses.isfinite().all() & parts.isfinite().all())
         total += chunk_row_losses.sum()
         total_parts += parts.sum(1)
         if row_loss is not None:
@@ -305,6 +325,9 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
             if grad_teacher_bias:
                 grad_b_t += g.sum(0, dtype=grad_b_t.dtype)
 
+    if deferred and host_flag(not_finite):
+        _raise_on_bad_rows(kept, counted, chunk_rows, chunk_inputs, row_op, leading)
+
     if grad_w_s is None:  # no counted rows
         grad_w_s = _accumulator(student_weight, grad_student_weight)
     if grad_w_t is None:
@@ -335,6 +358,44 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
         else:
             grads.append(_divide(grad, denominator).to(like.dtype))
     return (result_loss,) + tuple(grads) + (result_parts,)
+
+
+def distillation_rows(*args):
+    """The distillation step's row op on a chunk (kl_fused::distillation_loss, reduction "none")."""
+    return torch.ops.kl_fused.distillation_loss(*args)
+
+
+def defers_validation(device):
+    """Whether validate reads the kernels' row status once per call instead of once per chunk: where
+    reading it is a host synchronisation (every device but the CPU)."""
+    return device.type != "cpu"
+
+
+def host_flag(flag):
+    """A 0-dim bool tensor read on the host: the one synchronisation of a deferred validation."""
+    return bool(flag)
+
+
+def _raise_on_bad_rows(kept, counted, chunk_rows, chunk_inputs, row_op, leading):
+    """The error path of a deferred validation: reruns the chunks unvalidated to find the counted rows
+    whose loss or parts are not finite, reruns each of those alone, validated, and raises the kernel's
+    ValueError with the row named in the leading shape. Rows not finite for another reason
+    (non-finite inputs) raise nothing, as without deferral."""
+    for start in range(0, counted, chunk_rows):
+        end = min(start + chunk_rows, counted)
+        chunk = kept[start:end] if kept is not None else slice(start, end)
+        (_, z_s, _), (_, z_t, _), slots = chunk_inputs(chunk)
+        losses, _, _, _, parts = row_op(z_s, z_t, slots, False, False, False, False)
+        for offset in (~(losses.isfinite() & parts.isfinite().all(0))).nonzero().flatten().tolist():
+            row = int(kept[start + offset]) if kept is not None else start + offset
+            one = kept[start + offset:start + offset + 1] if kept is not None else slice(row, row + 1)
+            (_, z_s, _), (_, z_t, _), slots = chunk_inputs(one)
+            try:
+                row_op(z_s, z_t, slots, True, False, False, False)
+            except ValueError as error:
+                where = tuple(int(i) for i in torch.unravel_index(torch.tensor(row), tuple(leading)))
+                named = f"row {where[0] if len(where) == 1 else where} of the leading shape {tuple(leading)}"
+                raise ValueError(re.sub(r"\brow 0\b", named, str(error), count=1)) from None
 
 
 def _weighted(grad, factors):

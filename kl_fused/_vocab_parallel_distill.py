@@ -20,6 +20,7 @@ from kl_fused._rank_agreement import agree, collective_device, content_hash, rec
 from kl_fused._shard_distill import VocabShard, collective_values_per_row, shard_distillation_rows
 from kl_fused._sparse_args import support_mass_tolerance
 from kl_fused._sparse_reference import _raise_on_bad_support, support_status
+from kl_fused._teacher_topk import check_teacher_vocab
 from kl_fused._validate import SUPPORTED_DTYPES
 from kl_fused.distill import LossParts, _check_args
 from kl_fused.linear import check_linear_distillation_args, default_chunk_rows
@@ -82,7 +83,7 @@ def _agree(name, group, error, device, rows_of, width, hidden, dtype, options, m
     return sum(f["width"] for f in fields), min(f["chunk_rows"] for f in fields)
 
 
-def _counted_rows(rows, labels, ignore_index, mask):
+def _counted_rows(labels, ignore_index, mask):
     """(flat bool of the rows that count or None when all do, flat labels or None)."""
     counted = mask.reshape(-1) if mask is not None else None
     flat_labels = labels.reshape(-1) if labels is not None else None
@@ -162,11 +163,12 @@ def distillation_loss_vocab_parallel(student_shard, teacher_shard=None, *, group
     :mod:`kl_fused.distributed`."""
     name = "distillation_loss_vocab_parallel"
     _require_dist(name)
+    given_topk = teacher_topk
     num_items = None
     try:
         teacher_topk = _check_args(student_shard, teacher_shard, teacher_topk, labels, divergence, beta, tail,
                                    temperature, soft_weight, hard_weight, ignore_index, label_smoothing, reduction,
-                                   mask, validate)
+                                   mask, validate, check_vocab=False)
         num_items = check_num_items(num_items_in_batch, reduction, student_shard.device)
         error = None
     except (TypeError, ValueError) as bad:
@@ -180,7 +182,8 @@ def distillation_loss_vocab_parallel(student_shard, teacher_shard=None, *, group
     vocab, chunk_rows = _agree(name, group, error, device, student_shard, width, 0,
                                student_shard.dtype if error is None else torch.float32, options, mask, labels,
                                teacher_topk, num_items, chunk_rows)
-    counted, flat_labels = _counted_rows(student_shard.shape[:-1].numel(), labels, ignore_index, mask)
+    check_teacher_vocab(given_topk, vocab)  # a TeacherTopK of another vocabulary (the same on every rank)
+    counted, flat_labels = _counted_rows(labels, ignore_index, mask)
     _check_values(flat_labels, teacher_topk, counted, vocab, tail, validate, ignore_index)
     shard = _make_shard(group, width, vocab, device)
     indices, logprobs = teacher_topk if teacher_topk is not None else (None, None)
@@ -260,7 +263,7 @@ class _DistillShards(torch.autograd.Function):
 
 
 def grad_needed(x):
-    return x is not None and torch.is_grad_enabled() and x.requires_grad
+    return isinstance(x, torch.Tensor) and torch.is_grad_enabled() and x.requires_grad
 
 
 def _denominator(reduction, num_items, count, vocab):
@@ -286,6 +289,7 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
     shard; see :mod:`kl_fused.distributed`."""
     name = "linear_distillation_loss_vocab_parallel"
     _require_dist(name)
+    given_topk = teacher_topk
     compute_dtype = num_items = None
     try:
         if hidden_grad not in HIDDEN_GRADS:
@@ -294,13 +298,15 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
             student_hidden, student_weight_shard, teacher_logits_shard, teacher_hidden, teacher_weight_shard,
             teacher_topk, student_bias_shard, teacher_bias_shard, chunk_rows, student_logit_scale,
             teacher_logit_scale, student_softcap, teacher_softcap, labels, divergence, beta, tail, temperature,
-            soft_weight, hard_weight, ignore_index, label_smoothing, reduction, mask, num_items_in_batch, validate)
+            soft_weight, hard_weight, ignore_index, label_smoothing, reduction, mask, num_items_in_batch, validate,
+            check_vocab=False)
         error = None
     except (TypeError, ValueError) as bad:
         error = bad
     device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else torch.device("cpu")
+    logprobs = teacher_topk[1] if error is None and teacher_topk is not None else None
     tensors = (student_hidden, student_weight_shard, student_bias_shard, teacher_logits_shard, teacher_hidden,
-               teacher_weight_shard, teacher_bias_shard, teacher_topk[1] if teacher_topk is not None else None)
+               teacher_weight_shard, teacher_bias_shard, logprobs)
     form = "logits" if teacher_logits_shard is not None else ("hidden" if teacher_hidden is not None else "other")
     options = ("linear", form, divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index,
                label_smoothing, reduction, validate, return_parts, hidden_grad, student_logit_scale,
@@ -314,7 +320,8 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
     vocab, agreed_rows = _agree(name, group, error, device, student_hidden, width, hidden,
                                 compute_dtype if error is None else torch.float32, options, mask, labels, teacher_topk,
                                 num_items, agreed_rows)
-    counted, flat_labels = _counted_rows(None, labels, ignore_index, mask)
+    check_teacher_vocab(given_topk, vocab)
+    counted, flat_labels = _counted_rows(labels, ignore_index, mask)
     _check_values(flat_labels, teacher_topk, counted, vocab, tail, validate, ignore_index)
     shard = _make_shard(group, width, vocab, device)
     config = dict(
@@ -329,7 +336,7 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
                   validate=False, student_scale=float(student_logit_scale),
                   student_softcap=float(student_softcap or 0.0), teacher_scale=float(teacher_logit_scale),
                   teacher_softcap=float(teacher_softcap or 0.0), compute_dtype=compute_dtype, reduction=reduction,
-                  chunk_rows=int(agreed_rows), row_op=_ShardRowOp(shard, tail), total_vocab=vocab))
+                  chunk_rows=int(agreed_rows), rows_op=_ShardRowOp(shard, tail), total_vocab=vocab))
     loss, parts = _LinearShards.apply(config, *tensors)
     return LossParts(loss, parts[0], parts[1]) if return_parts else loss
 

@@ -13,6 +13,7 @@ from kl_fused._distill_args import (check_labels, check_num_items, check_options
 from kl_fused._distill_reference import distillation_loss as _reference
 from kl_fused._fused_loss import register_fused_loss_autograd
 from kl_fused._sparse_args import check_sparse_args, support_mass_tolerance
+from kl_fused._teacher_topk import check_teacher_vocab
 from kl_fused._validate import SUPPORTED_DTYPES, check_logits_pair, check_mask
 
 OP_NAME = "kl_fused::distillation_loss"
@@ -127,16 +128,19 @@ def distillation_loss(
 
 
 def _check_args(student_logits, teacher_logits, teacher_topk, labels, divergence, beta, tail, temperature, soft_weight,
-                hard_weight, ignore_index, label_smoothing, reduction, mask, validate):
-    """Raises TypeError/ValueError naming the first problem; returns teacher_topk as a tuple or None."""
+                hard_weight, ignore_index, label_smoothing, reduction, mask, validate, check_vocab=True):
+    """Raises TypeError/ValueError naming the first problem; returns teacher_topk as a tuple or None.
+    check_vocab=False leaves a TeacherTopK's vocabulary to the caller (the vocab-parallel form, on a shard)."""
     check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
                   reduction, validate)
-    teacher_topk = check_teacher_topk(teacher_topk)
+    given_topk, teacher_topk = teacher_topk, check_teacher_topk(teacher_topk)
     check_teacher_form(teacher_logits is not None, teacher_topk, divergence, labels, hard_weight)
     if teacher_logits is not None:
         check_logits_pair(student_logits, teacher_logits, mask)
     elif teacher_topk is not None:
         check_sparse_args(student_logits, *teacher_topk, temperature, tail, reduction, mask, validate)
+        if check_vocab:
+            check_teacher_vocab(given_topk, student_logits.shape[-1])  # a TeacherTopK of another vocabulary
     else:
         if not isinstance(student_logits, torch.Tensor):
             raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")

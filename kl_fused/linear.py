@@ -9,6 +9,7 @@ from kl_fused import _chunked_linear, reference
 from kl_fused._distill_args import check_labels, check_num_items, check_options, check_teacher_form, check_teacher_topk
 from kl_fused._ops import fused_path
 from kl_fused._sparse_args import check_topk_slots, support_mass_tolerance
+from kl_fused._teacher_topk import check_teacher_vocab
 from kl_fused._validate import SUPPORTED_DTYPES, check_beta, check_direction, check_mask, check_reduction, check_temperature
 from kl_fused.distill import LossParts
 
@@ -235,13 +236,13 @@ def check_linear_distillation_args(student_hidden, student_weight, teacher_logit
                                    teacher_topk, student_bias, teacher_bias, chunk_rows, student_logit_scale,
                                    teacher_logit_scale, student_softcap, teacher_softcap, labels, divergence, beta, tail,
                                    temperature, soft_weight, hard_weight, ignore_index, label_smoothing, reduction, mask,
-                                   num_items_in_batch, validate):
-    """linear_distillation_loss's arguments (also its vocab-parallel form's, on a weight shard): raises
-    TypeError/ValueError naming the first problem; returns (teacher_topk or None, the matmuls' dtype,
-    num_items as the chunk loop takes it)."""
+                                   num_items_in_batch, validate, check_vocab=True):
+    """linear_distillation_loss's arguments (also its vocab-parallel form's, on a weight shard, which checks a
+    TeacherTopK's vocabulary itself: check_vocab=False): raises TypeError/ValueError naming the first problem;
+    returns (teacher_topk or None, the matmuls' dtype, num_items as the chunk loop takes it)."""
     check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
                   reduction, validate)
-    teacher_topk = check_teacher_topk(teacher_topk)
+    given_topk, teacher_topk = teacher_topk, check_teacher_topk(teacher_topk)
     dense = any(x is not None for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias))
     check_teacher_form(dense, teacher_topk, divergence, labels, hard_weight)
     compute_dtype = check_linear_args(
@@ -251,6 +252,8 @@ def check_linear_distillation_args(student_hidden, student_weight, teacher_logit
     leading = tuple(student_hidden.shape[:-1])
     if teacher_topk is not None:
         check_topk_slots(*teacher_topk, leading, student_hidden.device, "student_hidden")
+        if check_vocab:
+            check_teacher_vocab(given_topk, student_weight.shape[0])  # a TeacherTopK of another vocabulary
     check_labels(labels, leading, student_hidden.device)
     num_items = check_num_items(num_items_in_batch, reduction, student_hidden.device)
     return teacher_topk, compute_dtype, num_items

@@ -143,6 +143,69 @@ def test_module(device):
         kl_fused.LinearDistillationLoss(chunk_rows=0)
 
 
+def test_a_teacher_topk_of_another_vocabulary_is_an_error_at_the_loss(device):
+    """A TeacherTopK (the cache's batches) carries its vocabulary: the loss refuses a student of another
+    one, whether or not its ids happen to lie below V; ids at or above V are refused on a plain pair too."""
+    from kl_fused._teacher_topk import TeacherTopK
+
+    tensors, labels = make_layers(6, 8, 70, torch.float32, device, seed=6, teacher="topk")
+    h, w, (idx, lp) = tensors["student_hidden"], tensors["student_weight"], tensors["teacher_topk"]
+    logits = (h @ w.T).detach()
+    ok = TeacherTopK(idx, lp, 70)
+    kl_fused.linear_distillation_loss(h, w, teacher_topk=ok, labels=labels, hard_weight=0.5)
+    kl_fused.distillation_loss(logits, teacher_topk=ok, labels=labels, hard_weight=0.5)
+    other = TeacherTopK(idx, lp, 71)
+    with pytest.raises(ValueError, match="vocabulary of 71 tokens .* the student's logits have 70"):
+        kl_fused.linear_distillation_loss(h, w, teacher_topk=other, labels=labels, hard_weight=0.5)
+    with pytest.raises(ValueError, match="vocabulary of 71 tokens .* the student's logits have 70"):
+        kl_fused.distillation_loss(logits, teacher_topk=other, labels=labels, hard_weight=0.5)
+    beyond = idx.clone()
+    beyond[3, 0] = 70
+    with pytest.raises(ValueError, match=r"teacher_indices must lie in \[0, V\) = \[0, 70\)"):
+        kl_fused.linear_distillation_loss(h, w, teacher_topk=(beyond, lp), chunk_rows=2)
+
+
+def test_validate_synchronises_once_per_call_not_per_chunk(monkeypatch):
+    """With validate, where reading the kernels' row status is a host synchronisation (CUDA), the chunks
+    run unvalidated and one flag is read at the end; forced here on the CPU, where the logic is the same.
+    A bad label in a late chunk still raises, naming its row; a NaN input row raises nothing."""
+    from kl_fused import _chunked_linear
+
+    reads, validated = [], []
+    real_rows = _chunked_linear.distillation_rows
+
+    def counting_flag(flag):
+        reads.append(flag)
+        return bool(flag)
+
+    def counting_rows(*args):
+        validated.append(args[17])
+        return real_rows(*args)
+
+    monkeypatch.setattr(_chunked_linear, "defers_validation", lambda device: True)
+    monkeypatch.setattr(_chunked_linear, "host_flag", counting_flag)
+    monkeypatch.setattr(_chunked_linear, "distillation_rows", counting_rows)
+    tensors, labels = make_layers(32, 8, 50, torch.float64, "cpu", seed=7, teacher="topk")
+    options = dict(labels=labels, hard_weight=0.5, chunk_rows=4)
+    loss = kl_fused.linear_distillation_loss(**tensors, **options)
+    expected = kl_fused.reference.linear_distillation_loss(**tensors, labels=labels, hard_weight=0.5)
+    assert_close(loss, expected, 1e-12, 1e-14, "deferred validation")
+    assert len(reads) == 1 and len(validated) >= 6 and not any(validated), (reads, validated)
+
+    reads.clear()
+    bad = labels.clone()
+    bad[29] = 50
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, V\) = \[0, 50\).* row 29 of the leading shape \(32,\)"):
+        kl_fused.linear_distillation_loss(**tensors, **{**options, "labels": bad})
+    assert len(reads) == 1
+
+    reads.clear()
+    nan_hidden = tensors["student_hidden"].clone()
+    nan_hidden[torch.nonzero(labels != IGNORE)[5, 0]] = float("nan")
+    loss = kl_fused.linear_distillation_loss(**{**tensors, "student_hidden": nan_hidden}, **options)
+    assert loss.isnan() and len(reads) == 1
+
+
 LIGER = importlib.util.find_spec("liger_kernel") is not None
 
 

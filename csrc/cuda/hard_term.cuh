@@ -12,10 +12,12 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "../kl_div_common.h"
 #include "device_math.cuh"
 #include "packs.cuh"
+#include "row_pipeline.cuh"
 
 namespace kl_fused::cuda {
 
@@ -44,7 +46,7 @@ HardTermArgs<acc_t> hard_term_args(const HardTermInputs& in) {
 }
 
 // The online softmax of a set of values (raw maximum m, z = sum 2^((x - m) k)): a thread's, then the
-// block's. Merging is symmetric, so every lane of a reduction ends bit-identical.
+// block's. Merging is symmetric in exact arithmetic; block_reduce gives every thread the same bits.
 template <typename acc_t>
 __device__ __forceinline__ void merge_softmax(acc_t& m, acc_t& z, acc_t m2, acc_t z2, acc_t k) {
   const acc_t mm = max_acc(m, m2);
@@ -146,6 +148,37 @@ __device__ __forceinline__ int64_t row_label(const HardTermArgs<acc_t>& hard, in
   const bool inside = y >= 0 && y < vocab;
   if (threadIdx.x == 0) hard.status[row] = inside ? 0 : kLabelOutOfRange;
   return inside ? y : -1;
+}
+
+// The rows a dense row kernel (KL, JSD) does not compute, block-uniform and touching no shared memory:
+// a masked row (loss and hard term 0, gradients 0) and, with the hard term, a counted row whose label
+// lies outside [0, V) (NaN everywhere; the host reports its status). Returns whether the row is done;
+// otherwise `label` holds the row's label (0 without the hard term).
+template <bool kHard, typename Args, typename FillGradients>
+__device__ __forceinline__ bool row_skipped(const Args& args, int64_t row, int64_t& label,
+                                            const FillGradients& fill_gradients) {
+  using acc_t = std::remove_pointer_t<decltype(args.row_loss)>;
+  label = 0;
+  if (row_masked(args.mask, row)) {
+    if (threadIdx.x == 0) {
+      args.row_loss[row] = acc_t(0);
+      if constexpr (kHard) {
+        args.hard.row_hard[row] = acc_t(0);
+        args.hard.status[row] = 0;
+      }
+    }
+    fill_gradients(row, 0.0f);
+    return true;
+  }
+  if constexpr (kHard) {
+    label = row_label(args.hard, row, args.vocab);
+    if (label < 0) {
+      if (threadIdx.x == 0) args.row_loss[row] = args.hard.row_hard[row] = static_cast<acc_t>(NAN);
+      fill_gradients(row, NAN);
+      return true;
+    }
+  }
+  return false;
 }
 
 }  // namespace kl_fused::cuda

@@ -168,26 +168,8 @@ __device__ __forceinline__ void jsd_rows(const KLRowsArgs<scalar_t>& args, const
   const bool unit_t = args.inv_temperature == acc_t(1);
 
   for (const int64_t row : block_rows(args.rows)) {
-    if (row_masked(args.mask, row)) {  // block-uniform; touches no shared memory
-      if (threadIdx.x == 0) {
-        args.row_loss[row] = acc_t(0);
-        if constexpr (kHard) {
-          args.hard.row_hard[row] = acc_t(0);
-          args.hard.status[row] = 0;
-        }
-      }
-      fill_gradients(row, scalar_t(0));
-      continue;
-    }
-    int64_t label = 0;
-    if constexpr (kHard) {
-      label = row_label(args.hard, row, args.vocab);
-      if (label < 0) {  // block-uniform: the row is undefined and never read
-        if (threadIdx.x == 0) args.row_loss[row] = args.hard.row_hard[row] = static_cast<acc_t>(NAN);
-        fill_gradients(row, static_cast<scalar_t>(NAN));
-        continue;
-      }
-    }
+    int64_t label;
+    if (row_skipped<kHard>(args, row, label, fill_gradients)) continue;
     const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
                             reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
     RowState<acc_t> st;
@@ -209,7 +191,7 @@ __device__ __forceinline__ void jsd_rows(const KLRowsArgs<scalar_t>& args, const
       st = block_merge(statistics.st, k, merge_scratch);
     }
     // A NaN logit makes its side's Z NaN, and so does a +inf one (inf - inf); a side all -inf has
-    // no distribution. Block-uniform: every thread holds the same merged state.
+    // no distribution. Block-uniform: block_reduce gives every thread the same bits of the state.
     if (st.zx != st.zx || st.zy != st.zy || st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) {
       if (threadIdx.x == 0) {
         args.row_loss[row] = static_cast<acc_t>(NAN);

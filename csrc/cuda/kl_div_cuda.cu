@@ -67,26 +67,8 @@ __device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
   const bool student_x = args.reverse;
 
   for (const int64_t row : block_rows(args.rows)) {
-    if (row_masked(args.mask, row)) {  // block-uniform; touches no shared memory
-      if (threadIdx.x == 0) {
-        args.row_loss[row] = acc_t(0);
-        if constexpr (kHard) {
-          args.hard.row_hard[row] = acc_t(0);
-          args.hard.status[row] = 0;
-        }
-      }
-      fill_gradients(row, scalar_t(0));
-      continue;
-    }
-    int64_t label = 0;
-    if constexpr (kHard) {
-      label = row_label(args.hard, row, args.vocab);
-      if (label < 0) {  // block-uniform: the row is undefined and never read
-        if (threadIdx.x == 0) args.row_loss[row] = args.hard.row_hard[row] = static_cast<acc_t>(NAN);
-        fill_gradients(row, static_cast<scalar_t>(NAN));
-        continue;
-      }
-    }
+    int64_t label;
+    if (row_skipped<kHard>(args, row, label, fill_gradients)) continue;
     const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
                             reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
     State st;
