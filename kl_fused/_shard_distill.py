@@ -20,12 +20,13 @@ columns and the ranks add those partial sums:
                                + eps (lse_s - sum_v s / V)
 
 Bytes per row per chunk (accumulation type of e bytes: 4, or 8 for float64): stage 1 at most 3e,
-stage 2 at most (6 + K)e, stage 3 2e -- never O(V). See collective_values_per_row.
+stage 2 at most (6 + K)e, stage 3 and 4 (JSD) 2e each -- never O(V). See collective_values_per_row.
 
-Gradients: each collective's backward is local (the derivative of an all-reduced SUM with respect to
-this rank's summand is the upstream gradient itself, and the maxima are shifts with no gradient), so
-autograd through these torch ops gives each rank exactly its shard's gradient, with no collective in
-backward. Temporaries: a few (rows x w_r) buffers of the accumulation type, which the callers bound by
+Gradients: autograd through these torch ops gives each rank exactly its shard's gradient. The
+derivative of an all-reduced SUM with respect to this rank's summand is the upstream gradient itself,
+and the maxima are shifts with no gradient: no collective. JSD's stage-3 partial sums on every rank
+depend on the full rows' lse, so the lse's gradient is the sum over the ranks of those partial sums'
+gradients: one all-reduce SUM of 2 values per row in backward (stage 4, JSD only). Temporaries: a few (rows x w_r) buffers of the accumulation type, which the callers bound by
 chunking the rows.
 """
 
@@ -53,6 +54,12 @@ class VocabShard:
         """All-reduce SUM of x, differentiable: the gradient of this rank's summand is the upstream one."""
         return _SumOverRanks.apply(x, self)
 
+    def shared(self, x):
+        """x, a value every rank holds alike (a full row's lse), as an input of this rank's partial sums:
+        its gradient is the sum over the ranks of theirs, by one all-reduce in backward (Megatron's copy
+        to the tensor-parallel region)."""
+        return _SharedAcrossRanks.apply(x, self)
+
     def owned(self, ids):
         """(ids in this rank's columns, their local column, clamped into range where not owned)."""
         local = ids.long() - self.offset
@@ -72,6 +79,19 @@ class _SumOverRanks(torch.autograd.Function):
         return grad, None
 
 
+class _SharedAcrossRanks(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, shard):
+        ctx.shard = shard
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.to(ctx.shard.comm, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=ctx.shard.group)
+        return total.to(grad.device), None
+
+
 def collective_values_per_row(divergence, dense, topk_slots, hard, temperature, label_smoothing):
     """Values of the accumulation type one rank sends per row per chunk in stages 1 to 3."""
     soft = dense or topk_slots > 0
@@ -84,7 +104,7 @@ def collective_values_per_row(divergence, dense, topk_slots, hard, temperature, 
         sums += 1 + int(own_hard_max) + int(label_smoothing > 0)
     if topk_slots:
         sums += topk_slots + 1
-    jsd_terms = 2 if dense and divergence == "jsd" else 0
+    jsd_terms = 4 if dense and divergence == "jsd" else 0  # stage 3, and the lse gradients
     return maxima + sums + jsd_terms
 
 
@@ -164,7 +184,8 @@ def shard_row_losses(shard, student, teacher, indices, logprobs, labels, diverge
         elif style == "reverse":
             soft = full["w"] / full["z_b"] - lse_b + lse_a
         else:  # Stage 3: JSD's two KLs against the mixture need the full rows' lse first.
-            log_p, log_q = a - lse_a[:, None], b - lse_b[:, None]
+            lse_ab = shard.shared(torch.stack([lse_a, lse_b], -1))
+            log_p, log_q = a - lse_ab[:, :1], b - lse_ab[:, 1:]
             p, q = log_p.exp(), log_q.exp()
             m = beta * p + (1 - beta) * q
             log_m = torch.log(torch.where(m > 0, m, 1.0))
@@ -221,15 +242,18 @@ def _sparse_rows(full, lp, used, lse_b, shift_b, vocab, renormalize):
 
 def shard_distillation_rows(shard, student, teacher, indices, logprobs, labels, divergence, beta, renormalize,
                             temperature, soft_weight, hard_weight, label_smoothing, bad_rows, student_grad,
-                            teacher_grad, logprobs_grad):
+                            teacher_grad, logprobs_grad, grads_in_acc=False):
     """The vocab-parallel counterpart of the op kl_fused::distillation_loss at reduction "none" on rows
     that all count: (row losses, grad of the student shard, of the teacher shard, of the log-probs,
     parts (2, rows)), gradients at upstream gradient 1 per row, with both weights folded in; empty
-    tensors for gradients not asked for. bad_rows (or None): rows with a label or top-k support the
+    tensors for gradients not asked for (in the inputs' dtypes, or the accumulation type with grads_in_acc,
+    for a caller that scales them before rounding once). bad_rows (or None): rows with a label or top-k support the
     caller found invalid (validate=False), whose losses are NaN, their gradients zero."""
     wanted = [(x, flag) for x, flag in ((student, student_grad), (teacher, teacher_grad), (logprobs, logprobs_grad))]
     with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(flag) if x is not None else None for x, flag in wanted]
+        acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+        # Leaves in the accumulation type, so that a gradient is rounded to its input's dtype once, at the end.
+        leaves = [x.detach().to(acc).requires_grad_(flag) if x is not None else None for x, flag in wanted]
         soft, hard = shard_row_losses(shard, leaves[0], leaves[1], indices, leaves[2], labels, divergence, beta,
                                       renormalize, temperature, label_smoothing)
         rows = None
@@ -248,7 +272,8 @@ def shard_distillation_rows(shard, student, teacher, indices, logprobs, labels, 
     for leaf, (x, flag) in zip(leaves, wanted):
         if leaf is not None and leaf.requires_grad:
             g = next(grads, None)
-            out.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
+            dtype = g.dtype if grads_in_acc and g is not None else x.dtype
+            out.append(torch.zeros_like(x, dtype=dtype) if g is None else g.to(dtype))
         else:
             out.append(student.new_empty((0,)))
     zeros = torch.zeros_like(rows.detach())

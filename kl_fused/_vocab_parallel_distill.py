@@ -117,8 +117,8 @@ class _ShardRowOp:
     """The chunk's row op with the signature of the fused op kl_fused::distillation_loss (what the shared
     chunk loop calls), on this rank's shard: all rows count, reduction "none"."""
 
-    def __init__(self, shard, tail):
-        self.shard, self.tail = shard, tail
+    def __init__(self, shard, tail, grads_in_acc=False):
+        self.shard, self.tail, self.grads_in_acc = shard, tail, grads_in_acc
 
     def __call__(self, student, teacher, indices, logprobs, labels, _mask, _num_items, divergence, beta, renormalize,
                  temperature, soft_weight, hard_weight, _ignore_index, label_smoothing, _reduction, mass_tolerance,
@@ -140,7 +140,7 @@ class _ShardRowOp:
         return shard_distillation_rows(self.shard, student, teacher, indices, logprobs, labels, divergence, beta,
                                        renormalize, temperature, soft_weight, hard_weight, label_smoothing,
                                        bad, student_grad,
-                                       teacher_grad, logprobs_grad)
+                                       teacher_grad, logprobs_grad, self.grads_in_acc)
 
 
 def _make_shard(group, width, vocab, device):
@@ -219,7 +219,7 @@ class _DistillShards(torch.autograd.Function):
         row_loss = torch.zeros(rows, dtype=acc, device=student.device)
         row_parts = torch.zeros(2, rows, dtype=acc, device=student.device)
         denominator = _denominator(c["reduction"], c["num_items"], count, c["shard"].vocab)
-        op = _ShardRowOp(c["shard"], c["tail"])
+        op = _ShardRowOp(c["shard"], c["tail"], grads_in_acc=True)
         # The rows that count, in chunks (the same on every rank: their count and the chunk size agree).
         for start in range(0, count, c["chunk_rows"]):
             chunk = kept[start:start + c["chunk_rows"]] if kept is not None else torch.arange(
@@ -237,8 +237,7 @@ class _DistillShards(torch.autograd.Function):
             row_parts.index_copy_(1, chunk, parts)
             for dest, g in zip(grads_2d, chunk_grads):
                 if dest is not None:
-                    dest.index_copy_(0, chunk, _chunked_linear._divide(g.to(acc), denominator).to(dest.dtype)
-                                     if _divides(denominator) else g)
+                    dest.index_copy_(0, chunk, _chunked_linear._divide(g, denominator).to(dest.dtype))
         if c["reduction"] == "none":
             loss, parts = row_loss.view(leading), row_parts.view((2, *leading))
         else:
@@ -270,10 +269,6 @@ def _denominator(reduction, num_items, count, vocab):
     if reduction == "batchmean" and num_items is not None:
         return num_items
     return {"none": 1, "sum": 1, "batchmean": max(count, 1), "mean": max(count, 1) * vocab}[reduction]
-
-
-def _divides(denominator):
-    return isinstance(denominator, torch.Tensor) or denominator != 1
 
 
 def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard, teacher_logits_shard=None, *,

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 
 import kl_fused
-from conftest import make_logits
-from distill_helpers import IGNORE, TOLERANCES, make_labels, poison_uncounted
+from conftest import TOLERANCES, make_logits
+from distill_helpers import IGNORE, make_labels, poison_uncounted
 from kl_fused.distributed import (distillation_loss_vocab_parallel, kl_div_logits_vocab_parallel,
                                   linear_distillation_loss_vocab_parallel)
 from sparse_helpers import make_sparse
