@@ -271,7 +271,7 @@ def sub_group_and_errors(rank, world_size):
     labels = torch.tensor([0, 1, 2, vocab if rank == 0 else 3])
     with pytest.raises(ValueError, match="disagree on the labels"):
         distillation_loss_vocab_parallel(s, t, labels=labels, hard_weight=1.0)
-    labels = torch.tensor([0, vocab, IGNORE, end - 1])
+    labels = torch.tensor([0, vocab, IGNORE, vocab - 1])
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, V\) = \[0, {vocab}\).*row 1 holds {vocab}"):
         distillation_loss_vocab_parallel(s, t, labels=labels, hard_weight=1.0)
     with pytest.raises(ValueError, match=rf"labels must lie in \[0, V\) = \[0, {vocab}\)"):
@@ -301,4 +301,14 @@ def sub_group_and_errors(rank, world_size):
     _logits_case(rank, widths, torch.float64, "dense", 90, hard_weight=0.3)
 
 
-SCENARIOS = {"logits_cases": logits_cases, "linear_cases": linear_cases, "sub_group_and_errors": sub_group_and_errors}
+def every_case(rank, world_size):
+    """All of the above in one process-group launch (spawning a group is the slow part); the sub-group and
+    the error cases on 3 ranks, where a sub-group is not the whole world."""
+    logits_cases(rank, world_size)
+    linear_cases(rank, world_size)
+    if world_size == 3:
+        sub_group_and_errors(rank, world_size)
+
+
+SCENARIOS = {"logits_cases": logits_cases, "linear_cases": linear_cases, "sub_group_and_errors": sub_group_and_errors,
+             "every_case": every_case}
