@@ -178,7 +178,8 @@ def distillation_loss_vocab_parallel(student_shard, teacher_shard=None, *, group
                ignore_index, label_smoothing, reduction, validate, return_parts,
                teacher_shard is not None and teacher_shard.requires_grad)
     width = student_shard.shape[-1] if error is None else 0
-    chunk_rows = default_chunk_rows(width, device, student_shard.dtype) if error is None else 0
+    chunk_rows = (default_chunk_rows(width * dist.get_world_size(group), device, student_shard.dtype)
+                  if error is None else 0)
     vocab, chunk_rows = _agree(name, group, error, device, student_shard, width, 0,
                                student_shard.dtype if error is None else torch.float32, options, mask, labels,
                                teacher_topk, num_items, chunk_rows)
@@ -311,7 +312,10 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
     if error is None:
         width, hidden = student_weight_shard.shape
         hiddens = [w.shape[1] for w in (student_weight_shard, teacher_weight_shard) if w is not None]
-        agreed_rows = chunk_rows or default_chunk_rows(width, device, compute_dtype, max(hiddens))
+        # The single-process loop's chunk for the full vocabulary (about width x ranks): each rank's chunk
+        # buffers are then 1/N of the single-process ones.
+        agreed_rows = chunk_rows or default_chunk_rows(width * dist.get_world_size(group), device, compute_dtype,
+                                                       max(hiddens))
     vocab, agreed_rows = _agree(name, group, error, device, student_hidden, width, hidden,
                                 compute_dtype if error is None else torch.float32, options, mask, labels, teacher_topk,
                                 num_items, agreed_rows)

@@ -284,14 +284,19 @@ def resolve(args):
         raise ValueError("--linear takes its shapes from --linear-cases (ROWSxHxV), not --cases/--rows/--vocab")
     dtype_names = choices(args.dtypes or DEFAULT_DTYPE[device_type], DTYPES, "dtype")
     teachers = choices(args.teacher or ",".join(TEACHER_FORMS), TEACHER_FORMS, "teacher form")
-    shapes = []
-    for text in comma_list(args.linear_cases or DEFAULT_CASES[device_type]):
-        parts = text.split("x")
-        if len(parts) != 3:
-            raise ValueError(f"linear case {text!r} must be ROWSxHxV, as in 4096x256x32000")
-        shapes.append(tuple(positive_int(part, "a linear case's size") for part in parts))
-    args.linear_cases = [LinearCase(r, h, v, d, t) for d in dtype_names for (r, h, v) in shapes for t in teachers]
+    args.linear_cases = parse_linear_cases(args.linear_cases or DEFAULT_CASES[device_type], dtype_names, teachers)
     args.providers = choices(args.providers or ",".join(PROVIDERS), PROVIDERS, "provider")
+
+
+def parse_linear_cases(text, dtype_names, teachers):
+    """LinearCases of a ROWSxHxV comma list, for each dtype and teacher form."""
+    shapes = []
+    for case in comma_list(text):
+        parts = case.split("x")
+        if len(parts) != 3:
+            raise ValueError(f"linear case {case!r} must be ROWSxHxV, as in 4096x256x32000")
+        shapes.append(tuple(positive_int(part, "a linear case's size") for part in parts))
+    return [LinearCase(r, h, v, d, t) for d in dtype_names for (r, h, v) in shapes for t in teachers]
 
 
 def results_table(records):
@@ -325,7 +330,7 @@ def run(args, environment):
 MODE = Mode(
     name="linear",
     add_arguments=add_arguments,
-    selected=lambda args: args.linear,
+    selected=lambda args: args.linear and args.vocab_parallel is None,  # with it: --vocab-parallel N --linear
     resolve=resolve,
     run=run,
     providers={name: description for name, (description, _, _) in PROVIDERS.items()},
