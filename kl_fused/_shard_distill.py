@@ -19,6 +19,11 @@ columns and the ranks add those partial sums:
                                top-k as kl_fused.sparse_kl_div; CE = (1 - eps)(lse_s - s_y)
                                + eps (lse_s - sum_v s / V)
 
+A dense forward or reverse KL (JSD's endpoints too) runs on the compiled shard kernels of
+kl_div_logits_vocab_parallel where the device has them (kl_row_states for the partial state,
+kl_grad_from_stats for the gradient, the merge of kl_fused._shard_math): the same stages, the KL's
+statistics in their own two collectives; the hard term then keeps its own maximum and Z_s.
+
 Bytes per row per chunk (accumulation type of e bytes: 4, or 8 for float64): stage 1 at most 3e,
 stage 2 at most (6 + K)e, stage 3 and 4 (JSD) 2e each -- never O(V). See collective_values_per_row.
 
@@ -32,6 +37,8 @@ chunking the rows.
 
 import torch
 import torch.distributed as dist
+
+from kl_fused import _shard_math
 
 NEG_INF = float("-inf")
 
@@ -95,7 +102,8 @@ class _SharedAcrossRanks(torch.autograd.Function):
 def collective_values_per_row(divergence, dense, topk_slots, hard, temperature, label_smoothing):
     """Values of the accumulation type one rank sends per row per chunk in stages 1 to 3."""
     soft = dense or topk_slots > 0
-    own_hard_max = hard and not (soft and temperature == 1.0)
+    # A dense KL runs on the shard kernels (its own collectives); the hard term then has its own statistics.
+    own_hard_max = hard and not (soft and temperature == 1.0 and (divergence == "jsd" or not dense))
     maxima = int(soft) + int(dense) + int(own_hard_max)
     sums = int(soft) + int(dense)
     if dense and divergence != "jsd":
@@ -205,6 +213,23 @@ def shard_row_losses(shard, student, teacher, indices, logprobs, labels, diverge
     return soft, hard
 
 
+def _kl_by_shard_kernels(shard, student, teacher, reverse, temperature, soft_weight, student_grad, teacher_grad):
+    """The dense KL's row values and soft_weight times its shard gradients, from the compiled shard kernels
+    (kl_row_states, kl_grad_from_stats) and the merge of kl_fused._shard_math: one all-reduce MAX of 2 and
+    one SUM of 3 values per row, as kl_div_logits_vocab_parallel."""
+    states = _shard_math.shard_states(student, teacher, None, temperature, reverse)
+    maxima = shard.max(states[:, :2])
+    sums = shard.sum(_shard_math.rescaled_sums(states, maxima, reverse))
+    kl, stats = _shard_math.finish_rows(maxima, sums, None, reverse)
+    grads = (None, None)
+    if (student_grad or teacher_grad) and soft_weight != 0:
+        factor = torch.full((student.shape[0],), soft_weight / temperature, dtype=stats.dtype, device=stats.device)
+        grads = _shard_math.shard_grads(student, teacher, None, stats, factor, temperature, reverse, student_grad,
+                                        teacher_grad)
+        grads = tuple(g if flag else None for g, flag in zip(grads, (student_grad, teacher_grad)))
+    return kl, grads
+
+
 def _split(flat, named):
     """The all-reduced columns back under their names and shapes."""
     out, start = {}, 0
@@ -250,12 +275,25 @@ def shard_distillation_rows(shard, student, teacher, indices, logprobs, labels, 
     for a caller that scales them before rounding once). bad_rows (or None): rows with a label or top-k support the
     caller found invalid (validate=False), whose losses are NaN, their gradients zero."""
     wanted = [(x, flag) for x, flag in ((student, student_grad), (teacher, teacher_grad), (logprobs, logprobs_grad))]
+    style = _kl_style(beta, divergence)
+    # A dense KL soft term runs on the compiled shard kernels where the device has them (one pass for the
+    # partial state, one for the gradient); everything else in the torch ops of shard_row_losses.
+    by_kernels = teacher is not None and style != "jsd" and _shard_math.has_fused_shard_kernels(student.device)
+    kernel_grads = (None, None)
     with torch.enable_grad():
         acc = torch.float64 if student.dtype == torch.float64 else torch.float32
         # Leaves in the accumulation type, so that a gradient is rounded to its input's dtype once, at the end.
         leaves = [x.detach().to(acc).requires_grad_(flag) if x is not None else None for x, flag in wanted]
-        soft, hard = shard_row_losses(shard, leaves[0], leaves[1], indices, leaves[2], labels, divergence, beta,
-                                      renormalize, temperature, label_smoothing)
+        if by_kernels:
+            soft, kernel_grads = _kl_by_shard_kernels(shard, student, teacher, style == "reverse", temperature,
+                                                      soft_weight, student_grad, teacher_grad)
+            hard = None
+            if labels is not None:
+                hard = shard_row_losses(shard, leaves[0], None, None, None, labels, divergence, beta, renormalize,
+                                        temperature, label_smoothing)[1]
+        else:
+            soft, hard = shard_row_losses(shard, leaves[0], leaves[1], indices, leaves[2], labels, divergence, beta,
+                                          renormalize, temperature, label_smoothing)
         rows = None
         if soft is not None and soft_weight != 0:
             rows = soft_weight * soft
@@ -269,10 +307,13 @@ def shard_distillation_rows(shard, student, teacher, indices, logprobs, labels, 
         grads = torch.autograd.grad(rows.sum(), targets, allow_unused=True) if targets and rows.requires_grad else ()
     grads = iter(grads)
     out = []
-    for leaf, (x, flag) in zip(leaves, wanted):
+    for leaf, (x, flag), extra in zip(leaves, wanted, (*kernel_grads, None)):
         if leaf is not None and leaf.requires_grad:
             g = next(grads, None)
-            dtype = g.dtype if grads_in_acc and g is not None else x.dtype
+            if extra is not None:
+                extra = torch.where(bad_rows[:, None], 0.0, extra) if bad_rows is not None else extra
+                g = extra.to(acc) if g is None else g + extra
+            dtype = acc if grads_in_acc else x.dtype
             out.append(torch.zeros_like(x, dtype=dtype) if g is None else g.to(dtype))
         else:
             out.append(student.new_empty((0,)))

@@ -6,6 +6,16 @@ loss applies. :func:`kl_div_logits_vocab_parallel` computes the KL of the full r
 the shards, with the fused kernels split at the seam of the online-softmax merge (the math is in
 ``kl_fused/_shard_math.py``).
 
+The distillation step on shards: :func:`distillation_loss_vocab_parallel` (from logits shards) and
+:func:`linear_distillation_loss_vocab_parallel` (from the hidden states and this rank's rows of the output
+layer, Megatron's column-parallel ``lm_head``) take the arguments of ``kl_fused.distillation_loss`` and
+``kl_fused.linear_distillation_loss`` (``student_weight_shard``, ``teacher_logits_shard``,
+``teacher_weight_shard``, the bias shards) plus ``group`` and, for the linear form, ``hidden_grad``:
+``"all_reduce"`` (the hidden states' complete gradient, all-reduced in backward) or ``"local"`` (this rank's
+partial sum, for a layer whose backward reduces it). Labels and top-k ids are global token ids. Every rank
+returns the loss of the full vocabulary and gets its shards' gradients; the collectives move O(rows) values
+per chunk (kl_fused/_shard_distill.py says which).
+
 Data-parallel training on top (each data-parallel rank has different rows): a masked
 ``batchmean`` must divide by the number of counted rows of the whole global batch, not of the
 local one. Take ``reduction="sum"`` and divide by the global count::

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import kl_fused
-from conftest import TOLERANCES, make_logits
+from conftest import TOLERANCES, fused_op_must_run, make_logits
 from distill_helpers import IGNORE, make_labels, poison_uncounted
 from kl_fused.distributed import (distillation_loss_vocab_parallel, kl_div_logits_vocab_parallel,
                                   linear_distillation_loss_vocab_parallel)
@@ -134,6 +134,10 @@ def logits_cases(rank, world_size):
         _logits_case(rank, widths, torch.float64, "none", seed, reduction=next(reductions), **extra)
     _logits_case(rank, widths, torch.float64, "dense", seed + 1, num_items_in_batch=9, hard_weight=0.5)
     _logits_case(rank, widths, torch.float64, "topk", seed + 2, return_parts=True, hard_weight=0.5, temperature=2.0)
+    # A dense KL's statistics and gradient come from the compiled shard kernels.
+    with fused_op_must_run(torch.ops.kl_fused.kl_row_states.default, torch.ops.kl_fused.kl_grad_from_stats.default):
+        _logits_case(rank, widths, torch.float32, "dense", seed + 4, teacher_grad=True, divergence="reverse_kl",
+                     hard_weight=0.5, temperature=2.0)
     for divergence, form in (("forward_kl", "dense"), ("jsd", "dense"), ("forward_kl", "topk")):
         _logits_case(rank, widths, torch.float32, form, seed + 3, teacher_grad=True, divergence=divergence,
                      hard_weight=0.4, temperature=1.5, mask=_rows_mask(seed))
