@@ -159,8 +159,15 @@ def distillation_loss_vocab_parallel(student_shard, teacher_shard=None, *, group
                                      divergence="forward_kl", beta=0.5, tail="bucket", temperature=1.0, soft_weight=1.0,
                                      hard_weight=0.0, ignore_index=-100, label_smoothing=0.0, reduction="batchmean",
                                      mask=None, num_items_in_batch=None, return_parts=False, validate=True):
-    """:func:`kl_fused.distillation_loss` of the full rows, from this rank's vocabulary shard; see
-    :mod:`kl_fused.distributed`."""
+    """:func:`kl_fused.distillation_loss` of the full rows, from this rank's vocabulary shard.
+
+    ``student_shard`` (and ``teacher_shard``) are this rank's ``(..., V_r)`` columns of every row; the full
+    vocabulary is the shards in rank order (widths may differ, each >= 1). ``labels`` and
+    ``teacher_topk`` hold global token ids, the same on every rank, as do ``mask`` and every option (a
+    call where they differ raises a ValueError on every rank). Returns the loss of the full rows on every
+    rank; backward gives this rank's shard gradients (and the top-k log-probs' complete gradient) with no
+    collective, except JSD's one all-reduce of 2 values per row. Temporaries: a few fp32 buffers of
+    chunk x V_r."""
     name = "distillation_loss_vocab_parallel"
     _require_dist(name)
     given_topk = teacher_topk
@@ -282,7 +289,16 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
                                             label_smoothing=0.0, reduction="batchmean", mask=None,
                                             num_items_in_batch=None, return_parts=False, validate=True):
     """:func:`kl_fused.linear_distillation_loss` of the full vocabulary, from this rank's output-layer
-    shard; see :mod:`kl_fused.distributed`."""
+    shard (Megatron's column-parallel ``lm_head``: ``student_weight_shard`` is ``weight[v_start:v_end]``).
+
+    The hidden states, labels, mask, top-k slots and options are the same on every rank; the weight,
+    bias and teacher-logits shards are this rank's rows/columns, in rank order. Gradients: each rank
+    gets its shards' (weight, bias, teacher logits); the hidden states' is the sum over the ranks,
+    all-reduced in backward (``hidden_grad="all_reduce"``) or left as this rank's partial sum
+    (``"local"``, for a layer whose backward reduces it). The chunk loop is linear_distillation_loss's,
+    its chunk sized for the full vocabulary, so a rank's chunk buffers are 1/N of the single process's.
+    With ``reduction="none"`` backward runs the loop again with the per-row upstream gradient, and
+    with it the collectives: every rank of the group must run backward."""
     name = "linear_distillation_loss_vocab_parallel"
     _require_dist(name)
     given_topk = teacher_topk

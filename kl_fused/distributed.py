@@ -46,7 +46,7 @@ from kl_fused._rank_agreement import agree, collective_device as _collective_dev
 from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
 from kl_fused._warn_once import warn_once
 
-from kl_fused._vocab_parallel_distill import (  # noqa: E402  (the distillation step on shards)
+from kl_fused._vocab_parallel_distill import (  # noqa: F401  (re-exported: the distillation step on shards)
     collective_bytes_per_chunk, distillation_loss_vocab_parallel, linear_distillation_loss_vocab_parallel)
 
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(SUPPORTED_DTYPES)}
