@@ -11,29 +11,21 @@ collectives (kl_fused.distributed.collective_bytes_per_call).
 
 import datetime
 import json
-import os
-import sys
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kl_fused
+from kl_fused.bench import vocab_parallel_linear
 from kl_fused.bench.cases import cases_from_args, make_inputs, make_step
+from kl_fused.bench.linear_inputs import TEACHER_FORMS, parse_linear_cases
 from kl_fused.bench.options import DTYPES, Mode, choices
+from kl_fused.bench.ranks import exit_rank, run_ranks, shard_widths, time_on_ranks
 from kl_fused.bench.report import write_json
 from kl_fused.bench.timing import summarize, time_interleaved
 from kl_fused.distributed import collective_bytes_per_call, kl_div_logits_vocab_parallel
 
 AGREEMENT_RTOL = 1e-4
-
-
-def shard_widths(vocab, ranks):
-    """Widths as even as possible; the first vocab % ranks shards get one more."""
-    base, extra = divmod(vocab, ranks)
-    return [base + (1 if r < extra else 0) for r in range(ranks)]
 
 
 def _time_single_process(case, args):
@@ -86,54 +78,6 @@ def _rank_main(rank, ranks, init_file, out_file, case, args_dict):
     exit_rank()
 
 
-def time_on_ranks(steps, warmup, reps):
-    """{name: [ms per step]} of each of `steps` run on every rank of the default group: warm-up, then
-    each timed step from a barrier to its end on the slowest rank."""
-    timings = {}
-    for name, fn in steps.items():
-        for _ in range(warmup):
-            fn()
-        samples = []
-        for _ in range(reps):
-            dist.barrier()
-            began = time.perf_counter()
-            fn()
-            elapsed = torch.tensor([(time.perf_counter() - began) * 1e3], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-            samples.append(elapsed.item())
-        timings[name] = samples
-    return timings
-
-
-def exit_rank():
-    """A rank that succeeded ends without Python's finalisation: a gloo worker thread may still be
-    releasing a finished all_reduce's tensors then, needs the GIL, and aborts the process (a torch race
-    seen here about once in 12 runs; tests/vocab_parallel_workers.py has the trace)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def run_ranks(rank_main, ranks, payload, env=None):
-    """Spawns `ranks` gloo processes running rank_main(rank, ranks, init_file, out_file, *payload); returns
-    what rank 0 wrote to out_file (JSON). `env`: variables the ranks start with."""
-    saved = {key: os.environ.get(key) for key in (env or {})}
-    os.environ.update(env or {})
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            out_file = os.path.join(tmp, "rank0.json")
-            mp.start_processes(rank_main, args=(ranks, os.path.join(tmp, "rendezvous"), out_file, *payload),
-                               nprocs=ranks, join=True, start_method="spawn")
-            with open(out_file) as result:
-                return json.load(result)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def _run_ranks(case, ranks, args):
     threads_per_rank = max(1, torch.get_num_threads() // ranks)
     args_dict = {"threads_per_rank": threads_per_rank, "temperature": args.temperature,
@@ -144,8 +88,6 @@ def _run_ranks(case, ranks, args):
 def main(args, environment):
     """Runs every case of args.cases; prints a table and writes --json records. Returns the exit code."""
     if args.linear:
-        from kl_fused.bench import vocab_parallel_linear
-
         return vocab_parallel_linear.main(args, environment)
     ranks = args.vocab_parallel
     records, failed = [], False
@@ -202,12 +144,9 @@ def resolve(args):
     if args.vocab_parallel < 1 or args.device.type != "cpu":
         raise ValueError("--vocab-parallel needs N >= 1 and the cpu device (it spawns gloo processes)")
     if args.linear:  # linear_distillation_loss_vocab_parallel on ROWSxHxV cases
-        from kl_fused.bench.linear import TEACHER_FORMS, parse_linear_cases
-        from kl_fused.bench.vocab_parallel_linear import DEFAULT_CASES
-
         if args.cases is not None or args.rows is not None or args.vocab is not None:
             raise ValueError("--vocab-parallel N --linear takes its shapes from --linear-cases (ROWSxHxV)")
-        args.linear_cases = parse_linear_cases(args.linear_cases or DEFAULT_CASES,
+        args.linear_cases = parse_linear_cases(args.linear_cases or vocab_parallel_linear.DEFAULT_CASES,
                                                choices(args.dtypes or "float32", DTYPES, "dtype"),
                                                choices(args.teacher or "hidden", TEACHER_FORMS, "teacher form"))
         return

@@ -23,7 +23,7 @@ from kl_fused.bench.linear_inputs import make_linear_inputs
 from kl_fused.bench.memory import MMAP_THRESHOLD_BYTES, measure_cpu_peak, step_peak_rss
 from kl_fused.bench.report import write_json
 from kl_fused.bench.timing import summarize, time_interleaved
-from kl_fused.bench.vocab_parallel import exit_rank, run_ranks, shard_widths, time_on_ranks
+from kl_fused.bench.ranks import exit_rank, run_ranks, shard_widths, time_on_ranks
 from kl_fused.distributed import linear_distillation_loss_vocab_parallel
 from kl_fused.linear import default_chunk_rows
 
