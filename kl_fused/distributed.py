@@ -126,7 +126,7 @@ class _VocabParallelKL(torch.autograd.Function):
         maxima = states[:, :2].to(comm, copy=True)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
         maxima = maxima.to(states.device)
-        sums = _shard_math.rescaled_sums(states, maxima, reverse).to(comm)
+        sums = _shard_math.rescaled_sums(states, maxima, reverse, temperature).to(comm)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         row_kl, stats = _shard_math.finish_rows(maxima, sums.to(states.device), m1, reverse)
 

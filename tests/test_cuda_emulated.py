@@ -421,7 +421,7 @@ def test_shard_gradients_match_their_definition(emu, dtype, reverse, width):
     acc = _shard_math.acc_dtype(dtype)
     states = _shard_math.shard_states_torch(student, teacher, mask, 0.8, reverse).to(acc)
     maxima = states[:, :2].contiguous()  # one shard is its own full row
-    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, reverse), mask, reverse)
+    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, reverse, 0.8), mask, reverse)
     factor = torch.linspace(-1.0, 2.0, 7, dtype=acc)
     for student_grad, teacher_grad in ((True, True), (True, False), (False, True)):
         args = (student, teacher, mask, stats.contiguous(), factor, 0.8, reverse, student_grad, teacher_grad)
@@ -446,7 +446,7 @@ def test_shards_of_a_row_give_the_full_rows_loss_and_gradient(emu):
         shard_states = [emu.call("kl_row_states", s, t, None, 1.3, False)[0]
                         for s, t in ((student[:, :cut], teacher[:, :cut]), (student[:, cut:], teacher[:, cut:]))]
         maxima = torch.maximum(shard_states[0][:, :2], shard_states[1][:, :2])
-        sums = sum(_shard_math.rescaled_sums(st, maxima, False) for st in shard_states)
+        sums = sum(_shard_math.rescaled_sums(st, maxima, False, 1.3) for st in shard_states)
         kl, stats = _shard_math.finish_rows(maxima, sums, None, False)
         factor = torch.full((9,), 1.0 / 9)
         grads = [emu.call("kl_grad_from_stats", s, t, None, stats.contiguous(), factor, 1.3, False, True, False)[0][0]
