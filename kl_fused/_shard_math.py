@@ -67,8 +67,9 @@ def shard_states(student, teacher, mask, temperature, reverse):
 
 def rescaled_sums(states, maxima, reverse, temperature):
     """(rows, 3) sums Z_a, Z_b, W of one shard moved to the full rows' shifts; maxima is (rows, 2)
-    M_a, M_b (raw logits). A shard whose side is all -inf (Z = 0) contributes nothing there; a NaN
-    state (undefined row) stays NaN, so that the merged row is NaN."""
+    M_a, M_b (raw logits). A shard whose side is all -inf (Z = 0), or whose scale underflows to 0,
+    contributes nothing there (its W term would be 0 * inf = NaN when the shift difference times Z
+    overflows); a NaN state (undefined row) keeps a NaN Z, so that the merged row is NaN."""
     m_a, m_b, z_a, z_b, w = states.unbind(dim=-1)
     s_a, s_b = _shift(m_a), _shift(m_b)
     g_a, g_b = _shift(maxima[:, 0]), _shift(maxima[:, 1])
@@ -76,9 +77,9 @@ def rescaled_sums(states, maxima, reverse, temperature):
     scale_b = torch.where(z_b == 0, 0.0, torch.exp((s_b - g_b) / temperature))
     # (b' - a') against the row's shifts = against the shard's - (g_b - s_b) / T + (g_a - s_a) / T
     if reverse:
-        w_row = torch.where(z_b == 0, 0.0, scale_b * (w + ((g_a - s_a) - (g_b - s_b)) / temperature * z_b))
+        w_row = torch.where(scale_b == 0, 0.0, scale_b * (w + ((g_a - s_a) - (g_b - s_b)) / temperature * z_b))
     else:
-        w_row = torch.where(z_a == 0, 0.0, scale_a * (w + ((g_b - s_b) - (g_a - s_a)) / temperature * z_a))
+        w_row = torch.where(scale_a == 0, 0.0, scale_a * (w + ((g_b - s_b) - (g_a - s_a)) / temperature * z_a))
     return torch.stack([z_a * scale_a, z_b * scale_b, w_row], dim=-1)
 
 

@@ -194,7 +194,10 @@ struct RowSolver {
 
     // Merge the chunks (the design notes' merge of partial states): rescale each chunk's sums
     // from its shifts to the row's. A chunk whose side is all -inf (Z = 0) contributes nothing,
-    // and is skipped so that 0 * e^(0 - m) cannot overflow into NaN.
+    // and is skipped so that 0 * e^(0 - m) cannot overflow into NaN. So does a chunk whose scale
+    // underflows to 0 (its terms have weight 0 in the row, as the exponential floor gives them
+    // within a chunk): its shift difference times Z may overflow (a logit of 1e37 elsewhere in
+    // the row), and 0 * inf would be NaN.
     const acc_t sa = shift_of(st.m_a), sb = shift_of(st.m_b);
     for (int64_t k = 0; k < n_chunks; ++k) {
       const ChunkState<acc_t>& c = chunks[k];
@@ -204,9 +207,9 @@ struct RowSolver {
       st.z_b += c.z_b * scale_b;
       // x' - y' against the row's shifts = against the chunk's - (s_x - shift_x) / T + (s_y - shift_y) / T.
       if constexpr (kReverse) {
-        if (c.z_b > 0) st.w += scale_b * (c.w + ((sa - c.shift_a) - (sb - c.shift_b)) * inv_t * c.z_b);
+        if (scale_b > 0) st.w += scale_b * (c.w + ((sa - c.shift_a) - (sb - c.shift_b)) * inv_t * c.z_b);
       } else {
-        if (c.z_a > 0) st.w += scale_a * (c.w + ((sb - c.shift_b) - (sa - c.shift_a)) * inv_t * c.z_a);
+        if (scale_a > 0) st.w += scale_a * (c.w + ((sb - c.shift_b) - (sa - c.shift_a)) * inv_t * c.z_a);
       }
       chunk_scales[2 * k] = scale_a;
       chunk_scales[2 * k + 1] = scale_b;
