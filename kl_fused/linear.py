@@ -262,7 +262,7 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     if len(devices) > 1:
         listed = ", ".join(f"{name} on {x.device}" for name, x in tensors if x is not None)
         raise ValueError(f"all tensors must be on one device, got {listed}")
-    check_temperature(temperature)
+    check_temperature(temperature, compute_dtype)
     check_reduction(reduction)
     check_mask(mask, leading, student_hidden.device, "the hidden states")
     if chunk_rows is not None:
