@@ -125,4 +125,4 @@ if _C is not None:
         return grad_student, grad_teacher
 
     # kl_div_logits(student, teacher, mask, temperature, reverse, reduction, student_grad, teacher_grad)
-    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 1), grad_flags=(6, 7))
+    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 1), grad_flags=(6, 7), public_name=lambda args: "kl_div_logits")

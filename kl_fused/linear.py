@@ -6,6 +6,7 @@ import math
 import torch
 
 from kl_fused import _chunked_linear, reference
+from kl_fused._fused_loss import fused_loss
 from kl_fused._ops import fused_path
 from kl_fused._validate import SUPPORTED_DTYPES, check_beta, check_direction, check_mask, check_reduction, check_temperature
 
@@ -154,7 +155,8 @@ def _linear_loss(loss, loss_param, reference_fn, reference_options, student_hidd
     # reduction "none": the forward cannot know the per-row upstream weights, so it computes the loss
     # only and backward runs the loop again with them (_chunked_linear.py).
     wants = [torch.is_grad_enabled() and reduction != "none" and t is not None and t.requires_grad for t in tensors]
-    result = torch.ops.kl_fused.chunked_linear_loss(
+    return fused_loss(
+        _chunked_linear.OP_NAME,
         *tensors,
         mask,
         None,
@@ -171,7 +173,6 @@ def _linear_loss(loss, loss_param, reference_fn, reference_options, student_hidd
             student_weight.shape[0], device, compute_dtype, max(w.shape[1] for w in (student_weight, teacher_weight) if w is not None)),
         *wants,
     )
-    return result[0]
 
 
 def _check_tensor(name, x, dims=None):
