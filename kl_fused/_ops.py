@@ -73,10 +73,11 @@ def fused_unavailable_reason(device, op="kl_div_logits"):
 
 
 def fused_path(op, device):
-    """True when `op` runs its compiled kernels on `device`; otherwise warns once per (op, device
-    type) that the pure-PyTorch reference runs instead, naming the reason, and returns False."""
+    """True when `op` runs its compiled ops on `device`; otherwise warns once per (op, device
+    type) that the pure-PyTorch reference runs instead, naming the reason, and returns False.
+    Meta tensors take the ops too: their fake kernels give the outputs' shapes, and nothing runs."""
     device_type = torch.device(device).type
-    if device_type in _device_types(op):
+    if device_type in _device_types(op) or (device_type == "meta" and _C is not None):
         return True
     warn_once(
         (op, device_type),

@@ -221,7 +221,8 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
                       student_softcap, teacher_softcap):
     """Raises TypeError/ValueError naming the first problem; returns the dtype the matmuls run in."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
+    # Autocast exists for some device types only (not "meta"): elsewhere it is off.
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     _check_layer("student", student_hidden, student_weight, student_bias, autocast)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else student_hidden.dtype
     leading = tuple(student_hidden.shape[:-1])
