@@ -193,11 +193,14 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     arguments are invalid or the ranks disagree. Returns the full vocabulary size."""
     try:
         check_kl_args(student, teacher, temperature, reduction, direction, mask)
+        if student.is_meta:
+            raise ValueError("kl_div_logits_vocab_parallel needs tensors with values (the ranks exchange row "
+                             "statistics), got logits on device 'meta'")
         local_error = None
     except (TypeError, ValueError) as error:
         local_error = error
     record = _local_record(student, mask, temperature, reduction, direction, local_error)
-    device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+    device = student.device if isinstance(student, torch.Tensor) and not student.is_meta else torch.device("cpu")
     if str(dist.get_backend(group)).lower() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     record = record.to(_collective_device(group, device))
@@ -206,12 +209,13 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     records = [r.cpu() for r in gathered]
     fields = [dict(zip(_META_FIELDS, r[: len(_META_FIELDS)].tolist())) for r in records]
 
+    texts = [r[len(_META_FIELDS):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace") for r in records]
     failed = [rank for rank, f in enumerate(fields) if not f["ok"]]
     if failed:
         if local_error is not None:
             raise local_error
         rank = failed[0]
-        message = records[rank][len(_META_FIELDS):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
+        message = texts[rank]
         raise ValueError(
             f"kl_div_logits_vocab_parallel: rank {rank} of the group rejected its arguments ({message}); "
             f"ranks that failed: {failed}"
@@ -228,7 +232,8 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     ):
         values = [f[name] for f in fields]
         if len(set(values)) > 1:
-            shown = [_describe(name, v) for v in values]
+            # A valid rank's text is its leading shape (its field is only that shape's hash).
+            shown = texts if name == "leading" else [_describe(name, v) for v in values]
             raise ValueError(
                 f"kl_div_logits_vocab_parallel: the ranks of the group disagree on {what} "
                 f"(rank by rank: {shown}); every rank must pass the same rows and options"
@@ -252,9 +257,11 @@ def _local_record(student, mask, temperature, reduction, direction, error):
             temperature=struct.unpack("<q", struct.pack("<d", float(temperature)))[0],
             mask=int(mask is not None),
             counted=int(mask.sum().item()) if mask is not None else -1,
-            # tuple hashes of ints are the same in every process (no hash randomisation)
+            # tuple hashes of ints are the same in every process (no hash randomisation); the
+            # shape itself goes in the text, for the message when the ranks disagree
             leading=hash(leading),
         )
+        message = str(leading).encode("utf-8")[:_MESSAGE_BYTES]
     else:
         message = f"{type(error).__name__}: {error}".encode("utf-8")[:_MESSAGE_BYTES]
     padded = message.ljust(_MESSAGE_BYTES, b"\0")
