@@ -267,6 +267,12 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     check_temperature(temperature, compute_dtype)
     check_reduction(reduction)
     check_mask(mask, leading, student_hidden.device, "the hidden states")
+    check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
+    return compute_dtype
+
+
+def check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap):
+    """The options of the linear losses beyond those of the logits losses (also LinearKLDivLoss's checks)."""
     if chunk_rows is not None:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
             raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")
@@ -276,4 +282,3 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     _check_positive("teacher_logit_scale", teacher_logit_scale)
     _check_positive("student_softcap", student_softcap, allow_none=True)
     _check_positive("teacher_softcap", teacher_softcap, allow_none=True)
-    return compute_dtype
