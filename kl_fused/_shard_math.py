@@ -23,12 +23,13 @@ are also the tests' independent oracle for those kernels.
 
 import torch
 
-from kl_fused._ops import SHARD_DEVICE_TYPES
+from kl_fused._ops import shard_kernels_reason
 
 
 def has_fused_shard_kernels(device) -> bool:
-    """True where compiled kernels compute a shard's partial state and gradient on `device`."""
-    return torch.device(device).type in SHARD_DEVICE_TYPES
+    """True where compiled kernels compute a shard's partial state and gradient on `device` (for CUDA:
+    a device of this machine whose architecture the build has a kernel image for)."""
+    return shard_kernels_reason(device) is None
 
 
 def acc_dtype(dtype):

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from kl_fused import _shard_math
+from kl_fused._ops import SHARD_DEVICE_TYPES, shard_kernels_reason
 from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
 from kl_fused._warn_once import warn_once
 
@@ -90,8 +91,9 @@ def kl_div_logits_vocab_parallel(
         device_type = student_shard.device.type
         warn_once(
             ("vocab_parallel", device_type),
-            f"kl_fused.distributed: no compiled shard kernels for device '{device_type}'; the shard statistics "
-            "and gradients run in plain PyTorch (correct, slower, O(rows x V_r) temporaries)",
+            f"kl_fused.distributed: no compiled shard kernels for device '{student_shard.device}' "
+            f"({shard_kernels_reason(student_shard.device)}); the shard statistics and gradients run in plain "
+            "PyTorch (correct, slower, O(rows x V_r) temporaries)",
         )
     return _VocabParallelKL.apply(
         student_shard, teacher_shard, mask, group, float(temperature), direction == "reverse", reduction, total_vocab
@@ -99,8 +101,9 @@ def kl_div_logits_vocab_parallel(
 
 
 def is_fused_available(device) -> bool:
-    """True where compiled kernels compute the shard statistics and gradients on `device`."""
-    return _shard_math.has_fused_shard_kernels(device)
+    """True where this build has compiled shard kernels for `device`'s type (what was built; whether a
+    CUDA device here can run them: kl_fused.will_run_fused and the warning of the first call)."""
+    return torch.device(device).type in SHARD_DEVICE_TYPES
 
 
 def collective_bytes_per_call(rows, dtype):
