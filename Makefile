@@ -32,7 +32,7 @@ build: $(VENV)/.built
 test: build
 	$(PY) -m pytest -q tests
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py \
-		tests/test_sparse_values.py
+		tests/test_sparse_values.py tests/test_logit_range.py
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_jsd.py -k "not compile"
 
 bench: build

@@ -11,7 +11,8 @@ import torch
 
 import kl_fused
 from kl_fused import _shard_math
-from conftest import TOLERANCES, assert_close, assert_grad_close, fused_op_must_run, jsd_reference64, reference64
+from conftest import (TOLERANCES, assert_close, assert_grad_close, assert_weighted_grad_close, fused_op_must_run,
+                      jsd_reference64, logits_at_scale, reference64)
 from sparse_helpers import make_sparse
 from sparse_helpers import reference64 as sparse_reference64
 
@@ -23,27 +24,12 @@ SPARSE_OP = torch.ops.kl_fused.sparse_kl_div.default
 SCALES = [1e10, 1e20, 1e35]
 
 
-def logits_at_scale(shape, dtype, scale, seed):
-    """(student, teacher, T): correlated logits of order 10 and the T that puts |logit| / T near scale."""
-    gen = torch.Generator().manual_seed(seed)
-    teacher = 10 * torch.randn(shape, generator=gen, dtype=torch.float64)
-    student = 0.7 * teacher + 6 * torch.randn(shape, generator=gen, dtype=torch.float64)
-    return student.to(dtype), teacher.to(dtype), 10.0 / scale
-
-
 def fused_rows_and_grads(fn, student, teacher, op, **options):
     s, t = student.clone().requires_grad_(), teacher.clone().requires_grad_()
     with fused_op_must_run(op):
         rows = fn(s, t, reduction="none", **options)
     rows.sum().backward()
     return rows, s.grad, t.grad
-
-
-def assert_weighted_grad_close(got, want, dtype, scale, temperature, what):
-    """A gradient of the form p (log p - log q - KL) / T: a difference of terms of size (|logit| / T) / T
-    that cancel to ~0 at these scales, so that its error is the rounding of those terms."""
-    rounding = 4 * torch.finfo(got.dtype).eps * scale / temperature
-    assert_close(got, want, TOLERANCES[dtype]["grad_rtol"], rounding, what)
 
 
 def test_the_reviews_example_is_1e10():
