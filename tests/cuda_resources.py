@@ -1,7 +1,8 @@
 """Static resource audit of the kl_fused CUDA kernels, from what ptxas reports for the compiled code.
 
-Every csrc/cuda/*.cu is compiled by nvcc as setup.py compiles it, for sm_80 and sm_90, with
---resource-usage (ptxas: registers, stack frame, spill stores and loads, static shared memory per
+Every csrc/cuda/*.cu is compiled by nvcc as setup.py compiles it, for every architecture its default
+TORCH_CUDA_ARCH_LIST builds a cubin for (sm_80, sm_90, sm_100, sm_120; its PTX is compiled by the driver,
+for GPUs that have no cubin here), with --resource-usage (ptxas: registers, stack frame, spill stores and loads, static shared memory per
 kernel instantiation) and -keep (the PTX, whose .maxntid is each kernel's launch bound). A kernel
 must not spill, and registers x the largest block it may be launched with must fit the SM's
 register file (64K 32-bit registers), or the launch fails with "too many resources requested".
@@ -11,6 +12,8 @@ register file (64K 32-bit registers), or the launch fails with "too many resourc
 """
 
 import argparse
+import contextlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -22,9 +25,40 @@ from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TABLE = ROOT / "bench" / "results" / "cuda-resources.md"
-ARCHS = ("80", "90")
-REGISTER_FILE = 65536  # 32-bit registers per SM (and per block) on sm_80 and sm_90
+REGISTER_FILE = 65536  # 32-bit registers per SM (and per block) on sm_80, sm_90, sm_100 and sm_120
 HARDWARE_MAX_THREADS = 1024
+
+
+def _setup_module():
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("kl_fused_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _environment(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def default_build():
+    """(TORCH_CUDA_ARCH_LIST default of setup.py, the GPU code it builds: "sm_80", ..., "compute_120")."""
+    setup = _setup_module()
+    with _environment("TORCH_CUDA_ARCH_LIST", setup.DEFAULT_CUDA_ARCHS):
+        return setup.DEFAULT_CUDA_ARCHS, tuple(setup.cuda_arch_codes().split(","))
+
+
+ARCH_LIST, BUILT_CODES = default_build()
+ARCHS = tuple(code[len("sm_"):] for code in BUILT_CODES if code.startswith("sm_"))  # ("80", "90", ...)
 
 
 @dataclass(frozen=True)
@@ -145,7 +179,8 @@ def render(records, nvcc_version):
         "# CUDA kernels: compiled resources",
         "",
         "What ptxas reports for every kernel instantiation of `csrc/cuda/*.cu`, compiled as setup.py compiles",
-        f"them (-O3, `TORCH_CUDA_ARCH_LIST` 8.0;9.0), with {nvcc_version}. Max threads is the kernel's launch",
+        f"them (-O3, `TORCH_CUDA_ARCH_LIST` {ARCH_LIST}: a cubin for each of {', '.join('sm_' + a for a in ARCHS)}), "
+        f"with {nvcc_version}. Max threads is the kernel's launch",
         "bound (`.maxntid` of its PTX); registers x max threads must fit the 65536-register file, and no",
         "kernel may spill. Regenerate with `python tests/cuda_resources.py --write`; `tests/test_cuda_resources.py`",
         "fails when this table no longer matches the code, and `tests/test_cuda_emulated.py` checks every block",
