@@ -135,14 +135,13 @@ struct JSDRowSolver {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
       const Vec scale_q((acc_t(1) - beta) * f * rows.chunk_scales[2 * k + 1] / st.z_b);
       const Vec scale_p(beta * f * rows.chunk_scales[2 * k] / st.z_a);
-      const Vec q1_f(static_cast<acc_t>(pr.hard.grad_factor) / st.z_b * rows.chunk_scales[2 * k + 1]);
+      const Vec q1_f(kHard ? rows.hard_factor(k, st) : acc_t(0));
       Rows::for_each_step(len, [&](int64_t j, auto n) {
         if (ds != nullptr) {
           Vec h_lo(zero), h_hi(zero);
           if constexpr (kHard) {
             const int64_t i = begin + j;
-            hard_gradient_step(hard, s, i, n, Vec::loadu(rows.scratch_b + i), Vec::loadu(rows.scratch_b + i + kVec),
-                                     q1_f, h_lo, h_hi);
+            rows.hard_step(hard, s, i, n, q1_f, h_lo, h_hi);
           }
           gradient(ds + begin, rows.scratch_b, log_ratio_q, scale_q, vk_q, begin, j, n, streaming_s, h_lo, h_hi);
         }
@@ -163,7 +162,9 @@ void jsd_rows_typed(const KLRowsProblem& pr) {
   // Per task: exp(a'), exp(b') and the log ratios of one row, then the chunk scales. A ratio takes
   // the place of the exponential its gradient does not need (the teacher's for ds); with both
   // gradients wanted, both exponentials are needed and the ratios get rows of their own.
-  const int64_t row_arrays = student_grad && teacher_grad ? 4 : 2;
+  // The hard term's exponentials at T != 1 get one more (RowSolver::scratch_1).
+  const bool keep_1 = keep_hard_exponentials<kHard>(pr, student_grad || teacher_grad);
+  const int64_t row_arrays = (student_grad && teacher_grad ? 4 : 2) + (keep_1 ? 1 : 0);
   parallel_rows<acc_t>(pr.rows, pr.vocab, row_arrays * padded + 2 * n_chunks,
                        [&](acc_t* scratch, int64_t begin, int64_t end) {
     std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
@@ -171,7 +172,8 @@ void jsd_rows_typed(const KLRowsProblem& pr) {
     acc_t* const exp_b = scratch + padded;
     acc_t* const ratio_q = !student_grad ? nullptr : (teacher_grad ? scratch + 2 * padded : exp_a);
     acc_t* const ratio_p = !teacher_grad ? nullptr : (student_grad ? scratch + 3 * padded : exp_b);
-    const Solver solver{{pr, exp_a, exp_b, chunks.get(), scratch + row_arrays * padded},
+    acc_t* const exp_1 = keep_1 ? scratch + (row_arrays - 1) * padded : nullptr;
+    const Solver solver{{pr, exp_a, exp_b, chunks.get(), scratch + row_arrays * padded, exp_1},
                         static_cast<acc_t>(pr.beta), ratio_q, ratio_p};
     for (int64_t row = begin; row < end; ++row) {
       if (pr.mask != nullptr && !pr.mask[row]) solver.rows.skip(row);

@@ -17,9 +17,11 @@
 // 32-byte aligned (Lanes::store_step): no read-for-ownership of lines never read back.
 // The hard term (kHard, HardTerm in cpu_kernels.h) rides in the same passes: at T = 1 its log-sum-exp
 // is the student's Z_b (nothing more per element); at T != 1 pass 2 adds Z_1 = sum exp(s - m_s) (one
-// exponential), and with label smoothing sum (s - m_s); pass 3 adds f_h (q_1 - eps / V) to ds (q_1 is
-// q at T = 1, else one exponential more) and -f_h (1 - eps) at the label, in the same store.
-// Two exponentials per element in all (the floor on a CPU);
+// exponential, m_s = m_b the raw student maximum), keeping exp(s - chunk shift) in a third scratch row
+// when ds is wanted, and with label smoothing sum (s - m_s); pass 3 adds f_h (q_1 - eps / V) to ds
+// (q_1 from the kept exponentials: q at T = 1, the third row at T != 1) and -f_h (1 - eps) at the label,
+// in the same store. Two exponentials per element in all (the floor on a CPU), three with the hard
+// term at T != 1;
 // memory traffic is the 2e of the inputs plus e per gradient written. Rows run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -85,6 +87,9 @@ struct RowSolver {
   acc_t* scratch_b;              // exp(b - chunk shift)
   ChunkState<acc_t>* chunks;     // one per chunk of the current row
   acc_t* chunk_scales;           // two per chunk: e^((shift_a - m_a) / T), e^((shift_b - m_b) / T)
+  // kHard at T != 1 with a student gradient: exp(s - chunk shift_b), the hard term's exponentials,
+  // kept by pass 2 so that pass 3 needs none of its own (3 exponentials per element, not 4).
+  acc_t* scratch_1 = nullptr;
 
   static Vec max_reduce(Vec x, Vec y) { return at::vec::maximum(x, y); }
 
@@ -150,7 +155,24 @@ struct RowSolver {
     if (eps != acc_t(0)) ce -= eps * st.sum_s / V;  // sum_s = sum (s - m_s)
     static_cast<acc_t*>(pr.hard.row_hard)[row] = ce;
     const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
-    return {f_h / z_1, m_s, f_h * eps / V, f_h * (acc_t(1) - eps), y, unit};
+    return {f_h / z_1, m_s, f_h * eps / V, f_h * (acc_t(1) - eps), y, unit || scratch_1 != nullptr};
+  }
+
+  // f_h q_1 per kept exponential in chunk k (kHard): f_h / Z_b times the chunk's scale (T = 1, where
+  // q_1 = q and the exponentials are scratch_b's), or f_h / Z_1 e^(shift_b - m_b) (scratch_1's).
+  acc_t hard_factor(int64_t k, const RowState<acc_t>& st) const {
+    const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
+    if (scratch_1 == nullptr) return f_h / st.z_b * chunk_scales[2 * k + 1];
+    const ChunkState<acc_t>& c = chunks[k];
+    return c.z_1 > 0 ? f_h / st.z_1 * std::exp(c.shift_b - shift_of(st.m_b)) : acc_t(0);
+  }
+
+  // The hard term's share of ds over the step at row element i (hard_term_lanes.h), from the kept
+  // exponentials (scratch_1, else scratch_b) times `factor` = hard_factor(k) of the step's chunk.
+  C10_ALWAYS_INLINE void hard_step(const HardGradient<acc_t>& hard, const scalar_t* s, int64_t i, int64_t n,
+                                   const Vec& factor, Vec& lo, Vec& hi) const {
+    const acc_t* kept = scratch_1 != nullptr ? scratch_1 : scratch_b;
+    hard_gradient_step(hard, s, i, n, Vec::loadu(kept + i), Vec::loadu(kept + i + kVec), factor, lo, hi);
   }
 
   // Pass 2 over one chunk [begin, begin + len): the sums of one ChunkState, with shifts that are
@@ -172,6 +194,7 @@ struct RowSolver {
     t += begin;
     acc_t* ka = keep ? scratch_a + begin : nullptr;
     acc_t* kb = keep ? scratch_b + begin : nullptr;
+    acc_t* k1 = keep && scratch_1 != nullptr ? scratch_1 + begin : nullptr;
     for_each_step(len, [&](int64_t i, auto n) {
       __builtin_prefetch(s + i + kChunk);
       __builtin_prefetch(t + i + kChunk);
@@ -200,7 +223,12 @@ struct RowSolver {
       if constexpr (kHard) {
         if (hard_z1) {
           Vec live_lo, live_hi;
-          z1 += Exp::exp(s_lo + vneg_s, live_lo) + Exp::exp(s_hi + vneg_s, live_hi);
+          const Vec e1_lo = Exp::exp(s_lo + vneg_s, live_lo), e1_hi = Exp::exp(s_hi + vneg_s, live_hi);
+          z1 += e1_lo + e1_hi;
+          if (k1 != nullptr) {
+            e1_lo.store(k1 + i);
+            e1_hi.store(k1 + i + kVec);
+          }
         }
         if (hard_sum) {
           if (n == kStep) {
@@ -345,7 +373,7 @@ struct RowSolver {
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
       const Vec fp(f / Z_a * chunk_scales[2 * k]), fq(f / Z_b * chunk_scales[2 * k + 1]);
-      const Vec q1_f(static_cast<acc_t>(pr.hard.grad_factor) / Z_b * chunk_scales[2 * k + 1]);
+      const Vec q1_f(kHard ? hard_factor(k, st) : acc_t(0));
       for_each_step(len, [&](int64_t j, auto n) {
         const int64_t i = begin + j;
         const Vec ea_lo = Vec::loadu(scratch_a + i), ea_hi = Vec::loadu(scratch_a + i + kVec);
@@ -355,7 +383,7 @@ struct RowSolver {
         // The hard term's share of ds (kHard), added to the soft term's before the one store.
         Vec h_lo(acc_t(0)), h_hi(acc_t(0));
         if constexpr (kHard) {
-          if (ds) hard_gradient_step(hard, s, i, n, eb_lo, eb_hi, q1_f, h_lo, h_hi);  // q_1 = q at T = 1
+          if (ds) hard_step(hard, s, i, n, q1_f, h_lo, h_hi);
         }
         if (diff_grad) {
           if constexpr (kReverse) L::store_step(diff_grad + i, n, p_lo - q_lo, p_hi - q_hi, diff_streaming);
@@ -432,6 +460,13 @@ struct RowSolver {
   }
 };
 
+// Whether a row solver keeps the hard term's exponentials exp(s - shift) in a scratch row of its own
+// (RowSolver::scratch_1): with the hard term at T != 1 when the student's gradient is written.
+template <bool kHard>
+bool keep_hard_exponentials(const KLRowsProblem& pr, bool keep) {
+  return kHard && keep && pr.inv_temperature != 1.0 && pr.grad_student != nullptr;
+}
+
 // Runs visit(solver, row) over every row in parallel, each task with its own solver and scratch
 // (the exponentials of one row when `keep`, and the chunk states).
 template <typename scalar_t, bool kReverse, typename Visit, bool kHard = false>
@@ -440,10 +475,12 @@ void for_each_row(const KLRowsProblem& pr, bool keep, const Visit& visit) {
   using acc_t = typename Solver::acc_t;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
   const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
-  const int64_t rows_scratch = keep ? 2 * padded : 0;
+  const bool keep_1 = keep_hard_exponentials<kHard>(pr, keep);
+  const int64_t rows_scratch = keep ? (keep_1 ? 3 : 2) * padded : 0;
   parallel_rows<acc_t>(pr.rows, pr.vocab, rows_scratch + 2 * n_chunks, [&](acc_t* scratch, int64_t begin, int64_t end) {
     std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
-    const Solver solver{pr, scratch, scratch + (keep ? padded : 0), chunks.get(), scratch + rows_scratch};
+    const Solver solver{pr, scratch, scratch + (keep ? padded : 0), chunks.get(), scratch + rows_scratch,
+                        keep_1 ? scratch + 2 * padded : nullptr};
     for (int64_t row = begin; row < end; ++row) visit(solver, row);
   });
 }
