@@ -10,15 +10,18 @@ CSRC := $(shell find csrc -type f)
 
 all: test
 
-# The test extra of pyproject.toml (oracles and peers: scipy, trl, transformers) is installed
-# against a constraint that pins the torch just installed: otherwise a peer's `torch>=2` can pull
-# a newer torch built for another CUDA than the nvcc the extension compiles with.
+# The extras of pyproject.toml that the tests need (test: oracles and peers, scipy, trl, transformers;
+# cache: safetensors, tqdm) are installed against a constraint that pins the torch just installed:
+# otherwise a peer's `torch>=2` can pull a newer torch built for another CUDA than the nvcc the
+# extension compiles with.
+TEST_EXTRAS ?= test cache
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" ninja setuptools wheel
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
 	$(PY) -m pip install --quiet -c $(VENV)/constraints.txt $$($(PY) -c "import tomllib; \
-		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['test']))")
+		extras = tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']; \
+		print(' '.join(sorted({r for name in '$(TEST_EXTRAS)'.split() for r in extras[name]})))")
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
@@ -27,10 +30,15 @@ $(VENV)/.built: $(VENV)/.deps setup.py $(CSRC)
 
 build: $(VENV)/.built
 
-# The second run serves the same values, edges and gradients from the portable (non-AVX2) kernels,
+# After the whole suite (whose emulated CUDA tests run every call under the forward and a random
+# schedule), the emulated tests once more in the build whose kernels contract a*b + c into fused
+# multiply-adds as nvcc's do, under two other schedules, and the mutation check's CI subset.
+# The last runs serve the same values, edges and gradients from the portable (non-AVX2) kernels,
 # which ATen's capability switch selects (not torch.compile: inductor's own C++ build fails under it).
 test: build
 	$(PY) -m pytest -q tests
+	SIMT_FMA=1 SIMT_SCHEDULES=reverse,random:2 $(PY) -m pytest -q tests/test_simt_emulator.py tests/test_cuda_emulated*.py
+	$(PY) tests/simt/mutation_check.py --ci
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py \
 		tests/test_sparse_values.py tests/test_logit_range.py
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_jsd.py -k "not compile"

@@ -109,7 +109,7 @@ def test_bench_package_has_no_import_circle():
         if any(isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODE" for t in node.targets)
                for node in tree.body):
             modes.add(path.stem)
-    assert {"kl", "vocab_parallel", "linear", "jsd", "sparse"} <= modes
+    assert {"kl", "vocab_parallel", "linear", "jsd", "sparse", "cache"} <= modes
     mode_helpers = {name for name in edges if name.endswith("_providers")}
     core = set(edges) - modes - mode_helpers - {"cli", "__init__", "__main__"}
     for name in core:
@@ -149,3 +149,26 @@ def test_bench_sparse_mode(tmp_path):
     for record in records:
         assert record["rows"] == 6 and record["vocab"] == 700 and record["tail"] == "bucket"
         assert record["median_ms"] > 0 and record["torch_version"] == torch.__version__
+
+
+def test_bench_cache_mode_writes_reads_and_sizes_both_encodings(tmp_path):
+    import pytest
+
+    pytest.importorskip("safetensors")
+    out = tmp_path / "cache.json"
+    code = bench.main(["--cache", "--cache-vocab", "1000", "--cache-k", "8", "--cache-batch", "2x16",
+                       "--cache-sequences", "6", "--cache-workers", "1", "--cache-write", "2x8", "--reps", "2",
+                       "--warmup", "1", "--cache-dir", str(tmp_path), "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    writes = {r["provider"]: r for r in records if r["measure"] == "write"}
+    assert set(writes) == {"topk_teacher", "writer-int32", "writer-packed"}
+    assert writes["topk_teacher"]["overhead_vs_topk"] == 0 and all(r["median_ms"] > 0 for r in writes.values())
+    reads = {(r["encoding"], r["workers"]) for r in records if r["measure"] == "read"}
+    assert reads == {("int32", 0), ("int32", 1), ("packed", 0), ("packed", 1)}
+    assert all(r["tokens_per_s"] > 0 and r["batches_per_epoch"] == 3 for r in records if r["measure"] == "read")
+    sizes = {r["encoding"]: r for r in records if r["measure"] == "bytes_per_token"}
+    assert sizes["int32"]["payload_bytes_per_token"] == 6 * 8  # int32 ids and bfloat16 log-probs
+    assert sizes["packed"]["payload_bytes_per_token"] == 8 + 2 + 16  # 10-bit ids: a byte and two bit planes
+    assert all(r["disk_bytes_per_token"] > r["payload_bytes_per_token"] for r in sizes.values())
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("kl-fused-cache-bench-")], "stores left behind"

@@ -3,11 +3,13 @@ same float64 reference and scipy oracle as the CPU kernels.
 
 The emulator compiles the unchanged .cu sources with the host compiler: every block's threads run as
 fibers, __syncthreads is a real barrier, warp shuffles exchange values in lock-step, ex2.approx errs
-as much as the hardware may, and every memory access is checked (bounds, alignment, shared-memory
-races, uninitialised shared memory). The host code path is the real one too: launch plan, opt-in
-shared memory, vectorised-or-scalar choice, grid size. Each test asserts which kernel instantiation
-ran with which launch configuration, and the last test checks that every instantiation the host
-code can launch ran at least once.
+as much as the hardware may, every memory access is checked (bounds, alignment, races through
+shared and global memory, uninitialised shared memory), no output may keep bytes no kernel wrote,
+and every call runs under two schedules whose outputs must be the same bits (tests/simt/emulator.py;
+tests/test_simt_emulator.py shows each check at work). The host code path is the real one too:
+launch plan, opt-in shared memory, vectorised-or-scalar choice, grid size. Each test asserts which
+kernel instantiation ran with which launch configuration, and the last test checks that every
+instantiation the host code can launch ran at least once.
 """
 
 import math
@@ -60,93 +62,6 @@ def check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, *, st
         assert_grad_close(grad_t, t64.grad, dtype, "teacher grad")
     else:
         assert grad_t.numel() == 0
-
-
-# ------------------------------------------------------------------------------------- the emulator
-
-
-def test_probe_kernel_computes_block_sums_and_warp_prefix_sums(emu):
-    data = torch.randn(3, 96, generator=torch.Generator().manual_seed(1))
-    out, launches = emu.probe("block_sum", data)
-    assert launches[0].kernel == "probe_block_sum" and launches[0].grid == 3 and launches[0].block == 96
-    torch.testing.assert_close(out[:3], data.sum(1), rtol=1e-6, atol=1e-5)
-    prefix = data.view(3, 3, 32).cumsum(-1).view(3, 96)
-    torch.testing.assert_close(out[3:].view(3, 96), prefix, rtol=1e-6, atol=1e-5)
-
-
-SANITIZER_PROBES = {
-    "shared_out_of_bounds": r"out-of-bounds shared-memory write of 4 bytes at offset 124 \(the launch has 124 bytes"
-                            r".* in kernel probe_shared_out_of_bounds, block \(0,0,0\), thread \(31,0,0\)",
-    "global_read_out_of_bounds": r"out-of-bounds global read of 4 bytes at address 0x[0-9a-f]+, 0 bytes past the end of "
-                                 r"input 0 .* in kernel probe_global_read_out_of_bounds, block \(0,0,0\), thread \(31,0,0\)",
-    "global_write_out_of_bounds": r"out-of-bounds global write of 4 bytes.*thread \(31,0,0\)",
-    "misaligned_vector_load": r"misaligned 16-byte __ldg .*\(4 bytes past a 16-byte boundary\) in kernel "
-                              r"probe_misaligned_vector_load, block \(0,0,0\), thread \(0,0,0\)",
-    "misaligned_shared": r"misaligned 16-byte access to 'struct float4' .*\(4 bytes past a 16-byte boundary\) at "
-                         r"probe_kernels.cpp:\d+ in kernel probe_misaligned_shared, block \(0,0,0\), thread \(0,0,0\)",
-    "divergent_barrier": r"divergent __syncthreads: thread \(0,0,0\) waits at probe_kernels.cpp:\d+, thread \(16,0,0\) "
-                         r"at probe_kernels.cpp:\d+ in kernel probe_divergent_barrier",
-    "exit_before_barrier": r"thread \(3,0,0\) exited while other threads of its block wait at __syncthreads",
-    "race_read_after_write": r"shared-memory race at offset 0: written by thread \(0,0,0\) and read by this thread "
-                             r".*\(read after write\) .*thread \(1,0,0\)",
-    "race_write_after_read": r"shared-memory race at offset 4: read by thread \(0,0,0\) and written by this thread "
-                             r".*\(write after read\).*thread \(1,0,0\)",
-    "race_write_after_write": r"shared-memory race at offset 0: written by thread \(0,0,0\) and written by this thread"
-                              r".*\(write after write\).*thread \(1,0,0\)",
-    "uninitialised_shared": r"read of uninitialised shared memory at offset 128 .*thread \(31,0,0\)",
-    "shuffle_after_exit": r"lane 16 exited while its warp waits at __shfl_xor_sync",
-    "too_many_threads": r"CUDA error: invalid configuration argument .*block of 2048x1x1 threads",
-    "shared_above_default_without_opt_in": r"CUDA error: invalid argument .*49168 bytes of dynamic shared memory, "
-                                           r"above the 49152 a kernel may use without cudaFuncSetAttribute",
-    "shared_above_opt_in": r"CUDA error: invalid argument .*65552 bytes .* above the 65536 the kernel opted in to",
-    "opt_in_above_device_limit": r"CUDA error: invalid argument .*above the device's opt-in limit of 232448 bytes",
-    "grid_above_device_limit": r"CUDA error: invalid configuration argument .*grid of 2147483648x1x1",
-}
-
-
-@pytest.mark.parametrize("probe", sorted(SANITIZER_PROBES))
-def test_sanitizer_reports_each_bug_with_kernel_block_thread_and_offset(emu, probe):
-    data = torch.randn(1, 32, generator=torch.Generator().manual_seed(2))
-    with pytest.raises(RuntimeError, match=SANITIZER_PROBES[probe]):
-        emu.probe(probe, data)
-
-
-def test_a_launch_may_use_the_opt_in_maximum_once_opted_in(emu):
-    out, launches = emu.probe("opted_in_large_shared", torch.ones(1, 64))
-    assert launches[0].shared == DEFAULT_LIMITS["max_shared_optin"]
-    assert torch.equal(out[:64], torch.ones(64))
-
-
-def test_a_launch_outside_a_call_may_touch_no_global_memory(emu):
-    student, teacher = make_logits((2, 64), torch.float32, "cpu", seed=3)
-    with pytest.raises(RuntimeError, match=r"out-of-bounds global read .*(not given to this launch's call|every tensor given to the launch)"):
-        torch.ops.kl_fused_emulated.kl_div_logits(student, teacher, None, 1.0, False, "sum", False, False)
-
-
-def test_the_emulator_leaves_the_process_cpu_allocator_usable(emu):
-    """Its allocator wrapper serves the whole process: oneDNN's bf16 matmul allocates scratch through
-    raw_allocate/raw_deallocate, which once aborted the process after the emulator was loaded."""
-    a = torch.randn(64, 96, generator=torch.Generator().manual_seed(5)).bfloat16()
-    b = torch.randn(96, 80, generator=torch.Generator().manual_seed(6)).bfloat16()
-    assert_close(torch.nn.functional.linear(a, b.t()), a.double() @ b.double(), 2**-7, 1e-2, "bf16 matmul")
-
-
-def test_ex2_approx_has_the_documented_semantics_and_error(emu):
-    gen = torch.Generator().manual_seed(4)
-    x = torch.cat([torch.empty(20000).uniform_(-140.0, 130.0, generator=gen), torch.empty(20000).uniform_(-1, 1, generator=gen)])
-    got = torch.ops.simt.ex2_approx_ftz(x)
-    exact = torch.exp2(x.double())
-    normal = (exact >= 2.0**-126) & (exact < 2.0**128)
-    ulp = torch.ldexp(torch.ones_like(exact), torch.frexp(exact)[1] - 24)  # float32 ulp at the result
-    error_ulps = ((got.double() - exact).abs() / ulp)[normal]
-    assert error_ulps.max() <= 2.5, "within 2 ulp of the correctly rounded value"
-    assert (error_ulps > 1.0).float().mean() > 0.2, "the emulator errs as much as the hardware may, not less"
-    assert (got[exact < 2.0**-126] == 0).all(), "results below the normal range flush to zero"
-    specials = torch.tensor([NEG_INF, float("inf"), float("nan"), 1e-40, -1e-40])
-    out = torch.ops.simt.ex2_approx_ftz(specials)
-    assert out[0] == 0 and out[1] == math.inf and math.isnan(out[2])
-    assert torch.equal(out[3:], torch.ops.simt.ex2_approx_ftz(torch.zeros(2))), "subnormal inputs flush to zero"
-    assert torch.equal(got, torch.ops.simt.ex2_approx_ftz(x)), "deterministic"
 
 
 # ------------------------------------------------------------------------------------- kl_div_logits

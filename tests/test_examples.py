@@ -72,3 +72,29 @@ def test_the_gkd_snippet_gives_trls_loss_and_gradients_inside_trls_compute_loss(
     assert_close(fused_loss, trl_loss, 2e-5, 2e-6, "loss")
     for name, grad in trl_grads.items():
         assert_grad_close(fused_grads[name], grad, torch.float32, name)
+
+
+def test_offline_distillation_builds_a_store_and_the_student_learns_from_it(tmp_path):
+    """examples/offline_distill.py: kl-fused-cache build over a JSONL corpus, then a student trained from
+    a 2-worker DataLoader over TeacherCache (packed ids); the loss falls."""
+    pytest.importorskip("safetensors")
+    offline = load_example("offline_distill")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only waits, and on a loaded machine it spins
+    try:
+        with fused_op_must_run(torch.ops.kl_fused.sparse_kl_div.default):
+            losses = offline.run(tmp_path, steps=14, lines=48, length=24, teacher_steps=20, packed=True, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(losses) == 14 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), f"the loss did not fall: {losses}"
+    # The store's vocabulary guards the loss: a student of another vocabulary is refused.
+    from kl_fused.cache import TeacherCache
+
+    cache = TeacherCache(tmp_path / "store")
+    assert cache.index_encoding == "packed" and cache.metadata["data"] == str(tmp_path / "corpus.jsonl")
+    tokens = {i: [2, 5, 6, 7] for i in cache.sequence_ids}
+    batch = offline.Batches(cache, tokens, length=3, pad_id=0)(cache.sequence_ids[:2])
+    other = offline.llama(cache.vocab_size + 1, hidden=32, layers=1, seed=0)
+    with pytest.raises(ValueError, match=f"vocabulary of {cache.vocab_size} tokens"):
+        offline.distillation_loss(other, batch, temperature=1.0, hard_weight=0.5)

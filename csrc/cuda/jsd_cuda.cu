@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocks
     // The merge's barrier also orders the row-cache writes before the later passes read them.
     const RowState<acc_t> st = block_merge(statistics.st, k, merge_scratch);
     // A NaN logit makes its side's Z NaN, and so does a +inf one (inf - inf); a side all -inf has
-    // no distribution. Block-uniform: every thread holds the same merged state.
+    // no distribution. Block-uniform: block_reduce gives every thread the same bits of the state.
     if (st.zx != st.zx || st.zy != st.zy || st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) {
       if (threadIdx.x == 0) args.row_loss[row] = static_cast<acc_t>(NAN);
       fill_gradients(row, static_cast<scalar_t>(NAN));

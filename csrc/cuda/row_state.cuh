@@ -59,8 +59,8 @@ __device__ __forceinline__ void rescale(RowState<acc_t>& s, acc_t mx, acc_t my, 
   s.my = my;
 }
 
-// Symmetric in a and b (both are rescaled, then added), so every lane of a butterfly ends with
-// bit-identical results.
+// Symmetric in a and b in exact arithmetic (both are rescaled, then added); contracted into fused
+// multiply-adds, the two orders may round differently (block_reduce.cuh makes the block agree).
 template <typename acc_t>
 __device__ __forceinline__ RowState<acc_t> merge(RowState<acc_t> a, RowState<acc_t> b, acc_t k) {
   const acc_t mx = max_acc(a.mx, b.mx), my = max_acc(a.my, b.my);
@@ -77,7 +77,7 @@ struct MergeRowStates {
   }
 };
 
-// Every thread of the block returns the row's state (bit-identical: merge is symmetric).
+// Every thread of the block returns the row's state, with the same bits (block_reduce.cuh).
 template <typename acc_t>
 __device__ __forceinline__ RowState<acc_t> block_merge(const RowState<acc_t>& s, acc_t k, RowState<acc_t>* scratch) {
   return block_reduce(s, MergeRowStates<acc_t>{k}, empty_row_state<acc_t>(), scratch);

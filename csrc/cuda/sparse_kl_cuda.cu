@@ -108,7 +108,7 @@ __device__ __forceinline__ void write_skipped_row(int64_t row, acc_t* row_loss, 
 }
 
 // The online softmax of a set of values (raw maximum m, z = sum 2^((x - m) k)): a thread's, then the
-// block's. Merging is symmetric, so every lane of a reduction ends bit-identical.
+// block's. Merging is symmetric in exact arithmetic; block_reduce gives every thread the same bits.
 template <typename acc_t>
 __device__ __forceinline__ void merge_softmax(acc_t& m, acc_t& z, acc_t m2, acc_t z2, acc_t k) {
   const acc_t mm = max_acc(m, m2);

@@ -4,6 +4,8 @@
     kl-fused-bench --vocab-parallel N    the vocab-parallel loss on N gloo processes (vocab_parallel.py)
     kl-fused-bench --jsd                 jsd_logits (generalized JSD) against TRL and Liger (jsd.py)
     kl-fused-bench --linear              linear_kl_div from hidden states and the lm_head (linear.py)
+    kl-fused-bench --sparse              sparse_kl_div from a teacher's top-k (sparse.py)
+    kl-fused-bench --cache               the teacher top-k store, kl_fused.cache (cache.py)
 
 One file per mode, around a shared core: logits_pass.py (one checked and timed case and pass of a
 loss on logits, for the provider-comparing modes), options.py (the Mode record, argument helpers), cases.py

@@ -1,11 +1,20 @@
-"""The SIMT emulator as the tests use it: emulated op calls, the emulated device's limits, and a
-record of every launch (kernel instantiation, grid, block, dynamic shared memory)."""
+"""The SIMT emulator as the tests use it: emulated op calls, the emulated device's limits, the
+schedules, and a record of every launch (kernel instantiation, grid, block, dynamic shared memory).
+
+Every emulated call runs under each schedule of SIMT_SCHEDULES (comma-separated: forward, reverse,
+random:SEED; the first is the one the test sees), on its own copy of the inputs, and its outputs and
+inputs afterwards must be the same bits under all of them: the kernels claim determinism. After each
+call, no byte of an output the call allocated may be one that no kernel wrote. SIMT_FMA=1 runs the
+build whose kernels contract a*b + c into fused multiply-adds (build.py).
+"""
 
 import contextlib
+import os
 import pathlib
 import re
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from simt import build
@@ -27,6 +36,8 @@ KERNEL_OWNERS = {
     "sparse_bucket_kernel": "test_cuda_emulated_sparse.py",
     "sparse_renorm_kernel": "test_cuda_emulated_sparse.py",
 }
+# The schedules a call runs under unless SIMT_SCHEDULES says otherwise.
+DEFAULT_SCHEDULES = "forward,random:1"
 _LOG_LINE = re.compile(r"^(?P<kernel>.+) grid=(?P<grid>\d+) block=(?P<block>\d+) shared=(?P<shared>\d+)$")
 
 
@@ -47,11 +58,73 @@ class Launch:
         return [arg.strip() for arg in inner.split(",")] if inner else []
 
 
+def parse_schedule(text):
+    """"forward", "reverse" or "random:SEED" -> (kind, seed)."""
+    kind, _, seed = text.strip().partition(":")
+    if kind not in ("forward", "reverse", "random") or (kind == "random") != bool(seed):
+        raise ValueError(f"a schedule is forward, reverse or random:SEED, got {text!r}")
+    return kind, int(seed or 0)
+
+
+def _tensors(value):
+    """The tensors of an op's result (a tensor, or nested tuples and lists), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def _twin(value):
+    """A copy of a tensor argument with its own storage and the same offset, sizes and strides (so
+    the same alignment and kernel path); other arguments as they are."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    storage = value.untyped_storage().clone()
+    return torch.empty(0, dtype=value.dtype).set_(storage, value.storage_offset(), value.size(), value.stride())
+
+
+def _bits(t):
+    return t.detach().reshape(-1).contiguous().view(torch.uint8)
+
+
+def first_different_bits(a, b):
+    """None where a and b hold the same bits, else where they part."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return f"{a.dtype} {tuple(a.shape)} against {b.dtype} {tuple(b.shape)}"
+    differ = (_bits(a) != _bits(b)).nonzero()
+    if len(differ) == 0:
+        return None
+    element = differ[0].item() // a.element_size()
+    return f"first at element {element} of {a.dtype} {tuple(a.shape)}: {a.reshape(-1)[element]} against {b.reshape(-1)[element]}"
+
+
 class Emulator:
     def __init__(self):
-        build.load()
+        if build.requested_mode() == "fma" and not build.host_has_fma():
+            pytest.skip("SIMT_FMA=1 runs kernels contracted into fused multiply-adds, and this CPU has no FMA instructions")
+        self.mode = build.load()  # "plain" or "fma"
         self.configure(**DEFAULT_LIMITS)
         self.launched = {}  # kernel -> largest block it was launched with
+        self.schedules = [parse_schedule(s) for s in os.environ.get("SIMT_SCHEDULES", DEFAULT_SCHEDULES).split(",")]
+        self._use(self.schedules[0])
+
+    @staticmethod
+    def _use(schedule):
+        torch.ops.simt.set_schedule(*schedule)
+
+    @contextlib.contextmanager
+    def schedule(self, *texts):
+        """Runs the block's calls under these schedules ("forward", "reverse", "random:SEED"; the
+        first is the one the caller sees) instead of SIMT_SCHEDULES'."""
+        saved = self.schedules
+        self.schedules = [parse_schedule(text) for text in texts]
+        self._use(self.schedules[0])
+        try:
+            yield
+        finally:
+            self.schedules = saved
+            self._use(saved[0])
 
     def configure(self, sm_count, max_shared_optin, max_grid_x):
         torch.ops.simt.configure(sm_count, max_shared_optin, max_grid_x)
@@ -70,6 +143,7 @@ class Emulator:
         torch.ops.simt.begin_call([t for t in tensors if isinstance(t, torch.Tensor)])
         try:
             result = fn()
+            torch.ops.simt.check_outputs(_tensors(result))
         finally:
             torch.ops.simt.end_call()
         launches = [Launch(m["kernel"], int(m["grid"]), int(m["block"]), int(m["shared"]))
@@ -78,15 +152,37 @@ class Emulator:
             self.launched[launch.kernel] = max(self.launched.get(launch.kernel, 0), launch.block)
         return result, launches
 
+    def _under_every_schedule(self, what, fn, args):
+        """fn(*args) under the first schedule, then on copies of args under each other one; the
+        results and the arguments afterwards must hold the same bits. Returns the first run's."""
+        twins = [[_twin(a) for a in args] for _ in self.schedules[1:]]
+        result, launches = self._scoped(lambda: fn(*args), args)
+        for schedule, twin in zip(self.schedules[1:], twins):
+            self._use(schedule)
+            try:
+                other, other_launches = self._scoped(lambda: fn(*twin), twin)
+            finally:
+                self._use(self.schedules[0])
+            names = f"schedules {self.schedules[0]} and {schedule}"
+            assert other_launches == launches, f"{what}: the launches differ between {names}"
+            outputs, other_outputs = _tensors(result), _tensors(other)
+            assert len(outputs) == len(other_outputs), f"{what}: the outputs differ between {names}"
+            pairs = [(f"output {i}", a, b) for i, (a, b) in enumerate(zip(outputs, other_outputs))]
+            pairs += [(f"argument {i}", a, b) for i, (a, b) in enumerate(zip(args, twin)) if isinstance(a, torch.Tensor)]
+            for name, a, b in pairs:
+                where = first_different_bits(a, b)
+                assert where is None, f"{what}: {name} differs between {names}, {where}"
+        return result, launches
+
     def call(self, op_name, *args):
         """torch.ops.kl_fused_emulated.<op_name>(*args) with its tensor arguments as the memory its
-        launches may touch; returns (result, [Launch])."""
-        op = getattr(torch.ops.kl_fused_emulated, op_name)
-        return self._scoped(lambda: op(*args), args)
+        launches may touch, under every schedule; returns (result, [Launch])."""
+        return self._under_every_schedule(op_name, getattr(torch.ops.kl_fused_emulated, op_name), args)
 
     def probe(self, name, data):
-        """One of the emulator's own probe kernels (tests/simt/probe_kernels.cpp) on a (blocks, threads) float tensor."""
-        return self._scoped(lambda: torch.ops.simt.run_probe(name, data), (data,))
+        """One of the emulator's own probe kernels (tests/simt/probe_kernels.cpp) on a (blocks, threads)
+        float tensor, under every schedule."""
+        return self._under_every_schedule(f"probe {name}", lambda d: torch.ops.simt.run_probe(name, d), (data,))
 
     @staticmethod
     def launchable_kernels():

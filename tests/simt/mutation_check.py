@@ -1,23 +1,47 @@
-"""Mutation check of the emulated CUDA tests: inject plausible kernel bugs, one at a time, into the
-real sources, and show that the emulated test file of the mutated kernel fails on each.
+"""Mutation check of the emulated CUDA tests: inject plausible kernel bugs, one at a time, into a
+copy of the sources, and show that the emulated test file of the mutated kernel fails on each.
 
     python tests/simt/mutation_check.py            every mutation
+    python tests/simt/mutation_check.py --ci       the subset `make test` runs (ci=True below)
     python tests/simt/mutation_check.py NAME ...   some of them
 
-Each mutation replaces one exact piece of csrc/cuda/ text (it must occur exactly once), rebuilds the
-emulator, runs the emulated test file of the kernel it mutates, and restores the file whatever happens. A mutation the tests do
-not catch is reported as SURVIVED and makes the exit status 1. Not part of `make test` (each
-mutation rebuilds a kernel unit): run it after changing a kernel or its tests.
+The working tree is never modified, so an interrupted run leaves nothing behind in it: each
+mutation is applied to a copy of csrc/ in a temporary directory under build/simt/mutants, the
+translation units it affects (those its test file runs that include the mutated file) are compiled
+from the copy and linked with the emulator's other objects (build/simt, brought up to date first),
+and the test file runs against that library (SIMT_LIBRARY; SIMT_FMA=1 for a mutation only the
+contracted build can show). Mutations are compiled and tested in parallel (MAX_JOBS, default the
+CPU count). A mutation the tests do not catch is reported as SURVIVED, one whose text no longer
+occurs exactly once as STALE; either makes the exit status 1.
 """
 
+import argparse
+import concurrent.futures
+import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from simt import build  # noqa: E402
+
+ROOT = build.ROOT
 CUDA = ROOT / "csrc" / "cuda"
+# The kernel units each emulated test file needs mutated to see a bug in its kernels (the others
+# keep their unmutated objects).
+TEST_UNITS = {
+    "tests/test_cuda_emulated.py": ("kl_div_cuda",),
+    "tests/test_cuda_emulated_jsd.py": ("jsd_cuda",),
+    "tests/test_cuda_emulated_sparse.py": ("sparse_kl_cuda",),
+    "tests/test_simt_emulator.py": ("probe_kernels",),
+}
+TEST_TIMEOUT = 900  # seconds; a mutant that hangs the tests counts as caught
 
 
 @dataclass(frozen=True)
@@ -28,6 +52,9 @@ class Mutation:
     new: str
     why: str
     tests: str = "tests/test_cuda_emulated.py"  # the emulated test file that must catch it
+    units: tuple = ()  # kernel units to mutate, when not TEST_UNITS[tests]
+    fma: bool = False  # only the build that contracts a*b + c can show it
+    ci: bool = False   # part of `make test`'s subset
 
 
 MUTATIONS = [
@@ -44,7 +71,7 @@ MUTATIONS = [
     Mutation("missing_syncthreads_in_block_reduce", "block_reduce.cuh",
              "  if (lane == 0) scratch[warp] = state;\n  __syncthreads();",
              "  if (lane == 0) scratch[warp] = state;",
-             "warps read the per-warp states before every warp has written its own"),
+             "warps read the per-warp states before every warp has written its own", ci=True),
     Mutation("missing_syncthreads_between_rows", "row_pipeline.cuh",
              "    __syncthreads();\n    row += gridDim.x;",
              "    row += gridDim.x;",
@@ -72,7 +99,7 @@ MUTATIONS = [
     Mutation("wrong_gradient_factor", "kl_div_cuda.cu",
              "c.wx = c.px_f * static_cast<acc_t>(kLn2);",
              "c.wx = c.px_f;",
-             "the weighted gradient forgets the log2 -> ln conversion"),
+             "the weighted gradient forgets the log2 -> ln conversion", ci=True),
     Mutation("unaligned_vector_path", "launch_plan.h",
              "if (!aligned16(base) || vocab % pack != 0) return false;",
              "if (vocab % pack != 0) return false;",
@@ -90,7 +117,7 @@ MUTATIONS = [
              "auto* merge_scratch = reinterpret_cast<RowState<acc_t>*>(sum_scratch + blockDim.x / 32);",
              "auto* merge_scratch = reinterpret_cast<RowState<acc_t>*>(shared);",
              "the K sums overwrite the merge states that slower warps still read",
-             tests="tests/test_cuda_emulated_jsd.py"),
+             tests="tests/test_cuda_emulated_jsd.py", ci=True),
     Mutation("jsd_mixture_weights_swapped", "jsd_cuda.cu",
              "log2_acc(c.beta * p + (acc_t(1) - c.beta) * q)",
              "log2_acc((acc_t(1) - c.beta) * p + c.beta * q)",
@@ -130,8 +157,8 @@ MUTATIONS = [
     Mutation("missing_barrier_after_marking", "sparse_kl_cuda.cu",
              "    __syncthreads();  // the bitmap is complete before the pass reads it\n",
              "",
-             "the pass reads the bitmap before every thread has marked its slots",
-             tests="tests/test_cuda_emulated_sparse.py"),
+             "the pass reads the bitmap before every thread has marked its slots (a plain read racing an atomic)",
+             tests="tests/test_cuda_emulated_sparse.py", ci=True),
     Mutation("support_written_before_the_pass_ends", "sparse_kl_cuda.cu",
              "      __syncthreads();  // the pass's writes before the support's overwrite them\n",
              "",
@@ -162,42 +189,151 @@ MUTATIONS = [
              "",
              "the zero fill of a slower thread overwrites the support's gradient",
              tests="tests/test_cuda_emulated_sparse.py"),
+    Mutation("missing_barrier_after_clearing_the_bitmap", "sparse_kl_cuda.cu",
+             "  __syncthreads();\n\n  for (const int64_t row : block_rows(args.rows)) {\n"
+             "    const int64_t* idx = args.indices + row * K;\n    const acc_t* lp = args.logprobs + row * K;\n"
+             "    acc_t* dl = args.grad_logprobs != nullptr ? args.grad_logprobs + row * K : nullptr;\n    scalar_t* ds",
+             "\n  for (const int64_t row : block_rows(args.rows)) {\n"
+             "    const int64_t* idx = args.indices + row * K;\n    const acc_t* lp = args.logprobs + row * K;\n"
+             "    acc_t* dl = args.grad_logprobs != nullptr ? args.grad_logprobs + row * K : nullptr;\n    scalar_t* ds",
+             "the renormalizing kernel marks slots in a bitmap that slower threads are still clearing",
+             tests="tests/test_cuda_emulated_sparse.py"),
+    # Blind spots of the emulator before issue 26: races through global memory, outputs no kernel
+    # writes, lanes that disagree once a*b + c is contracted.
+    Mutation("fill_row_by_every_thread", "packs.cuh",
+             "for (int64_t unit = threadIdx.x; unit < units; unit += blockDim.x) store_pack(row, unit, pack);",
+             "for (int64_t unit = 0; unit < units; ++unit) store_pack(row, unit, pack);",
+             "every thread writes the whole masked row: a write-write race through global memory", ci=True),
+    Mutation("row_loss_by_every_thread", "kl_div_cuda.cu",
+             "    if (threadIdx.x == 0) args.row_loss[row] = kl2 * static_cast<acc_t>(kLn2);",
+             "    args.row_loss[row] = kl2 * static_cast<acc_t>(kLn2);",
+             "every thread stores the row's loss (the same value): a write-write race through global memory"),
+    Mutation("masked_gradient_left_unwritten", "kl_div_cuda.cu",
+             "        if (P* g = grad_row(args.grad_x, row)) fill_row(g, units, scalar_t(0));\n",
+             "",
+             "a masked row's gradient keeps whatever the allocation held (zero, on a fresh page)", ci=True),
+    Mutation("masked_loss_left_unwritten", "jsd_cuda.cu",
+             "      if (threadIdx.x == 0) args.row_loss[row] = acc_t(0);\n      fill_gradients(row, scalar_t(0));",
+             "      fill_gradients(row, scalar_t(0));",
+             "a masked row's loss is never written", tests="tests/test_cuda_emulated_jsd.py"),
+    Mutation("block_reduce_without_broadcast", "block_reduce.cuh",
+             "  return shuffle_words(total, [](uint32_t word) { return __shfl_sync(0xffffffffu, word, 0); });",
+             "  return total;",
+             "each lane keeps its own rounding of the reduction, and block-uniform branches may diverge",
+             tests="tests/test_simt_emulator.py", fma=True, ci=True),
 ]
 
 
+def _unit_source(stem, csrc):
+    return build.SIMT / "probe_kernels.cpp" if stem == "probe_kernels" else csrc / "cuda" / f"{stem}.cu"
+
+
+def _includes(path, csrc, seen):
+    """The files `path` includes with quotes, transitively, that lie in csrc or tests/simt."""
+    for name in re.findall(r'^\s*#\s*include\s+"([^"]+)"', path.read_text(), re.M):
+        for directory in (path.parent, csrc / "cuda", csrc, build.SIMT):
+            found = (directory / name).resolve()
+            if found.exists():
+                if found not in seen:
+                    seen.add(found)
+                    _includes(found, csrc, seen)
+                break
+    return seen
+
+
+def affected_units(mutation, csrc):
+    """The kernel units of the mutation's test file that include the mutated file."""
+    target = (csrc / "cuda" / mutation.file).resolve()
+    units = mutation.units or TEST_UNITS[mutation.tests]
+    return [stem for stem in units
+            if _unit_source(stem, csrc).resolve() == target or target in _includes(_unit_source(stem, csrc), csrc, set())]
+
+
+def _run(command, **kwargs):
+    return subprocess.run(command, capture_output=True, text=True, **kwargs)
+
+
+def mutant_library(mutation, work):
+    """Builds the emulator with `mutation` applied to a copy of csrc/ under `work`; returns its path."""
+    csrc = work / "csrc"
+    shutil.copytree(ROOT / "csrc", csrc)
+    path = csrc / "cuda" / mutation.file
+    path.write_text(path.read_text().replace(mutation.old, mutation.new))
+    mode = "fma" if mutation.fma else "plain"
+    mutated = {}
+    for stem in affected_units(mutation, csrc):
+        source = _unit_source(stem, csrc)
+        unit = build.wrapper(source, work) if source.suffix == ".cu" else source
+        obj = work / f"{stem}.kernel.o"
+        result = _run([build.cxx(), *build.common_flags(csrc), *build.kernel_flags(mode), "-c", str(unit), "-o", str(obj)])
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling the mutated {stem} failed:\n{result.stderr[-3000:]}")
+        mutated[stem] = obj
+    if not mutated:
+        raise RuntimeError(f"no unit of {mutation.tests} includes {mutation.file}")
+    objects = [build.plain_object(source) for source in build.plain_sources()]
+    objects += [mutated.get(source.stem, build.kernel_object(source, mode)) for source in build.kernel_sources()]
+    library = work / "libkl_fused_simt_mutant.so"
+    result = _run([build.cxx(), "-shared", *map(str, objects), "-o", str(library), *build.link_flags()])
+    if result.returncode != 0:
+        raise RuntimeError(f"linking the mutant failed:\n{result.stderr[-3000:]}")
+    return library
+
+
 def run(mutation):
-    path = CUDA / mutation.file
-    original = path.read_text()
+    """(verdict, detail, seconds) of one mutation."""
+    start = time.monotonic()
+    original = (CUDA / mutation.file).read_text()
     if original.count(mutation.old) != 1:
-        return "STALE", f"the text to mutate occurs {original.count(mutation.old)} times in {mutation.file}"
-    try:
-        path.write_text(original.replace(mutation.old, mutation.new))
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", mutation.tests],
-            cwd=ROOT, capture_output=True, text=True)
-    finally:
-        path.write_text(original)
+        return "STALE", f"the text to mutate occurs {original.count(mutation.old)} times in {mutation.file}", 0.0
+    if mutation.fma and not build.host_has_fma():
+        return "SKIPPED", "this CPU has no fused multiply-add instructions for the fma build", 0.0
+    (build.BUILD / "mutants").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{mutation.name}.", dir=build.BUILD / "mutants") as work:
+        library = mutant_library(mutation, pathlib.Path(work))
+        env = {**os.environ, "SIMT_LIBRARY": str(library), "SIMT_FMA": "1" if mutation.fma else "0"}
+        try:
+            result = _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", mutation.tests],
+                          cwd=ROOT, env=env, timeout=TEST_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return "CAUGHT", f"the tests ran past {TEST_TIMEOUT} s (a hang)", time.monotonic() - start
     output = result.stdout + result.stderr
+    seconds = time.monotonic() - start
     if result.returncode == 0:
-        return "SURVIVED", output.strip().splitlines()[-1]
+        return "SURVIVED", output.strip().splitlines()[-1], seconds
     failed = re.search(r"^FAILED (\S+)", output, re.M)
     error = re.search(r"^E\s+(.+)$", output, re.M)
     test = failed[1].split("::", 1)[-1] if failed else "(collection or build)"
-    return "CAUGHT", f"{test}: {error[1].strip()[:300] if error else output.strip().splitlines()[-1]}"
+    return "CAUGHT", f"{test}: {error[1].strip()[:300] if error else output.strip().splitlines()[-1]}", seconds
 
 
-def main(names):
-    chosen = [m for m in MUTATIONS if not names or m.name in names]
-    unknown = set(names) - {m.name for m in MUTATIONS}
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--ci", action="store_true", help="only the subset that make test runs")
+    args = parser.parse_args(argv)
+    unknown = set(args.names) - {m.name for m in MUTATIONS}
     if unknown:
         sys.exit(f"unknown mutations {sorted(unknown)}; choose from {[m.name for m in MUTATIONS]}")
-    survived = 0
-    for mutation in chosen:
-        verdict, detail = run(mutation)
-        survived += verdict != "CAUGHT"
-        print(f"{verdict:8} {mutation.name} ({mutation.why})\n         {detail}", flush=True)
-    subprocess.run([sys.executable, str(ROOT / "tests" / "simt" / "build.py")], cwd=ROOT, capture_output=True)
-    return 1 if survived else 0
+    chosen = [m for m in MUTATIONS if (not args.names or m.name in args.names) and (m.ci or not args.ci)]
+    build.build("plain")
+    if any(m.fma for m in chosen) and build.host_has_fma():
+        build.build("fma")
+    jobs = int(os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)))
+    failures = 0
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run, m): m for m in chosen}
+        for future in concurrent.futures.as_completed(futures):
+            mutation = futures[future]
+            try:
+                verdict, detail, seconds = future.result()
+            except RuntimeError as error:
+                verdict, detail, seconds = "BROKEN", str(error), 0.0
+            failures += verdict not in ("CAUGHT", "SKIPPED")
+            print(f"{verdict:8} {mutation.name} ({mutation.why}) [{seconds:.0f} s]\n         {detail}", flush=True)
+    print(f"{len(chosen) - failures} of {len(chosen)} mutations caught or skipped in {time.monotonic() - start:.0f} s")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

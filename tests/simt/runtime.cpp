@@ -1,27 +1,19 @@
 // The SIMT emulator's runtime: runs a CUDA grid on the CPU, one block at a time, each thread of the
-// block a fiber (a user-level thread with its own stack), and checks every memory access the
-// kernel makes, as compute-sanitizer would on the device.
+// block a fiber (a user-level thread with its own stack). The sanitizer that checks every memory
+// access the kernel makes is memory_checks.cpp.
 //
 // Execution. A thread runs until it reaches __syncthreads, a warp shuffle, or its end; then the
 // next ready thread runs. When none is ready, the scheduler completes what can be completed: a
 // shuffle once every lane its mask names waits at it (values exchanged in lock-step), a barrier once
 // every thread of the block waits at it. Anything else is reported, never waited on: threads waiting
-// at different barriers, a thread that exits while others wait, lanes that diverge at a shuffle.
-// The order is fixed, so results are bitwise reproducible.
+// at different barriers, a thread that exits while others wait, lanes that diverge at a shuffle. A
+// barrier or shuffle is its source line and its call site in the compiled code: one line of an
+// inlined helper (block_reduce.cuh) reached from two places is two barriers, as on the device.
 //
-// Memory checks. The kernels' translation units are compiled with -fsanitize=thread, which makes
-// the compiler call __tsan_readN / __tsan_writeN before each load and store; this file defines
-// those hooks itself (libtsan is not linked). An access is classified by address:
-//   - the thread's own stack (its registers and local memory): not checked;
-//   - the block's dynamic shared memory (an arena with guard zones around it): bounds against the
-//     launch's size, initialisation (reading a byte no thread has written), and the racecheck rule:
-//     two different threads touching the same byte between two barriers, at least one writing;
-//   - the kernel's parameters: read-only;
-//   - anything else is global memory and must lie inside a tensor given to the current call
-//     (begin_call registers the inputs, allocations made during the call are registered as they
-//     happen) -- otherwise out of bounds;
-//   - 2/4/8/16-byte accesses to shared or global memory must be aligned to their size.
-// Host code compiled into the same units (outside any fiber) is not checked.
+// Schedules (host_control.h). The order of a launch's blocks and of a block's ready threads is
+// forward, reverse or random; the random schedule also preempts threads at random global and
+// shared accesses, so that accesses interleave between two synchronisation points. Every schedule
+// is reproducible; a kernel's outputs must not depend on it.
 #include "simt/runtime.h"
 
 #include <c10/util/Exception.h>
@@ -32,28 +24,53 @@
 #include <cmath>
 #include <cstring>
 #include <map>
-#include <memory>
+#include <numeric>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#if !defined(__x86_64__)
-#include <ucontext.h>
-#endif
-
+#include "simt/execution.h"
 #include "simt/host_control.h"
 
 namespace simt {
+namespace detail {
+
+LaunchState* g_launch = nullptr;
+__thread Thread* g_thread __attribute__((tls_model("initial-exec"))) = nullptr;
+char* g_arena = nullptr;  // [g_arena - guard, g_arena + kArenaBytes + guard) is mapped
+
+char* arena() {
+  if (g_arena == nullptr) {
+    void* p = mmap(nullptr, kArenaBytes + 2 * kArenaGuard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(p != MAP_FAILED, "simt: could not map the shared-memory arena");
+    g_arena = static_cast<char*>(p) + kArenaGuard;
+  }
+  return g_arena;
+}
+
+std::string base_name(const char* file) {
+  if (file == nullptr) return "?";
+  const char* slash = std::strrchr(file, '/');
+  return slash ? slash + 1 : file;
+}
+
+std::string str(uint3 v) {
+  std::ostringstream o;
+  o << "(" << v.x << "," << v.y << "," << v.z << ")";
+  return o.str();
+}
+
+uint3 block_index(uint32_t linear) {
+  const dim3 g = g_launch->grid;
+  return {linear % g.x, linear / g.x % g.y, linear / (g.x * g.y)};
+}
+
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kMaxBlockThreads = 1024;
 constexpr int kMaxBlockZ = 64;
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int kDefaultDynamicShared = 48 * 1024;
-constexpr std::size_t kArenaBytes = 256 * 1024;   // above any device's opt-in limit (227 KB on sm_90)
-constexpr std::size_t kArenaGuard = 64 * 1024;    // each side: accesses there are out-of-bounds shared
 constexpr std::size_t kStackBytes = 128 * 1024;
 
 // sm_90 (H100 SXM) by default; tests shrink them.
@@ -95,10 +112,6 @@ simt_switch_stack:
     .size simt_switch_stack, .-simt_switch_stack
 )");
 
-struct Context {
-  void* sp = nullptr;
-};
-
 void switch_context(Context& from, Context& to) { simt_switch_stack(&from.sp, to.sp); }
 
 // A fresh context that starts in entry() on the stack [lo, hi).
@@ -113,10 +126,6 @@ void make_context(Context& ctx, char* lo, char* hi, void (*entry)()) {
   ctx.sp = slot;
 }
 #else
-struct Context {
-  ucontext_t uc;
-};
-
 void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
 
 void make_context(Context& ctx, char* lo, char* hi, void (*entry)()) {
@@ -148,79 +157,47 @@ struct StackPool {
 
 // ----------------------------------------------------------------------------------- state
 
-enum class State { Ready, AtBarrier, AtShuffle, Exited, Failed };
-
-struct Thread {
-  int id = 0;  // linear index in the block
-  uint3 idx{0, 0, 0};
-  State state = State::Ready;
-  Context context;
-  char* stack_lo = nullptr;
-  char* stack_hi = nullptr;
-  const char* file = nullptr;  // where it waits
-  int line = 0;
-  ShuffleKind kind = ShuffleKind::Xor;
-  unsigned int mask = 0;
-  uint64_t bits = 0;
-  int arg = 0;
-  int width = kWarpSize;
-  uint64_t result = 0;
-};
-
-// What the racecheck and initcheck rules remember per byte of shared memory.
-struct SharedShadow {
-  uint32_t epoch;    // barrier interval of writer/reader
-  int16_t writer;    // thread that wrote it in that interval, or -1
-  int16_t reader;    // thread that read it in that interval, -1 none, -2 several
-  uint8_t written;   // any thread wrote it since the block started
-};
-
-struct Region {
-  uintptr_t end;
-  std::string label;
-  uint64_t call;     // the call it belongs to
-  bool parameters;   // the launch's kernel parameters: read-only, valid for the launch
-};
-
-struct LaunchState {
-  std::string kernel;
-  dim3 grid, block;
-  int64_t shared_bytes = 0;
-  KernelEntry entry = nullptr;
-  const void* params = nullptr;
-  uint3 block_idx{0, 0, 0};
-  std::vector<Thread> threads;
-  uint32_t epoch = 1;
-  std::string error;
-};
-
-LaunchState* g_launch = nullptr;
-__thread Thread* g_thread __attribute__((tls_model("initial-exec"))) = nullptr;
 Context g_scheduler;
 StackPool g_stacks;
+uint32_t g_launches = 0;   // launches of the process (LaunchState::id)
+uint32_t g_intervals = 0;  // barrier intervals of the process (LaunchState::interval)
 
-char* g_arena = nullptr;  // [g_arena - guard, g_arena + kArenaBytes + guard) is mapped
-std::vector<SharedShadow> g_shadow(kArenaBytes);
+// The next number of a counter that names launches or intervals: never 0, which the shadows of
+// memory_checks.cpp read as "none".
+uint32_t next_number(uint32_t& counter) { return ++counter != 0 ? counter : ++counter; }
 
-std::map<uintptr_t, Region> g_regions;
-uint64_t g_regions_version = 0;  // changes whenever g_regions or the current call does
-uint64_t g_call = 0;     // generation of the current call
-bool g_in_call = false;
+ScheduleKind g_schedule = ScheduleKind::Forward;
+uint64_t g_seed = 0;
+uint64_t g_call_launches = 0;  // launches of the current call: the random schedule's draws restart per call
+uint64_t g_random = 0;         // the random schedule's generator state
+
+// splitmix64
+uint64_t draw() {
+  uint64_t z = (g_random += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+template <typename T>
+void shuffle_order(std::vector<T>& order) {
+  for (std::size_t i = order.size(); i > 1; --i) std::swap(order[i - 1], order[draw() % i]);
+}
+
+// The order in which a round of the scheduler offers the block's threads to run (or a launch runs
+// its blocks).
+template <typename T>
+void schedule_order(std::vector<T>& order) {
+  std::iota(order.begin(), order.end(), T(0));
+  if (g_schedule == ScheduleKind::Reverse) std::reverse(order.begin(), order.end());
+  if (g_schedule == ScheduleKind::Random) shuffle_order(order);
+}
 
 std::map<const void*, int> g_max_dynamic_shared;  // per kernel, set by cudaFuncSetAttribute
 std::vector<std::string> g_launch_log;
 std::set<std::string>& launchable_names() {
   static std::set<std::string> names;
   return names;
-}
-
-char* arena() {
-  if (g_arena == nullptr) {
-    void* p = mmap(nullptr, kArenaBytes + 2 * kArenaGuard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK(p != MAP_FAILED, "simt: could not map the shared-memory arena");
-    g_arena = static_cast<char*>(p) + kArenaGuard;
-  }
-  return g_arena;
 }
 
 // ----------------------------------------------------------------------------------- names, errors
@@ -239,18 +216,6 @@ std::string short_kernel_name(const char* pretty) {
   return s;
 }
 
-std::string base_name(const char* file) {
-  if (file == nullptr) return "?";
-  const char* slash = std::strrchr(file, '/');
-  return slash ? slash + 1 : file;
-}
-
-std::string str(uint3 v) {
-  std::ostringstream o;
-  o << "(" << v.x << "," << v.y << "," << v.z << ")";
-  return o.str();
-}
-
 std::string where(const LaunchState& L, const Thread* t) {
   std::ostringstream o;
   o << " in kernel " << L.kernel << ", block " << str(L.block_idx);
@@ -258,137 +223,10 @@ std::string where(const LaunchState& L, const Thread* t) {
   return o.str();
 }
 
-// An error found while a fiber runs: recorded, and the fiber never runs again; the scheduler
-// turns it into an exception on the host stack.
-[[noreturn]] void fail(const std::string& what) {
-  Thread* t = g_thread;
-  TORCH_CHECK(t != nullptr && g_launch != nullptr, "simt: ", what);
-  g_launch->error = "simt: " + what + where(*g_launch, t);
-  t->state = State::Failed;
-  switch_context(t->context, g_scheduler);
-  __builtin_unreachable();
-}
-
 // An error found by the scheduler between fibers.
 [[noreturn]] void fail_block(const std::string& what, const Thread* t = nullptr) {
   TORCH_CHECK(false, "simt: ", what, where(*g_launch, t));
   __builtin_unreachable();
-}
-
-// ----------------------------------------------------------------------------------- memory checks
-
-const char* kind_of(bool write) { return write ? "write" : "read"; }
-
-void check_alignment(uintptr_t a, std::size_t size, const char* space) {
-  if ((size == 2 || size == 4 || size == 8 || size == 16) && a % size != 0) {
-    std::ostringstream o;
-    o << "misaligned " << size << "-byte " << space << " access at address 0x" << std::hex << a << std::dec << " ("
-      << a % size << " bytes past a " << size << "-byte boundary)";
-    fail(o.str());
-  }
-}
-
-[[noreturn]] void shared_race(int64_t offset, const char* kind, const std::string& first, const char* second) {
-  std::ostringstream o;
-  o << "shared-memory race at offset " << offset << ": " << first << " and " << second
-    << " by this thread with no __syncthreads between (" << kind << ")";
-  fail(o.str());
-}
-
-std::string thread_name(int16_t id) { return "thread " + str(g_launch->threads[static_cast<std::size_t>(id)].idx); }
-
-void shared_access(Thread* t, uintptr_t a, std::size_t size, bool write, bool natural) {
-  const auto base = reinterpret_cast<uintptr_t>(g_arena);
-  const auto offset = static_cast<int64_t>(a - base);
-  const int64_t limit = g_launch->shared_bytes;
-  if (offset < 0 || offset + static_cast<int64_t>(size) > limit) {
-    std::ostringstream o;
-    o << "out-of-bounds shared-memory " << kind_of(write) << " of " << size << " bytes at offset " << offset
-      << " (the launch has " << limit << " bytes of dynamic shared memory)";
-    fail(o.str());
-  }
-  if (natural) check_alignment(a, size, "shared-memory");
-  const uint32_t epoch = g_launch->epoch;
-  const auto me = static_cast<int16_t>(t->id);
-  for (std::size_t i = 0; i < size; ++i) {
-    const int64_t at = offset + static_cast<int64_t>(i);
-    SharedShadow& s = g_shadow[static_cast<std::size_t>(at)];
-    if (s.epoch != epoch) s = {epoch, -1, -1, s.written};
-    if (write) {
-      if (s.writer >= 0 && s.writer != me) shared_race(at, "write after write", "written by " + thread_name(s.writer), "written");
-      if (s.reader == -2 || (s.reader >= 0 && s.reader != me)) {
-        shared_race(at, "write after read", "read by " + (s.reader == -2 ? std::string("several threads") : thread_name(s.reader)),
-                    "written");
-      }
-      s.writer = me;
-      s.written = 1;
-    } else {
-      if (!s.written) {
-        fail("read of uninitialised shared memory at offset " + std::to_string(at) +
-             " (no thread of the block has written it)");
-      }
-      if (s.writer >= 0 && s.writer != me) shared_race(at, "read after write", "written by " + thread_name(s.writer), "read");
-      s.reader = (s.reader == -1 || s.reader == me) ? me : int16_t(-2);
-    }
-  }
-}
-
-// The region starting at or before a (a may lie past its end), or nullptr.
-const std::pair<const uintptr_t, Region>* region_at_or_before(uintptr_t a) {
-  auto it = g_regions.upper_bound(a);
-  return it == g_regions.begin() ? nullptr : &*std::prev(it);
-}
-
-[[noreturn]] void out_of_bounds_global(Thread* t, uintptr_t a, std::size_t size, bool write,
-                                      const std::pair<const uintptr_t, Region>* hit, bool given) {
-  for (const Thread& other : g_launch->threads) {
-    if (&other != t && a >= reinterpret_cast<uintptr_t>(other.stack_lo) && a < reinterpret_cast<uintptr_t>(other.stack_hi)) {
-      fail(std::string(kind_of(write)) + " of another thread's local memory (thread " + str(other.idx) + ")");
-    }
-  }
-  std::ostringstream o;
-    o << "out-of-bounds global " << kind_of(write) << " of " << size << " bytes at address 0x" << std::hex << a << std::dec;
-    if (hit == nullptr) {
-      o << ", below every tensor given to the launch";
-    } else if (a >= hit->second.end) {
-      o << ", " << a - hit->second.end << " bytes past the end of " << hit->second.label << " ("
-        << hit->second.end - hit->first << " bytes), outside every tensor given to the launch";
-    } else if (!given) {
-      o << ": " << hit->second.label << " was not given to this launch's call";
-    } else {
-      o << ": offset " << a - hit->first << " of " << hit->second.label << " (" << hit->second.end - hit->first
-        << " bytes) runs " << a + size - hit->second.end << " bytes past its end";
-    }
-    fail(o.str());
-}
-
-void global_access(Thread* t, uintptr_t a, std::size_t size, bool write, bool natural) {
-  // Most accesses fall in the region the previous one did.
-  static const std::pair<const uintptr_t, Region>* last = nullptr;
-  static uint64_t last_version = ~uint64_t(0);
-  const std::pair<const uintptr_t, Region>* hit = nullptr;
-  if (last_version == g_regions_version && a >= last->first && a + size <= last->second.end) {
-    hit = last;
-  } else {
-    hit = region_at_or_before(a);
-    const bool given = hit != nullptr && (hit->second.parameters || (g_in_call && hit->second.call == g_call));
-    if (hit == nullptr || !given || a + size > hit->second.end) out_of_bounds_global(t, a, size, write, hit, given);
-    last = hit;
-    last_version = g_regions_version;
-  }
-  if (write && hit->second.parameters) fail("write to the kernel's parameters (they are read-only)");
-  if (natural) check_alignment(a, size, "global-memory");
-}
-
-void on_access(void* addr, std::size_t size, bool write, bool natural) {
-  Thread* t = g_thread;
-  if (t == nullptr) return;  // host code compiled into a kernel unit
-  const auto a = reinterpret_cast<uintptr_t>(addr);
-  if (a >= reinterpret_cast<uintptr_t>(t->stack_lo) && a < reinterpret_cast<uintptr_t>(t->stack_hi)) return;
-  const auto arena_lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
-  const auto arena_hi = reinterpret_cast<uintptr_t>(g_arena) + kArenaBytes + kArenaGuard;
-  if (a >= arena_lo && a < arena_hi) return shared_access(t, a, size, write, natural);
-  global_access(t, a, size, write, natural);
 }
 
 // ----------------------------------------------------------------------------------- scheduling
@@ -411,12 +249,13 @@ void resume(Thread& t) {
   g_thread = nullptr;
 }
 
-void suspend(State state, const char* file, int line) {
+void suspend(State state, const char* file, int line, const void* pc) {
   Thread* t = g_thread;
   TORCH_CHECK(t != nullptr, "simt: a device intrinsic was called outside a kernel");
   t->state = state;
   t->file = file;
   t->line = line;
+  t->pc = pc;
   switch_context(t->context, g_scheduler);
 }
 
@@ -481,7 +320,7 @@ bool complete_shuffles(LaunchState& L) {
                        " (" + site(*leader) + "), whose mask names it",
                    &t);
       }
-      if (t.state != State::AtShuffle || t.file != leader->file || t.line != leader->line || t.mask != mask ||
+      if (t.state != State::AtShuffle || t.file != leader->file || t.line != leader->line || t.pc != leader->pc || t.mask != mask ||
           t.kind != leader->kind || t.width != leader->width) {
         complete = false;  // perhaps later, perhaps a deadlock (reported by the caller)
       }
@@ -510,7 +349,7 @@ bool complete_shuffles(LaunchState& L) {
 bool complete_barrier(LaunchState& L) {
   const Thread* waiting = nullptr;
   for (const Thread& t : L.threads) {
-    if (t.state == State::AtShuffle) return false;
+    if (t.state == State::AtShuffle || t.state == State::Ready) return false;  // not every thread has arrived
     if (t.state == State::AtBarrier && waiting == nullptr) waiting = &t;
   }
   if (waiting == nullptr) return false;
@@ -525,8 +364,14 @@ bool complete_barrier(LaunchState& L) {
                      str(t.idx) + " at " + site(t),
                  waiting);
     }
+    if (t.pc != waiting->pc) {
+      fail_block("divergent __syncthreads: thread " + str(waiting->idx) + " and thread " + str(t.idx) + " wait at " +
+                     site(t) + " reached through different call sites (one line of an inlined function called from "
+                     "two places is two barriers)",
+                 waiting);
+    }
   }
-  ++L.epoch;
+  L.interval = next_number(g_intervals);
   for (Thread& t : L.threads) t.state = State::Ready;
   return true;
 }
@@ -534,13 +379,13 @@ bool complete_barrier(LaunchState& L) {
 [[noreturn]] void report_deadlock(const LaunchState& L) {
   std::ostringstream o;
   o << "the block cannot proceed:";
-  std::map<std::string, std::vector<int>> sites;
+  std::map<std::pair<std::string, const void*>, std::vector<int>> sites;
   for (const Thread& t : L.threads) {
-    if (t.state == State::AtBarrier) sites["__syncthreads at " + site(t)].push_back(t.id);
-    if (t.state == State::AtShuffle) sites[std::string(shuffle_name(t.kind)) + " at " + site(t)].push_back(t.id);
+    if (t.state == State::AtBarrier) sites[{"__syncthreads at " + site(t), t.pc}].push_back(t.id);
+    if (t.state == State::AtShuffle) sites[{std::string(shuffle_name(t.kind)) + " at " + site(t), t.pc}].push_back(t.id);
   }
   for (const auto& [what, ids] : sites) {
-    o << " threads " << ids.front() << ".." << ids.back() << " (" << ids.size() << ") wait at " << what << ";";
+    o << " threads " << ids.front() << ".." << ids.back() << " (" << ids.size() << ") wait at " << what.first << ";";
   }
   fail_block(o.str());
 }
@@ -556,14 +401,15 @@ void run_block(LaunchState& L) {
     t.stack_hi = t.stack_lo + kStackBytes;
     make_context(t.context, t.stack_lo, t.stack_hi, &fiber_main);
   }
-  // A block starts with shared memory of unknown content: poison it (NaN for floats), and forget
-  // what the previous block wrote.
-  std::memset(arena(), 0xFF, static_cast<std::size_t>(L.shared_bytes));
-  std::fill_n(g_shadow.begin(), L.shared_bytes, SharedShadow{0, -1, -1, 0});
-  L.epoch = 1;
+  begin_block_memory(L.shared_bytes);
+  L.interval = next_number(g_intervals);
+  std::vector<unsigned int> order(n);
+  if (g_schedule != ScheduleKind::Random) schedule_order(order);
   for (;;) {
+    if (g_schedule == ScheduleKind::Random) schedule_order(order);  // a new draw every round
     bool all_exited = true;
-    for (Thread& t : L.threads) {
+    for (const unsigned int i : order) {
+      Thread& t = L.threads[i];
       if (t.state == State::Ready) resume(t);
       if (!L.error.empty()) TORCH_CHECK(false, L.error);
       all_exited = all_exited && t.state == State::Exited;
@@ -583,6 +429,30 @@ void run_block(LaunchState& L) {
 
 }  // namespace
 
+// An error found while a fiber runs: recorded, and the fiber never runs again; the scheduler
+// turns it into an exception on the host stack.
+[[noreturn]] void fail(const std::string& what) {
+  Thread* t = g_thread;
+  TORCH_CHECK(t != nullptr && g_launch != nullptr, "simt: ", what);
+  g_launch->error = "simt: " + what + where(*g_launch, t);
+  t->state = State::Failed;
+  switch_context(t->context, g_scheduler);
+  __builtin_unreachable();
+}
+
+void maybe_preempt() {
+  if (g_schedule != ScheduleKind::Random || draw() % 8 != 0) return;
+  Thread* t = g_thread;
+  t->state = State::Ready;
+  switch_context(t->context, g_scheduler);
+}
+
+void begin_call_schedule() { g_call_launches = 0; }
+
+}  // namespace detail
+
+using namespace detail;
+
 // ----------------------------------------------------------------------------------- device API
 
 uint3 thread_idx() { return g_thread->idx; }
@@ -591,9 +461,13 @@ dim3 block_dim() { return g_launch->block; }
 dim3 grid_dim() { return g_launch->grid; }
 void* dynamic_shared() { return arena(); }
 
-void syncthreads(const char* file, int line) { suspend(State::AtBarrier, file, line); }
+// The return address is the call site in the kernel's compiled code (noinline keeps it so).
+__attribute__((noinline)) void syncthreads(const char* file, int line) {
+  suspend(State::AtBarrier, file, line, __builtin_return_address(0));
+}
 
-uint64_t shuffle(ShuffleKind kind, const char* file, int line, unsigned int mask, uint64_t bits, int arg, int width) {
+__attribute__((noinline)) uint64_t shuffle(ShuffleKind kind, const char* file, int line, unsigned int mask,
+                                           uint64_t bits, int arg, int width) {
   Thread* t = g_thread;
   TORCH_CHECK(t != nullptr, "simt: a warp shuffle was called outside a kernel");
   if (width < 1 || width > kWarpSize || (width & (width - 1)) != 0) {
@@ -604,22 +478,8 @@ uint64_t shuffle(ShuffleKind kind, const char* file, int line, unsigned int mask
   t->bits = bits;
   t->arg = arg;
   t->width = width;
-  suspend(State::AtShuffle, file, line);
+  suspend(State::AtShuffle, file, line, __builtin_return_address(0));
   return t->result;
-}
-
-void check_vector_access(const void* p, std::size_t bytes, const char* intrinsic) {
-  const auto a = reinterpret_cast<uintptr_t>(p);
-  const auto arena_lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
-  if (g_arena != nullptr && a >= arena_lo && a < arena_lo + kArenaBytes + 2 * kArenaGuard) {
-    fail(std::string(intrinsic) + " on a shared-memory address: it reads and writes global memory only");
-  }
-  if (a % bytes != 0) {
-    std::ostringstream o;
-    o << "misaligned " << bytes << "-byte " << intrinsic << " at address 0x" << std::hex << a << std::dec << " ("
-      << a % bytes << " bytes past a " << bytes << "-byte boundary)";
-    fail(o.str());
-  }
 }
 
 float ex2_approx_ftz(float x) {
@@ -692,6 +552,9 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
   log << kernel << " grid=" << grid.x << " block=" << block.x << " shared=" << shared_bytes;
   g_launch_log.push_back(log.str());
 
+  const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+  TORCH_CHECK(blocks < 0xFFFFFFFEull, "simt: a grid of ", blocks, " blocks is more than the emulator numbers");
+
   LaunchState L;
   L.kernel = kernel;
   L.grid = grid;
@@ -699,27 +562,25 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
   L.shared_bytes = shared_bytes;
   L.entry = entry;
   L.params = params;
-  const auto params_begin = reinterpret_cast<uintptr_t>(params);
-  g_regions[params_begin] = Region{params_begin + params_bytes, "the kernel parameters", g_call, true};
-  ++g_regions_version;
+  L.id = next_number(g_launches);
+  register_parameters(params, params_bytes);
   g_launch = &L;
   struct Cleanup {
-    uintptr_t params;
+    const void* params;
     ~Cleanup() {
       g_launch = nullptr;
       g_thread = nullptr;
-      g_regions.erase(params);
-      ++g_regions_version;
+      unregister_parameters(params);
     }
-  } cleanup{params_begin};
+  } cleanup{params};
   arena();
-  for (unsigned int z = 0; z < grid.z; ++z) {
-    for (unsigned int y = 0; y < grid.y; ++y) {
-      for (unsigned int x = 0; x < grid.x; ++x) {
-        L.block_idx = {x, y, z};
-        run_block(L);
-      }
-    }
+  g_random = g_seed * 0xD1B54A32D192ED03ull + ++g_call_launches;
+  std::vector<uint32_t> order(blocks);
+  schedule_order(order);
+  for (const uint32_t b : order) {
+    L.block_id = b;
+    L.block_idx = block_index(b);
+    run_block(L);
   }
 }
 
@@ -733,32 +594,9 @@ void configure(const DeviceProperties& props) {
   g_max_dynamic_shared.clear();  // attributes above a shrunk limit would be refused now
 }
 
-void begin_call() {
-  TORCH_CHECK(!g_in_call, "simt: begin_call inside a call");
-  ++g_call;
-  g_in_call = true;
-  ++g_regions_version;
-}
-
-void end_call() {
-  g_in_call = false;
-  ++g_regions_version;
-}
-
-bool in_call() { return g_in_call; }
-
-void register_global(const void* p, std::size_t bytes, std::string label) {
-  const auto begin = reinterpret_cast<uintptr_t>(p);
-  g_regions[begin] = Region{begin + bytes, std::move(label), g_call, false};
-  ++g_regions_version;
-}
-
-void unregister_global(const void* p) {
-  auto it = g_regions.find(reinterpret_cast<uintptr_t>(p));
-  if (it != g_regions.end() && !it->second.parameters) {
-    g_regions.erase(it);
-    ++g_regions_version;
-  }
+void set_schedule(ScheduleKind kind, uint64_t seed) {
+  g_schedule = kind;
+  g_seed = seed;
 }
 
 std::vector<std::string> take_launch_log() { return std::exchange(g_launch_log, {}); }
@@ -768,91 +606,3 @@ std::vector<std::string> launchable_kernels() {
 }
 
 }  // namespace simt
-
-// ----------------------------------------------------------------------------------- ubsan hook
-// -fsanitize=alignment: called before a load or store through a T* (or T&) whose address is not a
-// multiple of alignof(T). The host compiler may split an aligned 16-byte copy into narrower moves,
-// so this type-level check, not the size of each move, is what catches a misaligned vector access.
-extern "C" {
-struct SimtSourceLocation {
-  const char* file;
-  uint32_t line;
-  uint32_t column;
-};
-struct SimtTypeDescriptor {
-  uint16_t kind;
-  uint16_t info;
-  char name[1];
-};
-struct SimtTypeMismatch {
-  SimtSourceLocation location;
-  const SimtTypeDescriptor* type;
-  unsigned char log_alignment;
-  unsigned char check_kind;
-};
-
-void __ubsan_handle_type_mismatch_v1(SimtTypeMismatch* data, uintptr_t pointer) {
-  if (simt::g_thread == nullptr || pointer == 0) return;  // host code, or a null check we do not enable
-  const uintptr_t alignment = uintptr_t(1) << data->log_alignment;
-  std::ostringstream o;
-  o << "misaligned " << alignment << "-byte access to " << data->type->name << " at address 0x" << std::hex << pointer
-    << std::dec << " (" << pointer % alignment << " bytes past a " << alignment << "-byte boundary) at "
-    << simt::base_name(data->location.file) << ":" << data->location.line;
-  simt::fail(o.str());
-}
-void __ubsan_handle_type_mismatch_v1_abort(SimtTypeMismatch* data, uintptr_t pointer) {
-  __ubsan_handle_type_mismatch_v1(data, pointer);
-}
-}
-
-// ----------------------------------------------------------------------------------- tsan hooks
-// Called by code compiled with -fsanitize=thread. Plain loads and stores are checked; atomics
-// (reference counts in host code) are performed, sequentially consistent.
-extern "C" {
-#define SIMT_ACCESS_HOOKS(n)                                                                          \
-  void __tsan_read##n(void* p) { simt::on_access(p, n, false, true); }                               \
-  void __tsan_write##n(void* p) { simt::on_access(p, n, true, true); }                               \
-  void __tsan_unaligned_read##n(void* p) { simt::on_access(p, n, false, false); }                    \
-  void __tsan_unaligned_write##n(void* p) { simt::on_access(p, n, true, false); }
-SIMT_ACCESS_HOOKS(1)
-SIMT_ACCESS_HOOKS(2)
-SIMT_ACCESS_HOOKS(4)
-SIMT_ACCESS_HOOKS(8)
-SIMT_ACCESS_HOOKS(16)
-#undef SIMT_ACCESS_HOOKS
-void __tsan_read_range(void* p, unsigned long n) { simt::on_access(p, n, false, false); }
-void __tsan_write_range(void* p, unsigned long n) { simt::on_access(p, n, true, false); }
-void __tsan_func_entry(void*) {}
-void __tsan_func_exit() {}
-void __tsan_init() {}
-void __tsan_vptr_update(void**, void*) {}
-void __tsan_vptr_read(void**) {}
-
-#define SIMT_ATOMICS(bits, T)                                                                          \
-  T __tsan_atomic##bits##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
-  void __tsan_atomic##bits##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_exchange(volatile T* a, T v, int) { return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_add(volatile T* a, T v, int) { return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_sub(volatile T* a, T v, int) { return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_and(volatile T* a, T v, int) { return __atomic_fetch_and(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_or(volatile T* a, T v, int) { return __atomic_fetch_or(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_xor(volatile T* a, T v, int) { return __atomic_fetch_xor(a, v, __ATOMIC_SEQ_CST); } \
-  T __tsan_atomic##bits##_fetch_nand(volatile T* a, T v, int) { return __atomic_fetch_nand(a, v, __ATOMIC_SEQ_CST); } \
-  int __tsan_atomic##bits##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {               \
-    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);           \
-  }                                                                                                   \
-  int __tsan_atomic##bits##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                 \
-    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);           \
-  }                                                                                                   \
-  T __tsan_atomic##bits##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                     \
-    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                 \
-    return c;                                                                                         \
-  }
-SIMT_ATOMICS(8, char)
-SIMT_ATOMICS(16, short)
-SIMT_ATOMICS(32, int)
-SIMT_ATOMICS(64, long long)
-#undef SIMT_ATOMICS
-void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-void __tsan_atomic_signal_fence(int) { __atomic_signal_fence(__ATOMIC_SEQ_CST); }
-}

@@ -79,16 +79,14 @@ __forceinline__ void __stcs(T* p, T value) {
   *p = value;
 }
 
-// 32-bit shared-memory atomics (atomicOr, atomicAnd). Fibers run one at a time, so the
-// read-modify-write is never interleaved. A plain read of the word first lets the sanitizer check
-// the address (bounds, initialisation) and counts as a read for the racecheck, so that a plain write
-// racing with the atomic is still caught; the atomic's own write, as on the hardware, races with nothing.
+// 32-bit atomics (atomicOr, atomicAnd, atomicAdd). The emulator checks the access (bounds,
+// alignment, initialisation) and records it as an atomic for the race checks; fibers run one at a
+// time, so the read-modify-write that follows is never interleaved.
 namespace simt {
 template <typename Op>
 __forceinline__ unsigned int atomic_rmw(unsigned int* p, Op op) {
-  const unsigned int old = *p;  // the checked access
-  asm volatile("" : : "r"(old));
-  unsigned int current = __atomic_load_n(p, __ATOMIC_RELAXED);
+  atomic_access(p, sizeof(unsigned int));
+  const unsigned int current = __atomic_load_n(p, __ATOMIC_RELAXED);
   __atomic_store_n(p, op(current), __ATOMIC_RELAXED);
   return current;
 }
@@ -98,4 +96,7 @@ __forceinline__ unsigned int atomicOr(unsigned int* p, unsigned int v) {
 }
 __forceinline__ unsigned int atomicAnd(unsigned int* p, unsigned int v) {
   return ::simt::atomic_rmw(p, [v](unsigned int x) { return x & v; });
+}
+__forceinline__ unsigned int atomicAdd(unsigned int* p, unsigned int v) {
+  return ::simt::atomic_rmw(p, [v](unsigned int x) { return x + v; });
 }

@@ -35,6 +35,12 @@ uint64_t shuffle(ShuffleKind kind, const char* file, int line, unsigned int mask
 // aligned to its size.
 void check_vector_access(const void* p, std::size_t bytes, const char* intrinsic);
 
+// The memory access of an atomic read-modify-write of `bytes` at p (atomicOr, atomicAnd, ...),
+// checked like a plain access (bounds, alignment, initialisation) and recorded as a third kind for
+// the race checks: it races with plain reads and writes of other threads, never with atomics.
+// The caller then performs the operation; fibers run one at a time, so it is never interleaved.
+void atomic_access(void* p, std::size_t bytes);
+
 // PTX ex2.approx.ftz.f32 with its documented semantics: subnormal inputs and results flushed to
 // zero, and an error as large as the documented bound (2 ulp), deterministic in the input.
 float ex2_approx_ftz(float x);

@@ -1,0 +1,96 @@
+// What the emulator's two halves share: the runtime (runtime.cpp: fibers, scheduling, launches)
+// and the memory checks (memory_checks.cpp: the sanitizer's hooks and shadows). The state of the
+// launch that runs and of its threads. Internal to the emulator: kernels see runtime.h only.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include "simt/runtime.h"
+
+namespace simt::detail {
+
+constexpr int kWarpSize = 32;
+constexpr int kMaxBlockThreads = 1024;
+constexpr std::size_t kArenaBytes = 256 * 1024;  // above any device's opt-in limit (227 KB on sm_90)
+constexpr std::size_t kArenaGuard = 64 * 1024;   // each side: accesses there are out-of-bounds shared
+
+// A fiber's saved execution context.
+#if defined(__x86_64__)
+struct Context {
+  void* sp = nullptr;
+};
+#else
+struct Context {
+  ucontext_t uc;
+};
+#endif
+
+enum class State { Ready, AtBarrier, AtShuffle, Exited, Failed };
+
+// What a memory access does, for the race checks (atomics race with the plain accesses of other
+// threads, never with atomics).
+enum class Access { Read, Write, Atomic };
+
+struct Thread {
+  int id = 0;  // linear index in the block
+  uint3 idx{0, 0, 0};
+  State state = State::Ready;
+  Context context;
+  char* stack_lo = nullptr;
+  char* stack_hi = nullptr;
+  // Where it waits: the source line, and the call site in the compiled code, which tells apart one
+  // line of an inlined helper reached from two places.
+  const char* file = nullptr;
+  int line = 0;
+  const void* pc = nullptr;
+  ShuffleKind kind = ShuffleKind::Xor;
+  unsigned int mask = 0;
+  uint64_t bits = 0;
+  int arg = 0;
+  int width = kWarpSize;
+  uint64_t result = 0;
+};
+
+struct LaunchState {
+  std::string kernel;
+  dim3 grid, block;
+  int64_t shared_bytes = 0;
+  KernelEntry entry = nullptr;
+  const void* params = nullptr;
+  uint32_t id = 0;        // numbers the launches of the process
+  uint32_t block_id = 0;  // linear index of the block that runs
+  uint3 block_idx{0, 0, 0};
+  std::vector<Thread> threads;
+  uint32_t interval = 0;  // numbers the barrier intervals of every block of every launch
+  std::string error;
+};
+
+extern LaunchState* g_launch;
+extern __thread Thread* g_thread __attribute__((tls_model("initial-exec")));
+extern char* g_arena;  // the block's dynamic shared memory, with kArenaGuard mapped on each side
+char* arena();
+
+// Ends the running thread with an error naming `what`, its kernel, block and thread.
+[[noreturn]] void fail(const std::string& what);
+std::string str(uint3 v);
+std::string base_name(const char* file);
+uint3 block_index(uint32_t linear);  // in the running launch's grid
+
+// runtime.cpp: under the random schedule, sometimes lets other threads of the block run first.
+void maybe_preempt();
+// runtime.cpp: a call begins (the random schedule's draws restart from the call's first launch).
+void begin_call_schedule();
+// memory_checks.cpp: a block begins with shared memory of unknown content.
+void begin_block_memory(int64_t shared_bytes);
+// memory_checks.cpp: a launch's kernel parameters, readable by every thread while it runs.
+void register_parameters(const void* p, std::size_t bytes);
+void unregister_parameters(const void* p);
+
+}  // namespace simt::detail
