@@ -208,8 +208,10 @@ def linear_distillation_loss(
     Gradients flow to every input tensor that requires grad: hidden states, weights, biases, teacher
     logits or top-k log-probs, under any upstream gradient. Weight and bias gradients of 16-bit layers
     accumulate in fp32. With a mask or labels, the call synchronises with the host once (the number of
-    counted rows sets the chunk shapes); with ``reduction="none"`` the forward computes the losses only
-    and backward runs the chunk loop again with the upstream weights.
+    counted rows sets the chunk shapes), and with ``validate`` once more on CUDA, after the last chunk
+    (not once per chunk: the chunks run unvalidated and a bad row, whose loss is then NaN, is rerun
+    validated to raise); with ``reduction="none"`` the forward computes the losses only and backward
+    runs the chunk loop again with the upstream weights.
     """
     check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
                   reduction, validate)
