@@ -130,6 +130,28 @@ GradFactor hard_grad_factor(const DistillOptions& options, int64_t vocab, int64_
   return factor;
 }
 
+DistillStart start_distill(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                           const std::optional<at::Tensor>& teacher_indices,
+                           const std::optional<at::Tensor>& teacher_logprobs, const std::optional<at::Tensor>& labels,
+                           const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& num_items,
+                           std::string_view divergence, double beta, bool renormalize, double temperature,
+                           double soft_weight, double hard_weight, int64_t ignore_index, double label_smoothing,
+                           std::string_view reduction, bool validate) {
+  DistillStart start;
+  start.options = check_distill_inputs(student, teacher, teacher_indices, teacher_logprobs, labels, mask, num_items,
+                                       divergence, beta, renormalize, temperature, soft_weight, hard_weight,
+                                       ignore_index, label_smoothing, reduction, validate);
+  start.counted = distill_rows(student, labels, mask, num_items, start.options);
+  start.vocab = student.size(-1);
+  start.rows = student.numel() / start.vocab;
+  if (start.counted.labels.defined()) {
+    const auto acc = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    start.out.row_hard = at::empty({start.rows}, student.options().dtype(acc));
+    start.out.status = at::empty({start.rows}, student.options().dtype(at::kInt));
+  }
+  return start;
+}
+
 bool any_bad_row(const at::Tensor& status) {
   if (!status.defined() || status.numel() == 0) return false;
   if (status.is_cpu()) {

@@ -75,6 +75,24 @@ struct DistillRowOutputs {
   at::Tensor status;     // (rows,) int32, or undefined without labels and a sparse teacher
 };
 
+// What both devices' ops start with: the checks (check_distill_inputs), the counted rows
+// (distill_rows), the problem's size and, with labels, the hard term's per-row outputs allocated
+// (row_hard in the accumulation type, a status word per row; row_soft is the soft kernel's).
+struct DistillStart {
+  DistillOptions options;
+  DistillRows counted;
+  DistillRowOutputs out;
+  int64_t vocab, rows;
+};
+
+DistillStart start_distill(const at::Tensor& student, const std::optional<at::Tensor>& teacher,
+                           const std::optional<at::Tensor>& teacher_indices,
+                           const std::optional<at::Tensor>& teacher_logprobs, const std::optional<at::Tensor>& labels,
+                           const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& num_items,
+                           std::string_view divergence, double beta, bool renormalize, double temperature,
+                           double soft_weight, double hard_weight, int64_t ignore_index, double label_smoothing,
+                           std::string_view reduction, bool validate);
+
 // Whether some row's status word is nonzero: one host synchronisation on CUDA (none on the CPU).
 bool any_bad_row(const at::Tensor& status);
 

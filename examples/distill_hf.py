@@ -120,12 +120,18 @@ def collate(rows):
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
+def fitted_teacher(seed=0, teacher_steps=60):
+    """The teacher, fitted to the corpus of `seed` for `teacher_steps` steps."""
+    return fit_teacher(llama(hidden=128, layers=2, heads=4, seed=seed + 1), synthetic_corpus(seed), teacher_steps)
+
+
 def distil(steps=40, loss="kl", beta=0.5, temperature=2.0, seed=0, quiet=False, teacher_steps=60, hard_weight=0.5,
-           record=None):
-    """Fits the teacher, distils the student for `steps` steps; returns (losses per step, gradient
-    norms per step). `record` (a dict), when given, receives the Trainer's num_items_in_batch per step."""
+           record=None, teacher=None):
+    """Fits the teacher (unless `teacher`, one fitted_teacher(seed) returned, is given), distils the student
+    for `steps` steps; returns (losses per step, gradient norms per step). `record` (a dict), when given,
+    receives the Trainer's num_items_in_batch per step."""
     corpus = synthetic_corpus(seed)
-    teacher = fit_teacher(llama(hidden=128, layers=2, heads=4, seed=seed + 1), corpus, teacher_steps)
+    teacher = teacher if teacher is not None else fitted_teacher(seed, teacher_steps)
     student = llama(hidden=64, layers=1, heads=2, seed=seed + 2)
     recorder = RecordGradients(student)
     with tempfile.TemporaryDirectory() as output_dir:

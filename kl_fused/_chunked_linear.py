@@ -404,6 +404,15 @@ def _weighted(grad, factors):
     return (grad.to(factors.dtype) * factors).to(grad.dtype)
 
 
+def public_name(args):
+    """The public function that called the op, for messages, from its non-tensor arguments: the
+    distillation step's with a hard term or a top-k teacher (hard_weight, argument 18; the support's
+    mass tolerance, argument 21), else linear_jsd or linear_kl_div by the divergence (argument 13)."""
+    if args[18] != 0.0 or args[21] != 0.0:
+        return "linear_distillation_loss"
+    return "linear_jsd" if args[13] == "jsd" else "linear_kl_div"
+
+
 @chunked_linear_loss.register_fake
 def _chunked_linear_loss_fake(student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
                               teacher_weight, teacher_bias, teacher_logprobs, teacher_indices, labels, mask, num_items,
@@ -426,4 +435,4 @@ def _chunked_linear_loss_fake(student_hidden, student_weight, student_bias, teac
 # Tensor arguments 0..7 are the differentiable ones; their flags are arguments 30..37; argument 12
 # carries per-row upstream weights into a backward of reduction "none". The parts are the last output.
 register_fused_loss_autograd(OP_NAME, grad_inputs=tuple(range(8)), grad_flags=tuple(range(30, 38)), row_weights_arg=12,
-                             extra_outputs=1)
+                             public_name=public_name, extra_outputs=1)

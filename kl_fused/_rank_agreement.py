@@ -49,16 +49,18 @@ def refuse_create_graph(name):
                            "create_graph=True asks for second-order ones)")
 
 
-def agree(caller, fields, values, error, device, group, checks):
+def agree(caller, fields, values, error, device, group, checks, text=None):
     """All-gathers this rank's record and raises the same ValueError on every rank when a rank's
     arguments are invalid or the ranks disagree on a field of `checks` ((field, what it is) pairs, in
     the order they are checked; `describe` turns a value into words). `fields`: the record's field
-    names (the same tuple on every rank); `values`: this rank's ints (ignored when `error` is set).
+    names (the same tuple on every rank); `values`: this rank's ints (ignored when `error` is set);
+    `text`: what a valid rank sends in the message's place, shown for a check whose describe is None.
     Returns the gathered fields, rank by rank (dicts)."""
     message = b""
     if error is None:
         ints = [int(values[name]) for name in fields]
         ok = 1
+        message = (text or "").encode("utf-8")[:MESSAGE_BYTES]
     else:
         ints = [0] * len(fields)
         ok = 0
@@ -73,18 +75,18 @@ def agree(caller, fields, values, error, device, group, checks):
     records = [r.cpu() for r in gathered]
     gathered_fields = [dict(zip(fields, r[1: 1 + len(fields)].tolist())) for r in records]
 
+    texts = [r[1 + len(fields):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace") for r in records]
     failed = [rank for rank, r in enumerate(records) if not r[0]]
     if failed:
         if error is not None:
             raise error
         rank = failed[0]
-        quoted = records[rank][1 + len(fields):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
-        raise ValueError(f"{caller}: rank {rank} of the group rejected its arguments ({quoted}); "
+        raise ValueError(f"{caller}: rank {rank} of the group rejected its arguments ({texts[rank]}); "
                          f"ranks that failed: {failed}")
     for name, what, describe in checks:
         values_by_rank = [f[name] for f in gathered_fields]
         if len(set(values_by_rank)) > 1:
-            shown = [describe(v) for v in values_by_rank]
+            shown = texts if describe is None else [describe(v) for v in values_by_rank]
             raise ValueError(f"{caller}: the ranks of the group disagree on {what} (rank by rank: {shown}); "
                              "every rank must pass the same rows and options")
     return gathered_fields

@@ -219,7 +219,7 @@ def _kl_by_shard_kernels(shard, student, teacher, reverse, temperature, soft_wei
     one SUM of 3 values per row, as kl_div_logits_vocab_parallel."""
     states = _shard_math.shard_states(student, teacher, None, temperature, reverse)
     maxima = shard.max(states[:, :2])
-    sums = shard.sum(_shard_math.rescaled_sums(states, maxima, reverse))
+    sums = shard.sum(_shard_math.rescaled_sums(states, maxima, reverse, temperature))
     kl, stats = _shard_math.finish_rows(maxima, sums, None, reverse)
     grads = (None, None)
     if (student_grad or teacher_grad) and soft_weight != 0:

@@ -44,6 +44,12 @@ _CHECKS = (
 )
 
 
+def _refuse_meta(name, tensor):
+    if tensor.is_meta:
+        raise ValueError(f"{name} needs tensors with values (the ranks exchange row statistics), got tensors on "
+                         "device 'meta'")
+
+
 def _require_dist(name):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{name} needs torch.distributed: call torch.distributed.init_process_group first")
@@ -177,10 +183,12 @@ def distillation_loss_vocab_parallel(student_shard, teacher_shard=None, *, group
                                    temperature, soft_weight, hard_weight, ignore_index, label_smoothing, reduction,
                                    mask, validate, check_vocab=False)
         num_items = check_num_items(num_items_in_batch, reduction, student_shard.device)
+        _refuse_meta(name, student_shard)
         error = None
     except (TypeError, ValueError) as bad:
         error = bad
-    device = student_shard.device if isinstance(student_shard, torch.Tensor) else torch.device("cpu")
+    device = (student_shard.device if isinstance(student_shard, torch.Tensor) and not student_shard.is_meta
+              else torch.device("cpu"))
     options = ("logits", teacher_shard is not None, divergence, beta, tail, temperature, soft_weight, hard_weight,
                ignore_index, label_smoothing, reduction, validate, return_parts,
                teacher_shard is not None and teacher_shard.requires_grad)
@@ -312,10 +320,12 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
             teacher_logit_scale, student_softcap, teacher_softcap, labels, divergence, beta, tail, temperature,
             soft_weight, hard_weight, ignore_index, label_smoothing, reduction, mask, num_items_in_batch, validate,
             check_vocab=False)
+        _refuse_meta(name, student_hidden)
         error = None
     except (TypeError, ValueError) as bad:
         error = bad
-    device = student_hidden.device if isinstance(student_hidden, torch.Tensor) else torch.device("cpu")
+    device = (student_hidden.device if isinstance(student_hidden, torch.Tensor) and not student_hidden.is_meta
+              else torch.device("cpu"))
     logprobs = teacher_topk[1] if error is None and teacher_topk is not None else None
     tensors = (student_hidden, student_weight_shard, student_bias_shard, teacher_logits_shard, teacher_hidden,
                teacher_weight_shard, teacher_bias_shard, logprobs)

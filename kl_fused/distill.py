@@ -11,10 +11,10 @@ from kl_fused import _ops
 from kl_fused._distill_args import (check_labels, check_num_items, check_options, check_teacher_form,
                                     check_teacher_topk)
 from kl_fused._distill_reference import distillation_loss as _reference
-from kl_fused._fused_loss import register_fused_loss_autograd
+from kl_fused._fused_loss import fused_loss, register_fused_loss_autograd
 from kl_fused._sparse_args import check_sparse_args, support_mass_tolerance
 from kl_fused._teacher_topk import check_teacher_vocab
-from kl_fused._validate import SUPPORTED_DTYPES, check_logits_pair, check_mask
+from kl_fused._validate import SUPPORTED_DTYPES, check_logits_pair, check_mask, check_temperature
 
 OP_NAME = "kl_fused::distillation_loss"
 
@@ -101,7 +101,8 @@ def distillation_loss(
                           num_items_in_batch=num_items, return_parts=return_parts, validate=validate)
     indices, logprobs = teacher_topk if teacher_topk is not None else (None, None)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _, _, parts = torch.ops.kl_fused.distillation_loss(
+    loss, parts = fused_loss(
+        OP_NAME,
         student_logits,
         teacher_logits,
         indices,
@@ -123,6 +124,7 @@ def distillation_loss(
         grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits is not None and teacher_logits.requires_grad,
         grad_enabled and logprobs is not None and logprobs.requires_grad,
+        outputs=2,
     )
     return LossParts(loss, parts[0], parts[1]) if return_parts else loss
 
@@ -149,6 +151,7 @@ def _check_args(student_logits, teacher_logits, teacher_topk, labels, divergence
         if student_logits.dim() == 0 or student_logits.shape[-1] == 0:
             raise ValueError(f"student_logits must have shape (..., V) with V >= 1, got {tuple(student_logits.shape)}")
         check_mask(mask, tuple(student_logits.shape[:-1]), student_logits.device, "the logits")
+    check_temperature(temperature, student_logits.dtype)  # 1/T a normal number of the accumulation type
     check_labels(labels, student_logits.shape[:-1], student_logits.device)
     return teacher_topk
 

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from kl_fused import _shard_math
 from kl_fused._rank_agreement import agree, collective_device as _collective_device, content_hash, record_bytes, refuse_create_graph
+from kl_fused._ops import SHARD_DEVICE_TYPES, shard_kernels_reason
 from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
 from kl_fused._warn_once import warn_once
 
@@ -104,8 +105,9 @@ def kl_div_logits_vocab_parallel(
         device_type = student_shard.device.type
         warn_once(
             ("vocab_parallel", device_type),
-            f"kl_fused.distributed: no compiled shard kernels for device '{device_type}'; the shard statistics "
-            "and gradients run in plain PyTorch (correct, slower, O(rows x V_r) temporaries)",
+            f"kl_fused.distributed: no compiled shard kernels for device '{student_shard.device}' "
+            f"({shard_kernels_reason(student_shard.device)}); the shard statistics and gradients run in plain "
+            "PyTorch (correct, slower, O(rows x V_r) temporaries)",
         )
     return _VocabParallelKL.apply(
         student_shard, teacher_shard, mask, group, float(temperature), direction == "reverse", reduction, total_vocab
@@ -113,8 +115,9 @@ def kl_div_logits_vocab_parallel(
 
 
 def is_fused_available(device) -> bool:
-    """True where compiled kernels compute the shard statistics and gradients on `device`."""
-    return _shard_math.has_fused_shard_kernels(device)
+    """True where this build has compiled shard kernels for `device`'s type (what was built; whether a
+    CUDA device here can run them: kl_fused.will_run_fused and the warning of the first call)."""
+    return torch.device(device).type in SHARD_DEVICE_TYPES
 
 
 def collective_bytes_per_call(rows, dtype):
@@ -140,7 +143,7 @@ class _VocabParallelKL(torch.autograd.Function):
         maxima = states[:, :2].to(comm, copy=True)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
         maxima = maxima.to(states.device)
-        sums = _shard_math.rescaled_sums(states, maxima, reverse).to(comm)
+        sums = _shard_math.rescaled_sums(states, maxima, reverse, temperature).to(comm)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         row_kl, stats = _shard_math.finish_rows(maxima, sums.to(states.device), m1, reverse)
 
@@ -199,6 +202,9 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     arguments are invalid or the ranks disagree. Returns the full vocabulary size."""
     try:
         check_kl_args(student, teacher, temperature, reduction, direction, mask)
+        if student.is_meta:
+            raise ValueError("kl_div_logits_vocab_parallel needs tensors with values (the ranks exchange row "
+                             "statistics), got logits on device 'meta'")
         error, values = None, None
     except (TypeError, ValueError) as bad:
         error = bad
@@ -217,10 +223,12 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
             # tuple hashes of ints are the same in every process (no hash randomisation)
             leading=hash(leading),
         )
-    device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+    device = student.device if isinstance(student, torch.Tensor) and not student.is_meta else torch.device("cpu")
+    # A valid rank's text is its leading shape (its field is only that shape's hash), for the message.
+    text = str(tuple(student.shape[:-1])) if error is None else None
     fields = agree("kl_div_logits_vocab_parallel", _META_FIELDS, values, error, device, group, (
         ("rows", "the number of rows", str),
-        ("leading", "the leading shape", str),
+        ("leading", "the leading shape", None),
         ("dtype", "the logits' dtype", lambda v: str(SUPPORTED_DTYPES[v])),
         ("direction", "direction", lambda v: ("forward", "reverse")[v]),
         ("reduction", "reduction", lambda v: REDUCTIONS[v]),
@@ -228,7 +236,7 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
         ("mask", "whether a mask is given", str),
         ("counted", "the mask's counted rows", str),
         ("mask_rows", "the mask's rows (the same count of True rows, in different places)", _hash_words),
-    ))
+    ), text=text)
     return sum(f["width"] for f in fields)
 
 

@@ -7,6 +7,7 @@ import torch
 
 from kl_fused import _chunked_linear, reference
 from kl_fused._distill_args import check_labels, check_num_items, check_options, check_teacher_form, check_teacher_topk
+from kl_fused._fused_loss import fused_loss
 from kl_fused._ops import fused_path
 from kl_fused._sparse_args import check_topk_slots, support_mass_tolerance
 from kl_fused._teacher_topk import check_teacher_vocab
@@ -207,8 +208,10 @@ def linear_distillation_loss(
     Gradients flow to every input tensor that requires grad: hidden states, weights, biases, teacher
     logits or top-k log-probs, under any upstream gradient. Weight and bias gradients of 16-bit layers
     accumulate in fp32. With a mask or labels, the call synchronises with the host once (the number of
-    counted rows sets the chunk shapes); with ``reduction="none"`` the forward computes the losses only
-    and backward runs the chunk loop again with the upstream weights.
+    counted rows sets the chunk shapes), and with ``validate`` once more on CUDA, after the last chunk
+    (not once per chunk: the chunks run unvalidated and a bad row, whose loss is then NaN, is rerun
+    validated to raise); with ``reduction="none"`` the forward computes the losses only and backward
+    runs the chunk loop again with the upstream weights.
     """
     teacher_topk, compute_dtype, num_items = check_linear_distillation_args(
         student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, teacher_topk, student_bias,
@@ -263,7 +266,7 @@ def _chunked(compute_dtype, student_hidden, student_weight, student_bias, teache
              teacher_bias, teacher_indices, teacher_logprobs, mask, labels, divergence, beta, tail, temperature,
              soft_weight, hard_weight, ignore_index, label_smoothing, reduction, validate, chunk_rows,
              student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, num_items=None):
-    """The shared chunk loop (_chunked_linear.py) on checked arguments: (loss, *gradients, parts)."""
+    """The shared chunk loop (_chunked_linear.py) on checked arguments: (loss, parts)."""
     device = student_hidden.device
     tensors = (student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
                teacher_logprobs)
@@ -275,11 +278,11 @@ def _chunked(compute_dtype, student_hidden, student_weight, student_bias, teache
         chunk_rows = default_chunk_rows(student_weight.shape[0], device, compute_dtype, hidden)
     tolerance = (support_mass_tolerance(teacher_logprobs.dtype, teacher_logprobs.shape[-1])
                  if teacher_logprobs is not None else 0.0)
-    return torch.ops.kl_fused.chunked_linear_loss(
-        *tensors, teacher_indices, labels, mask, num_items, None, divergence, float(beta), tail == "renormalize",
+    return fused_loss(
+        _chunked_linear.OP_NAME, *tensors, teacher_indices, labels, mask, num_items, None, divergence, float(beta), tail == "renormalize",
         float(temperature), float(soft_weight), float(hard_weight), int(ignore_index), float(label_smoothing),
         tolerance, validate, float(student_logit_scale), float(student_softcap or 0.0), float(teacher_logit_scale),
-        float(teacher_softcap or 0.0), compute_dtype, reduction, int(chunk_rows), *wants)
+        float(teacher_softcap or 0.0), compute_dtype, reduction, int(chunk_rows), *wants, outputs=2)
 
 
 def _check_tensor(name, x, dims=None):
@@ -330,7 +333,8 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     teacher (logits, or hidden states and a weight) is required unless `teacher_required` is False (the
     caller checks its other forms)."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
+    # Autocast exists for some device types only (not "meta"): elsewhere it is off.
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     _check_layer("student", student_hidden, student_weight, student_bias, autocast)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else student_hidden.dtype
     leading = tuple(student_hidden.shape[:-1])
@@ -372,7 +376,7 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     if len(devices) > 1:
         listed = ", ".join(f"{name} on {x.device}" for name, x in tensors if x is not None)
         raise ValueError(f"all tensors must be on one device, got {listed}")
-    check_temperature(temperature)
+    check_temperature(temperature, compute_dtype)
     check_reduction(reduction)
     check_mask(mask, leading, student_hidden.device, "the hidden states")
     check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
@@ -385,7 +389,7 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
 
 
 def check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap):
-    """The options of a linear loss that are not tensors (also checked when a module is built)."""
+    """The options of the linear losses beyond those of the logits losses (also LinearKLDivLoss's checks)."""
     if chunk_rows is not None:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
             raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")

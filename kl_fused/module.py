@@ -71,6 +71,7 @@ class LinearKLDivLoss(KLDivLogitsLoss):
     def __init__(self, temperature=1.0, reduction="batchmean", direction="forward", *, chunk_rows=None,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None):
         super().__init__(temperature=temperature, reduction=reduction, direction=direction)
+        check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.options = dict(chunk_rows=chunk_rows, student_logit_scale=student_logit_scale,
                             teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
                             teacher_softcap=teacher_softcap)
@@ -82,6 +83,8 @@ class LinearKLDivLoss(KLDivLogitsLoss):
             student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.temperature,
             reduction=self.reduction, direction=self.direction, mask=mask, **self.options)
 
+    def extra_repr(self):
+        return ", ".join([super().extra_repr()] + [f"{name}={value!r}" for name, value in self.options.items()])
 
 class DistillationLoss(torch.nn.Module):
     """The distillation step's loss on logits; see kl_fused.distillation_loss for the contract. Every

@@ -19,12 +19,22 @@ def load_example(name):
     return module
 
 
+@pytest.fixture(scope="module")
+def distill_hf():
+    """examples/distill_hf.py and its teacher, fitted once for both losses' tests (it is never trained
+    further: the Trainer trains the student only)."""
+    module = load_example("distill_hf")
+    return module, module.fitted_teacher(seed=0, teacher_steps=20)
+
+
 @pytest.mark.parametrize("loss", ["kl", "jsd"])
-def test_distillation_with_the_hf_trainer_lowers_the_loss_and_trains_head_and_body(loss):
-    distill_hf = load_example("distill_hf")
+def test_distillation_with_the_hf_trainer_lowers_the_loss_and_trains_head_and_body(distill_hf, loss):
+    distill_hf, teacher = distill_hf
+    before = [p.detach().clone() for p in teacher.parameters()]
     record = {}
     with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.distillation_loss.default):
-        losses, grad_norms = distill_hf.distil(steps=8, loss=loss, teacher_steps=20, quiet=True, record=record)
+        losses, grad_norms = distill_hf.distil(steps=8, loss=loss, quiet=True, record=record, teacher=teacher)
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters())), "the teacher changed"
     assert len(losses) == 8 and len(grad_norms) == 8
     # The Trainer counted the batch's labels and passed the count on: the loss's batchmean used it.
     counts = record["num_items_in_batch"]

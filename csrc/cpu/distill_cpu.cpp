@@ -21,21 +21,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distillat
     double temperature, double soft_weight, double hard_weight, int64_t ignore_index, double label_smoothing,
     c10::string_view reduction, double mass_tolerance, bool validate, bool student_grad, bool teacher_grad,
     bool logprobs_grad) {
-  const DistillOptions options =
-      check_distill_inputs(student, teacher, teacher_indices, teacher_logprobs, labels, mask, num_items, divergence,
-                           beta, renormalize, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
-                           reduction, validate);
-  const DistillRows counted = distill_rows(student, labels, mask, num_items, options);
+  DistillStart start = start_distill(student, teacher, teacher_indices, teacher_logprobs, labels, mask, num_items,
+                                     divergence, beta, renormalize, temperature, soft_weight, hard_weight,
+                                     ignore_index, label_smoothing, reduction, validate);
+  const DistillOptions& options = start.options;
+  const DistillRows& counted = start.counted;
+  DistillRowOutputs& out = start.out;
+  const int64_t vocab = start.vocab, rows = start.rows;
   const double T = options.temperature;
   const bool with_labels = counted.labels.defined();
-  const auto acc_options = student.options().dtype(student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const int64_t vocab = student.size(-1), rows = student.numel() / vocab;
-  DistillRowOutputs out;
-  if (with_labels) {
-    out.row_hard = at::empty({rows}, acc_options);
-    out.status = at::empty({rows}, student.options().dtype(at::kInt));
-  }
-  HardTerm hard{};
+  HardTerm hard{};  // the CPU kernels' rider (cpu_kernels.h)
   if (with_labels) {
     hard.labels = counted.labels.const_data_ptr<int64_t>();
     hard.row_hard = out.row_hard.mutable_data_ptr();

@@ -17,9 +17,11 @@
 // 32-byte aligned (Lanes::store_step): no read-for-ownership of lines never read back.
 // The hard term (kHard, HardTerm in cpu_kernels.h) rides in the same passes: at T = 1 its log-sum-exp
 // is the student's Z_b (nothing more per element); at T != 1 pass 2 adds Z_1 = sum exp(s - m_s) (one
-// exponential), and with label smoothing sum (s - m_s); pass 3 adds f_h (q_1 - eps / V) to ds (q_1 is
-// q at T = 1, else one exponential more) and -f_h (1 - eps) at the label, in the same store.
-// Two exponentials per element in all (the floor on a CPU);
+// exponential, m_s = m_b the raw student maximum), keeping exp(s - chunk shift) in a third scratch row
+// when ds is wanted, and with label smoothing sum (s - m_s); pass 3 adds f_h (q_1 - eps / V) to ds
+// (q_1 from the kept exponentials: q at T = 1, the third row at T != 1) and -f_h (1 - eps) at the label,
+// in the same store. Two exponentials per element in all (the floor on a CPU), three with the hard
+// term at T != 1;
 // memory traffic is the 2e of the inputs plus e per gradient written. Rows run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -42,23 +44,25 @@ namespace {
 
 using at::vec::Vectorized;
 
-// One chunk's partial state: its shifts (the chunk's maxima of a and b, or 0 for a side that is
-// all -inf there) and, relative to them, Z_a = sum exp(a'), Z_b = sum exp(b'), W = sum exp(x')(x' - y').
-// With the hard term also the raw student logits' shift (their maximum) and, relative to it,
-// Z_1 = sum exp(s - shift_s) (T != 1 only) and sum (s - shift_s) (label smoothing only).
+// One chunk's partial state: its shifts (the chunk's maxima of the raw logits t and s, or 0 for a
+// side that is all -inf there) and, relative to them, Z_a = sum exp(a'), Z_b = sum exp(b'),
+// W = sum exp(x')(x' - y'), with a' = (t - shift_a) / T, b' = (s - shift_b) / T. With the hard term
+// also, relative to the same raw student shift, Z_1 = sum exp(s - shift_b) (T != 1 only) and
+// sum (s - shift_b) (label smoothing only).
 template <typename acc_t>
 struct ChunkState {
   acc_t shift_a, shift_b, z_a, z_b, w;
-  acc_t shift_s, z_1, sum_s;
+  acc_t z_1, sum_s;
 };
 
-// A row's (or a shard of a row's) merged partial state; see RowSolver::gather. m_s, z_1, sum_s: the
-// hard term's statistics of the raw student logits (kHard only).
+// A row's (or a shard of a row's) merged partial state; see RowSolver::gather. m_a, m_b are maxima
+// of the raw logits (t, s), not of a = t / T and b = s / T. z_1, sum_s: the hard term's statistics
+// of the raw student logits relative to m_b (kHard only).
 template <typename acc_t>
 struct RowState {
   acc_t m_a, m_b, z_a, z_b, w;
   bool defined;
-  acc_t m_s, z_1, sum_s;
+  acc_t z_1, sum_s;
 };
 
 
@@ -82,7 +86,10 @@ struct RowSolver {
   acc_t* scratch_a;              // exp(a - chunk shift) of the current row, padded to a multiple of kStep
   acc_t* scratch_b;              // exp(b - chunk shift)
   ChunkState<acc_t>* chunks;     // one per chunk of the current row
-  acc_t* chunk_scales;           // two per chunk: e^(shift_a - m_a), e^(shift_b - m_b)
+  acc_t* chunk_scales;           // two per chunk: e^((shift_a - m_a) / T), e^((shift_b - m_b) / T)
+  // kHard at T != 1 with a student gradient: exp(s - chunk shift_b), the hard term's exponentials,
+  // kept by pass 2 so that pass 3 needs none of its own (3 exponentials per element, not 4).
+  acc_t* scratch_1 = nullptr;
 
   static Vec max_reduce(Vec x, Vec y) { return at::vec::maximum(x, y); }
 
@@ -142,40 +149,60 @@ struct RowSolver {
     const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
     const bool unit = inv_t == acc_t(1);
     const acc_t eps = static_cast<acc_t>(pr.hard.smoothing), V = static_cast<acc_t>(pr.vocab);
-    // At T = 1 the student's statistics are the hard term's: b = s, m_b = m_s, Z_b = Z_1.
-    const acc_t m_s = unit ? st.m_b : st.m_s, z_1 = unit ? st.z_b : st.z_1;
+    // m_s = m_b, the raw student maximum; at T = 1 the student's Z_b is the hard term's Z_1.
+    const acc_t m_s = st.m_b, z_1 = unit ? st.z_b : st.z_1;
     acc_t ce = std::log(z_1) + (acc_t(1) - eps) * (m_s - static_cast<acc_t>(s[y]));
     if (eps != acc_t(0)) ce -= eps * st.sum_s / V;  // sum_s = sum (s - m_s)
     static_cast<acc_t*>(pr.hard.row_hard)[row] = ce;
     const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
-    return {f_h / z_1, m_s, f_h * eps / V, f_h * (acc_t(1) - eps), y, unit};
+    return {f_h / z_1, m_s, f_h * eps / V, f_h * (acc_t(1) - eps), y, unit || scratch_1 != nullptr};
+  }
+
+  // f_h q_1 per kept exponential in chunk k (kHard): f_h / Z_b times the chunk's scale (T = 1, where
+  // q_1 = q and the exponentials are scratch_b's), or f_h / Z_1 e^(shift_b - m_b) (scratch_1's).
+  acc_t hard_factor(int64_t k, const RowState<acc_t>& st) const {
+    const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
+    if (scratch_1 == nullptr) return f_h / st.z_b * chunk_scales[2 * k + 1];
+    const ChunkState<acc_t>& c = chunks[k];
+    return c.z_1 > 0 ? f_h / st.z_1 * std::exp(c.shift_b - shift_of(st.m_b)) : acc_t(0);
+  }
+
+  // The hard term's share of ds over the step at row element i (hard_term_lanes.h), from the kept
+  // exponentials (scratch_1, else scratch_b) times `factor` = hard_factor(k) of the step's chunk.
+  C10_ALWAYS_INLINE void hard_step(const HardGradient<acc_t>& hard, const scalar_t* s, int64_t i, int64_t n,
+                                   const Vec& factor, Vec& lo, Vec& hi) const {
+    const acc_t* kept = scratch_1 != nullptr ? scratch_1 : scratch_b;
+    hard_gradient_step(hard, s, i, n, Vec::loadu(kept + i), Vec::loadu(kept + i + kVec), factor, lo, hi);
   }
 
   // Pass 2 over one chunk [begin, begin + len): the sums of one ChunkState, with shifts that are
-  // the chunk's own maxima (0 for a side whose chunk is all -inf: its exponentials are then 0).
+  // the chunk's own maxima of the raw logits (0 for a side whose chunk is all -inf: its exponentials
+  // are then 0). The raw maximum is subtracted before scaling by 1/T, so that the shifted logit is
+  // exactly 0 at the maximum however large |logit| / T is (a shift rounded after scaling leaves up
+  // to half an ulp of max / T above 0, which overflows the exponential from |logit| / T ~ 1e9).
   // Keeps exp(a'), exp(b') in the scratch row when a gradient is wanted, and prefetches the next
   // chunk, so that the next maxima pass reads from L1 while this one computes.
   C10_ALWAYS_INLINE ChunkState<acc_t> chunk_sums(const scalar_t* s, const scalar_t* t, int64_t begin, int64_t len,
-                                                 acc_t shift_a, acc_t shift_b, acc_t shift_s, bool keep,
-                                                 Vec& nan_probe) const {
-    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_a(-shift_a), vneg_b(-shift_b);
+                                                 acc_t shift_a, acc_t shift_b, bool keep, Vec& nan_probe) const {
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vshift_a(shift_a), vshift_b(shift_b);
     Vec za(0), zb(0), w(0);
-    // The hard term's sums (kHard): Z_1 at T != 1, sum (s - shift_s) with label smoothing.
+    // The hard term's sums (kHard): Z_1 at T != 1, sum (s - shift_b) with label smoothing.
     const bool hard_z1 = kHard && pr.inv_temperature != 1.0, hard_sum = kHard && pr.hard.smoothing != 0.0;
-    const Vec vneg_s(-shift_s);
+    const Vec vneg_s(-shift_b);
     Vec z1(0), sum_s(0);
     s += begin;
     t += begin;
     acc_t* ka = keep ? scratch_a + begin : nullptr;
     acc_t* kb = keep ? scratch_b + begin : nullptr;
+    acc_t* k1 = keep && scratch_1 != nullptr ? scratch_1 + begin : nullptr;
     for_each_step(len, [&](int64_t i, auto n) {
       __builtin_prefetch(s + i + kChunk);
       __builtin_prefetch(t + i + kChunk);
       Vec s_lo, s_hi, t_lo, t_hi;
       L::load(s + i, n, kNegInf, s_lo, s_hi);
       L::load(t + i, n, kNegInf, t_lo, t_hi);
-      const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_a), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_a);
-      const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_b), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_b);
+      const Vec a_lo = (t_lo - vshift_a) * vinv_t, a_hi = (t_hi - vshift_a) * vinv_t;
+      const Vec b_lo = (s_lo - vshift_b) * vinv_t, b_hi = (s_hi - vshift_b) * vinv_t;
       Vec live_a_lo, live_a_hi, live_b_lo, live_b_hi;
       const Vec ea_lo = Exp::exp(a_lo, live_a_lo), ea_hi = Exp::exp(a_hi, live_a_hi);
       const Vec eb_lo = Exp::exp(b_lo, live_b_lo), eb_hi = Exp::exp(b_hi, live_b_hi);
@@ -196,33 +223,38 @@ struct RowSolver {
       if constexpr (kHard) {
         if (hard_z1) {
           Vec live_lo, live_hi;
-          z1 += Exp::exp(s_lo + vneg_s, live_lo) + Exp::exp(s_hi + vneg_s, live_hi);
+          const Vec e1_lo = Exp::exp(s_lo + vneg_s, live_lo), e1_hi = Exp::exp(s_hi + vneg_s, live_hi);
+          z1 += e1_lo + e1_hi;
+          if (k1 != nullptr) {
+            e1_lo.store(k1 + i);
+            e1_hi.store(k1 + i + kVec);
+          }
         }
         if (hard_sum) {
           if (n == kStep) {
             sum_s += (s_lo + vneg_s) + (s_hi + vneg_s);
           } else {  // the tail, whose padding lanes must add 0, not -inf
             Vec r_lo, r_hi;
-            L::load(s + i, n, shift_s, r_lo, r_hi);
+            L::load(s + i, n, shift_b, r_lo, r_hi);
             sum_s += (r_lo + vneg_s) + (r_hi + vneg_s);
           }
         }
       }
     });
     const auto total = [](const Vec& x) { return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), x); };
-    return {shift_a, shift_b, total(za), total(zb), total(w), shift_s, total(z1), total(sum_s)};
+    return {shift_a, shift_b, total(za), total(zb), total(w), total(z1), total(sum_s)};
   }
 
   // Passes 1 and 2 and the merge over row elements [0, V): the row's partial state. m_a, m_b are
-  // the maxima of a and b (-inf for a side that is all -inf); Z_a, Z_b and W are relative to the
-  // shifts m (0 where m is -inf). `defined` is false when the row holds a NaN or a +inf, which
+  // the maxima of the raw logits t and s (-inf for a side that is all -inf); Z_a, Z_b and W are
+  // relative to the shifts m (0 where m is -inf): a' = (t - m_a) / T, b' = (s - m_b) / T. `defined` is false when the row holds a NaN or a +inf, which
   // leave the softmax undefined. With `keep`, the scratch rows hold exp(a - chunk shift) and
   // exp(b - chunk shift) and chunk_scales the factors that rescale them to the row's shifts.
   RowState<acc_t> gather(const scalar_t* s, const scalar_t* t, bool keep) const {
     const int64_t V = pr.vocab;
     const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
     constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, false, kNegInf, 0, 0};
+    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, false, 0, 0};
 
     // Chunk by chunk: the chunk's maxima of the raw logits (multiplying by 1/T > 0 keeps the
     // order), then its sums. nan_probe sums a' + b' over the row: <= 0 or -inf, and NaN exactly
@@ -241,41 +273,41 @@ struct RowSolver {
         mt_lo = running_max(mt_lo, lo);
         mt_hi = running_max(mt_hi, hi);
       });
-      const acc_t cm_s = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(ms_lo, ms_hi));
-      const acc_t cm_b = cm_s * inv_t;
-      const acc_t cm_a = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(mt_lo, mt_hi)) * inv_t;
+      const acc_t cm_b = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(ms_lo, ms_hi));
+      const acc_t cm_a = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(mt_lo, mt_hi));
       // Past this check every shifted logit lies in [-inf, 0] (or is NaN), the range
       // NonPositiveExp serves.
       if (!(cm_a < kInf) || !(cm_b < kInf)) return st;
       st.m_a = std::max(st.m_a, cm_a);
       st.m_b = std::max(st.m_b, cm_b);
-      st.m_s = std::max(st.m_s, cm_s);
-      chunks[k] = chunk_sums(s, t, begin, len, shift_of(cm_a), shift_of(cm_b), shift_of(cm_s), keep, nan_probe);
+      chunks[k] = chunk_sums(s, t, begin, len, shift_of(cm_a), shift_of(cm_b), keep, nan_probe);
     }
     if (std::isnan(at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), nan_probe))) return st;
 
     // Merge the chunks (the design notes' merge of partial states): rescale each chunk's sums
     // from its shifts to the row's. A chunk whose side is all -inf (Z = 0) contributes nothing,
-    // and is skipped so that 0 * e^(0 - m) cannot overflow into NaN.
+    // and is skipped so that 0 * e^(0 - m) cannot overflow into NaN. So does a chunk whose scale
+    // underflows to 0 (its terms have weight 0 in the row, as the exponential floor gives them
+    // within a chunk): its shift difference times Z may overflow (a logit of 1e37 elsewhere in
+    // the row), and 0 * inf would be NaN.
     const acc_t sa = shift_of(st.m_a), sb = shift_of(st.m_b);
     for (int64_t k = 0; k < n_chunks; ++k) {
       const ChunkState<acc_t>& c = chunks[k];
-      const acc_t scale_a = c.z_a > 0 ? std::exp(c.shift_a - sa) : acc_t(0);
-      const acc_t scale_b = c.z_b > 0 ? std::exp(c.shift_b - sb) : acc_t(0);
+      const acc_t scale_a = c.z_a > 0 ? std::exp((c.shift_a - sa) * inv_t) : acc_t(0);
+      const acc_t scale_b = c.z_b > 0 ? std::exp((c.shift_b - sb) * inv_t) : acc_t(0);
       st.z_a += c.z_a * scale_a;
       st.z_b += c.z_b * scale_b;
-      // x' - y' against the row's shifts = against the chunk's - (s_x - shift_x) + (s_y - shift_y).
+      // x' - y' against the row's shifts = against the chunk's - (s_x - shift_x) / T + (s_y - shift_y) / T.
       if constexpr (kReverse) {
-        if (c.z_b > 0) st.w += scale_b * (c.w + ((sa - c.shift_a) - (sb - c.shift_b)) * c.z_b);
+        if (scale_b > 0) st.w += scale_b * (c.w + ((sa - c.shift_a) - (sb - c.shift_b)) * inv_t * c.z_b);
       } else {
-        if (c.z_a > 0) st.w += scale_a * (c.w + ((sb - c.shift_b) - (sa - c.shift_a)) * c.z_a);
+        if (scale_a > 0) st.w += scale_a * (c.w + ((sb - c.shift_b) - (sa - c.shift_a)) * inv_t * c.z_a);
       }
       chunk_scales[2 * k] = scale_a;
       chunk_scales[2 * k + 1] = scale_b;
       if constexpr (kHard) {  // the hard term's sums, to the row's student shift likewise
-        const acc_t ss = shift_of(st.m_s);
-        if (c.z_1 > 0) st.z_1 += c.z_1 * std::exp(c.shift_s - ss);
-        st.sum_s += c.sum_s + (c.shift_s - ss) * static_cast<acc_t>(std::min(kChunk, V - k * kChunk));
+        if (c.z_1 > 0) st.z_1 += c.z_1 * std::exp(c.shift_b - sb);
+        st.sum_s += c.sum_s + (c.shift_b - sb) * static_cast<acc_t>(std::min(kChunk, V - k * kChunk));
       }
     }
     st.defined = true;
@@ -283,18 +315,18 @@ struct RowSolver {
   }
 
   // kl_row_states: the row's partial state for a vocab-parallel merge across ranks, as
-  // (m_a, m_b, Z_a, Z_b, W). A row that does not count is the empty state (-inf, -inf, 0, 0, 0);
+  // (m_a, m_b, Z_a, Z_b, W), m_a and m_b the maxima of the raw logits. A row that does not count is the empty state (-inf, -inf, 0, 0, 0);
   // an undefined one (-inf, -inf, NaN, NaN, NaN), which poisons any merge it enters.
   void write_state(int64_t row) const {
     acc_t* out = static_cast<acc_t*>(pr.row_states) + 5 * row;
-    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, true, kNegInf, 0, 0};
+    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, true, 0, 0};
     if (pr.mask == nullptr || pr.mask[row]) {
       st = gather(static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row),
                   static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row), false);
     }
     if (!st.defined) {
       constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
-      st = {kNegInf, kNegInf, kNaN, kNaN, kNaN, false, kNegInf, 0, 0};
+      st = {kNegInf, kNegInf, kNaN, kNaN, kNaN, false, 0, 0};
     }
     out[0] = st.m_a;
     out[1] = st.m_b;
@@ -325,10 +357,10 @@ struct RowSolver {
     static_cast<acc_t*>(pr.row_loss)[row] = kl;
     if (!keep) return;
 
-    // Pass 3: gradients. p = exp(a - m_a) / Z_a = scratch_a * (chunk scale) / Z_a, likewise q;
-    // log p - log q = a' - b' + c with a' = a - m_a, b' = b - m_b.
+    // Pass 3: gradients. p = exp(a') / Z_a = scratch_a * (chunk scale) / Z_a, likewise q;
+    // log p - log q = a' - b' + c with a' = (t - m_a) / T, b' = (s - m_b) / T (raw maxima).
     const acc_t f = static_cast<acc_t>(pr.grad_factor);
-    const Vec vinv_t(inv_t), vneg_ma(-m_a), vneg_mb(-m_b), zero(acc_t(0));
+    const Vec vinv_t(inv_t), vm_a(m_a), vm_b(m_b), zero(acc_t(0));
     const Vec c(kReverse ? log_za - log_zb - kl : log_zb - log_za - kl);
     scalar_t* ds = pr.grad_student ? static_cast<scalar_t*>(pr.grad_student) + row * V : nullptr;
     scalar_t* dt = pr.grad_teacher ? static_cast<scalar_t*>(pr.grad_teacher) + row * V : nullptr;
@@ -341,7 +373,7 @@ struct RowSolver {
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
       const Vec fp(f / Z_a * chunk_scales[2 * k]), fq(f / Z_b * chunk_scales[2 * k + 1]);
-      const Vec q1_f(static_cast<acc_t>(pr.hard.grad_factor) / Z_b * chunk_scales[2 * k + 1]);
+      const Vec q1_f(kHard ? hard_factor(k, st) : acc_t(0));
       for_each_step(len, [&](int64_t j, auto n) {
         const int64_t i = begin + j;
         const Vec ea_lo = Vec::loadu(scratch_a + i), ea_hi = Vec::loadu(scratch_a + i + kVec);
@@ -351,7 +383,7 @@ struct RowSolver {
         // The hard term's share of ds (kHard), added to the soft term's before the one store.
         Vec h_lo(acc_t(0)), h_hi(acc_t(0));
         if constexpr (kHard) {
-          if (ds) hard_gradient_step(hard, s, i, n, eb_lo, eb_hi, q1_f, h_lo, h_hi);  // q_1 = q at T = 1
+          if (ds) hard_step(hard, s, i, n, q1_f, h_lo, h_hi);
         }
         if (diff_grad) {
           if constexpr (kReverse) L::store_step(diff_grad + i, n, p_lo - q_lo, p_hi - q_hi, diff_streaming);
@@ -361,8 +393,8 @@ struct RowSolver {
           Vec s_lo, s_hi, t_lo, t_hi;
           L::load(s + i, n, acc_t(0), s_lo, s_hi);
           L::load(t + i, n, acc_t(0), t_lo, t_hi);
-          const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_ma), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_ma);
-          const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_mb), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_mb);
+          const Vec a_lo = (t_lo - vm_a) * vinv_t, a_hi = (t_hi - vm_a) * vinv_t;
+          const Vec b_lo = (s_lo - vm_b) * vinv_t, b_hi = (s_hi - vm_b) * vinv_t;
           Vec g_lo, g_hi;
           if constexpr (kReverse) {  // q (b' - a' + c), zero where q = 0
             g_lo = Vec::blendv(zero, q_lo * (b_lo - a_lo + c), eb_lo > zero) + h_lo;
@@ -379,9 +411,9 @@ struct RowSolver {
   }
 
   // kl_grad_from_stats: the gradient of one shard of a row, given the statistics of the full row
-  // (m_a, m_b, log Z_a, log Z_b, KL) and f = d(loss)/d(row KL) / T. One pass over the shard,
-  // two exponentials per element (the shard's own exponentials are not kept across the
-  // collective): la = a - m_a - log Z_a = log p <= 0, lb = b - m_b - log Z_b = log q <= 0, and
+  // (m_a, m_b, log Z_a, log Z_b, KL; m_a, m_b the raw logits' maxima) and f = d(loss)/d(row KL) / T.
+  // One pass over the shard, two exponentials per element (the shard's own exponentials are not kept
+  // across the collective): la = (t - m_a) / T - log Z_a = log p <= 0, lb likewise = log q <= 0, and
   //   forward: ds = (q - p) f,                 dt = p (la - lb - KL) f   (0 where p = 0)
   //   reverse: ds = q (lb - la - KL) f  (0 where q = 0),    dt = (p - q) f
   // reads s, t (2e per element), writes e per gradient.
@@ -399,17 +431,15 @@ struct RowSolver {
     const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
     scalar_t* ds = pr.grad_student ? static_cast<scalar_t*>(pr.grad_student) + row * V : nullptr;
     scalar_t* dt = pr.grad_teacher ? static_cast<scalar_t*>(pr.grad_teacher) + row * V : nullptr;
-    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_ma(-m_a), vneg_mb(-m_b);
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vm_a(m_a), vm_b(m_b);
     const Vec vlog_za(log_za), vlog_zb(log_zb), vkl(kl), vf(static_cast<const acc_t*>(pr.row_factor)[row]);
-    auto log_prob = [&](const Vec& x, const Vec& neg_m, const Vec& log_z) {
-      return at::vec::fmadd(x, vinv_t, neg_m) - log_z;
-    };
+    auto log_prob = [&](const Vec& x, const Vec& m, const Vec& log_z) { return (x - m) * vinv_t - log_z; };
     for_each_step(V, [&](int64_t i, auto n) {
       Vec s_lo, s_hi, t_lo, t_hi;
       L::load(s + i, n, kNegInf, s_lo, s_hi);
       L::load(t + i, n, kNegInf, t_lo, t_hi);
-      const Vec la_lo = log_prob(t_lo, vneg_ma, vlog_za), la_hi = log_prob(t_hi, vneg_ma, vlog_za);
-      const Vec lb_lo = log_prob(s_lo, vneg_mb, vlog_zb), lb_hi = log_prob(s_hi, vneg_mb, vlog_zb);
+      const Vec la_lo = log_prob(t_lo, vm_a, vlog_za), la_hi = log_prob(t_hi, vm_a, vlog_za);
+      const Vec lb_lo = log_prob(s_lo, vm_b, vlog_zb), lb_hi = log_prob(s_hi, vm_b, vlog_zb);
       Vec live_a_lo, live_a_hi, live_b_lo, live_b_hi;
       const Vec p_lo = Exp::exp(la_lo, live_a_lo), p_hi = Exp::exp(la_hi, live_a_hi);
       const Vec q_lo = Exp::exp(lb_lo, live_b_lo), q_hi = Exp::exp(lb_hi, live_b_hi);
@@ -430,6 +460,13 @@ struct RowSolver {
   }
 };
 
+// Whether a row solver keeps the hard term's exponentials exp(s - shift) in a scratch row of its own
+// (RowSolver::scratch_1): with the hard term at T != 1 when the student's gradient is written.
+template <bool kHard>
+bool keep_hard_exponentials(const KLRowsProblem& pr, bool keep) {
+  return kHard && keep && pr.inv_temperature != 1.0 && pr.grad_student != nullptr;
+}
+
 // Runs visit(solver, row) over every row in parallel, each task with its own solver and scratch
 // (the exponentials of one row when `keep`, and the chunk states).
 template <typename scalar_t, bool kReverse, typename Visit, bool kHard = false>
@@ -438,10 +475,12 @@ void for_each_row(const KLRowsProblem& pr, bool keep, const Visit& visit) {
   using acc_t = typename Solver::acc_t;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
   const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
-  const int64_t rows_scratch = keep ? 2 * padded : 0;
+  const bool keep_1 = keep_hard_exponentials<kHard>(pr, keep);
+  const int64_t rows_scratch = keep ? (keep_1 ? 3 : 2) * padded : 0;
   parallel_rows<acc_t>(pr.rows, pr.vocab, rows_scratch + 2 * n_chunks, [&](acc_t* scratch, int64_t begin, int64_t end) {
     std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
-    const Solver solver{pr, scratch, scratch + (keep ? padded : 0), chunks.get(), scratch + rows_scratch};
+    const Solver solver{pr, scratch, scratch + (keep ? padded : 0), chunks.get(), scratch + rows_scratch,
+                        keep_1 ? scratch + 2 * padded : nullptr};
     for (int64_t row = begin; row < end; ++row) visit(solver, row);
   });
 }

@@ -24,21 +24,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> distillat
     c10::string_view reduction, double mass_tolerance, bool validate, bool student_grad, bool teacher_grad,
     bool logprobs_grad) {
   const DeviceGuard guard(student.device());
-  const DistillOptions options =
-      check_distill_inputs(student, teacher, teacher_indices, teacher_logprobs, labels, mask, num_items, divergence,
-                           beta, renormalize, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
-                           reduction, validate);
-  const DistillRows counted = distill_rows(student, labels, mask, num_items, options);
+  DistillStart start = start_distill(student, teacher, teacher_indices, teacher_logprobs, labels, mask, num_items,
+                                     divergence, beta, renormalize, temperature, soft_weight, hard_weight,
+                                     ignore_index, label_smoothing, reduction, validate);
+  const DistillOptions& options = start.options;
+  const DistillRows& counted = start.counted;
   const double T = options.temperature;
   const bool with_labels = counted.labels.defined();
-  const auto acc_options = student.options().dtype(student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  const int64_t vocab = student.size(-1), rows = student.numel() / vocab;
+  const int64_t vocab = start.vocab, rows = start.rows;
   const at::IntArrayRef leading = student.sizes().slice(0, student.dim() - 1);
-  DistillRowOutputs out;
-  HardTermInputs hard;
+  DistillRowOutputs& out = start.out;
+  HardTermInputs hard;  // the CUDA kernels' rider (hard_term.cuh)
   if (with_labels) {
-    out.row_hard = at::empty({rows}, acc_options);
-    out.status = at::empty({rows}, student.options().dtype(at::kInt));
     hard.labels = counted.labels.const_data_ptr<int64_t>();
     hard.row_hard = out.row_hard.mutable_data_ptr();
     hard.status = out.status.mutable_data_ptr<int32_t>();
