@@ -200,6 +200,7 @@ def _reduce(row_kl, counted, reduction, leading, total_vocab):
 def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask, group):
     """All-gathers one record per rank and raises the same ValueError on every rank when a rank's
     arguments are invalid or the ranks disagree. Returns the full vocabulary size."""
+    values = None
     try:
         check_kl_args(student, teacher, temperature, reduction, direction, mask)
         if student.is_meta:
