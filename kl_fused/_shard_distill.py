@@ -2,29 +2,30 @@
 distillation_loss_vocab_parallel and linear_distillation_loss_vocab_parallel): the per-row loss of the
 full rows and the gradient of this rank's shard, from O(rows) collectives.
 
-Rank r holds columns [v_r, v_r + w_r) of every row (all of the rows here count). With b = s / T,
-a = t / T, each quantity a full row needs is a sum over the vocabulary, so each rank sums its own
-columns and the ranks add those partial sums:
+Rank r holds columns [v_r, v_r + w_r) of every row (all of the rows here count). With the raw row
+maxima M_s, M_t (shift first, then scale, as the single-process kernels) and d_b = (s - M_s) / T,
+d_a = (t - M_t) / T, each quantity a full row needs is a sum over the vocabulary, so each rank sums its
+own columns and the ranks add those partial sums:
 
-    stage 1, all-reduce MAX    the row maxima M_b, M_a (and M_s of s at T = 1 for the hard term when
-                               T != 1): the shifts that keep every exponential finite
-    stage 2, all-reduce SUM    Z_b = sum e^(b - M_b), Z_a, and per divergence / term:
-                               KL    W = sum e^(x - M_x) (x - y)    (x = a forward, b reverse)
-                               hard  s_y (from the rank that owns label y, 0 elsewhere), Z_s, sum_v s
-                               top-k b at the K support slots (from the owning ranks), and the
-                                     complement's mass sum_{v not in S} e^(b - M_b) (bucket tail)
+    stage 1, all-reduce MAX    the raw row maxima M_s (the soft and the hard term's shift) and M_t
+    stage 2, all-reduce SUM    Z_b = sum e^d_b, Z_a = sum e^d_a, and per divergence / term:
+                               KL    W = sum e^x (x - y)    (x = d_a forward, d_b reverse)
+                               hard  s_y - M_s (from the rank that owns label y, 0 elsewhere),
+                                     Z_s = sum e^(s - M_s) (= Z_b at T = 1), sum_v (s - M_s)
+                               top-k d_b at the K support slots (from the owning ranks), and the
+                                     complement's mass sum_{v not in S} e^d_b (bucket tail)
     stage 3, all-reduce SUM    JSD only: sum p (log p - log m) and sum q (log q - log m), which need
-                               log m per element, hence the full rows' lse from stage 2
-    finish (every rank)        KL = W / Z_x - lse_x + lse_y; JSD = beta KL(p||m) + (1 - beta) KL(q||m);
-                               top-k as kl_fused.sparse_kl_div; CE = (1 - eps)(lse_s - s_y)
-                               + eps (lse_s - sum_v s / V)
+                               log m per element, hence the full rows' log Z from stage 2
+    finish (every rank)        KL = W / Z_x - log Z_x + log Z_y (the shifts cancel); JSD = beta KL(p||m)
+                               + (1 - beta) KL(q||m); top-k as kl_fused.sparse_kl_div; CE = (1 - eps)
+                               (log Z_s - (s_y - M_s)) + eps (log Z_s - sum_v (s - M_s) / V)
 
 A dense forward or reverse KL (JSD's endpoints too) runs on the compiled shard kernels of
 kl_div_logits_vocab_parallel where the device has them (kl_row_states for the partial state,
 kl_grad_from_stats for the gradient, the merge of kl_fused._shard_math): the same stages, the KL's
 statistics in their own two collectives; the hard term then keeps its own maximum and Z_s.
 
-Bytes per row per chunk (accumulation type of e bytes: 4, or 8 for float64): stage 1 at most 3e,
+Bytes per row per chunk (accumulation type of e bytes: 4, or 8 for float64): stage 1 at most 2e,
 stage 2 at most (6 + K)e, stage 3 and 4 (JSD) 2e each -- never O(V). See collective_values_per_row.
 
 Gradients: autograd through these torch ops gives each rank exactly its shard's gradient. The
@@ -101,19 +102,19 @@ class _SharedAcrossRanks(torch.autograd.Function):
 
 def collective_values_per_row(divergence, dense, topk_slots, hard, temperature, label_smoothing):
     """Values of the accumulation type one rank sends per row per chunk in stages 1 to 3."""
-    soft = dense or topk_slots > 0
-    # A dense KL runs on the shard kernels (its own collectives); the hard term then has its own statistics.
-    own_hard_max = hard and not (soft and temperature == 1.0 and (divergence == "jsd" or not dense))
-    maxima = int(soft) + int(dense) + int(own_hard_max)
-    sums = int(soft) + int(dense)
-    if dense and divergence != "jsd":
-        sums += 1
+    # A dense forward or reverse KL runs on the shard kernels: 2 maxima and 3 sums of its own.
+    by_kernels = dense and divergence != "jsd"
+    kernel_values = 5 if by_kernels else 0
+    soft_in_torch = topk_slots > 0 or (dense and not by_kernels)
+    dense_in_torch = dense and not by_kernels
+    maxima = int(soft_in_torch or hard) + int(dense_in_torch)  # raw maxima: the student's serves both terms
+    sums = int(soft_in_torch) + int(dense_in_torch)
     if hard:
-        sums += 1 + int(own_hard_max) + int(label_smoothing > 0)
+        sums += 1 + int(not (soft_in_torch and temperature == 1.0)) + int(label_smoothing > 0)
     if topk_slots:
         sums += topk_slots + 1
-    jsd_terms = 4 if dense and divergence == "jsd" else 0  # stage 3, and the lse gradients
-    return maxima + sums + jsd_terms
+    jsd_terms = 4 if dense_in_torch else 0  # stage 3, and the lse gradients
+    return kernel_values + maxima + sums + jsd_terms
 
 
 def _shift(m):
@@ -135,65 +136,68 @@ def _kl_style(beta, divergence):
 def shard_row_losses(shard, student, teacher, indices, logprobs, labels, divergence, beta, renormalize, temperature,
                      label_smoothing):
     """(soft, hard) per row of the full rows, in the accumulation type; None for a term not given.
-    Differentiable with respect to student, teacher and logprobs (this rank's share of the gradient)."""
+    Differentiable with respect to student, teacher and logprobs (this rank's share of the gradient).
+
+    Shift, then scale, as the single-process kernels: every exponent is (x - M_x) / T with M_x the raw
+    row maximum, never x / T - max(x / T) (which, at |x| / T near 1e10, rounds away the differences). So
+    the student's raw maximum serves the soft and the hard term alike, and every value summed below is
+    relative to it: d_b = (s - M_s) / T, the label's s_y - M_s, lse_b - M_s / T = log Z_b."""
     acc = torch.float64 if student.dtype == torch.float64 else torch.float32
     dense, sparse = teacher is not None, indices is not None
     soft_wanted, hard_wanted = dense or sparse, labels is not None
     style = _kl_style(beta, divergence)
     s = student.to(acc)
-    b = s / temperature if soft_wanted else None
-    a = teacher.to(acc) / temperature if dense else None
-    share_hard = soft_wanted and temperature == 1.0
+    t = teacher.to(acc) if dense else None
 
-    # Stage 1: the maxima.
-    maxima = [x.detach().amax(-1) for x in (b, a) if x is not None]
-    if hard_wanted and not share_hard:
-        maxima.append(s.detach().amax(-1))
+    # Stage 1: the raw maxima.
+    maxima = [x.detach().amax(-1) for x in (s, t) if x is not None]
     shifts = _shift(shard.max(torch.stack(maxima, -1))).unbind(-1)
-    shift_b = shifts[0] if soft_wanted else None
-    shift_a = shifts[1] if dense else None
-    shift_s = shift_b if share_hard else (shifts[-1] if hard_wanted else None)
+    s_shifted = s - shifts[0][:, None]
+    d_b = s_shifted / temperature if soft_wanted else None
+    d_a = (t - shifts[1][:, None]) / temperature if dense else None
+    share_hard = soft_wanted and temperature == 1.0
 
     # Stage 2: this shard's partial sums, then the full rows' by one all-reduce.
     local = {}
     if soft_wanted:
-        e_b = torch.exp(b - shift_b[:, None])
+        e_b = torch.exp(d_b)
         local["z_b"] = e_b.sum(-1)
     if dense:
-        e_a = torch.exp(a - shift_a[:, None])
+        e_a = torch.exp(d_a)
         local["z_a"] = e_a.sum(-1)
         if style != "jsd":
-            x, y, e_x = (a, b, e_a) if style == "forward" else (b, a, e_b)
+            x, y, e_x = (d_a, d_b, e_a) if style == "forward" else (d_b, d_a, e_b)
             local["w"] = _safe_product(e_x, x - y, e_x > 0).sum(-1)
     if hard_wanted:
         if not share_hard:
-            local["z_s"] = torch.exp(s - shift_s[:, None]).sum(-1)
+            local["z_s"] = torch.exp(s_shifted).sum(-1)
         mine, column = shard.owned(labels)
-        local["s_y"] = torch.where(mine, s.gather(-1, column[:, None]).squeeze(-1), 0.0)
+        local["s_y"] = torch.where(mine, s_shifted.gather(-1, column[:, None]).squeeze(-1), 0.0)
         if label_smoothing > 0:
-            local["sum_s"] = s.sum(-1)
+            local["sum_s"] = s_shifted.sum(-1)
     if sparse:
         used = logprobs != NEG_INF
         mine, column = shard.owned(indices)
         mine = mine & used
-        local["b_support"] = torch.where(mine, b.gather(-1, column), 0.0)
+        local["b_support"] = torch.where(mine, d_b.gather(-1, column), 0.0)
         if not renormalize:
-            in_support = torch.zeros_like(b, dtype=torch.int32).scatter_add(-1, column, mine.to(torch.int32)) > 0
+            in_support = torch.zeros_like(d_b, dtype=torch.int32).scatter_add(-1, column, mine.to(torch.int32)) > 0
             local["rest"] = torch.where(in_support, 0.0, e_b).sum(-1)
     full = _split(shard.sum(torch.cat([v.reshape(v.shape[0], -1) for v in local.values()], -1)), local)
 
+    # Below, log Z_x is the full row's lse relative to its shift: the shifts cancel in every divergence.
     soft = hard = None
     if soft_wanted:
-        lse_b = full["z_b"].log() + shift_b
+        log_z_b = full["z_b"].log()
     if dense:
-        lse_a = full["z_a"].log() + shift_a
+        log_z_a = full["z_a"].log()
         if style == "forward":
-            soft = full["w"] / full["z_a"] - lse_a + lse_b
+            soft = full["w"] / full["z_a"] - log_z_a + log_z_b
         elif style == "reverse":
-            soft = full["w"] / full["z_b"] - lse_b + lse_a
+            soft = full["w"] / full["z_b"] - log_z_b + log_z_a
         else:  # Stage 3: JSD's two KLs against the mixture need the full rows' lse first.
-            lse_ab = shard.shared(torch.stack([lse_a, lse_b], -1))
-            log_p, log_q = a - lse_ab[:, :1], b - lse_ab[:, 1:]
+            log_z = shard.shared(torch.stack([log_z_a, log_z_b], -1))
+            log_p, log_q = d_a - log_z[:, :1], d_b - log_z[:, 1:]
             p, q = log_p.exp(), log_q.exp()
             m = beta * p + (1 - beta) * q
             log_m = torch.log(torch.where(m > 0, m, 1.0))
@@ -204,12 +208,12 @@ def shard_row_losses(shard, student, teacher, indices, logprobs, labels, diverge
         # KL >= 0: rounding below 0 is clamped in the value only (the gradient is the unclamped one's).
         soft = soft + (soft.clamp_min(0.0) - soft).detach()
     if sparse:
-        soft = _sparse_rows(full, logprobs.to(acc), used, lse_b, shift_b, shard.vocab, renormalize)
+        soft = _sparse_rows(full, logprobs.to(acc), used, log_z_b, shard.vocab, renormalize)
     if hard_wanted:
-        lse_s = lse_b if share_hard else full["z_s"].log() + shift_s
-        hard = (1 - label_smoothing) * (lse_s - full["s_y"])
+        log_z_s = log_z_b if share_hard else full["z_s"].log()
+        hard = (1 - label_smoothing) * (log_z_s - full["s_y"])
         if label_smoothing > 0:
-            hard = hard + label_smoothing * (lse_s - full["sum_s"] / shard.vocab)
+            hard = hard + label_smoothing * (log_z_s - full["sum_s"] / shard.vocab)
     return soft, hard
 
 
@@ -241,8 +245,9 @@ def _split(flat, named):
     return out
 
 
-def _sparse_rows(full, lp, used, lse_b, shift_b, vocab, renormalize):
-    """kl_fused.sparse_kl_div's row loss (bucket or renormalised tail) from the full rows' sums."""
+def _sparse_rows(full, lp, used, log_z_b, vocab, renormalize):
+    """kl_fused.sparse_kl_div's row loss (bucket or renormalised tail) from the full rows' sums, the student's
+    support logits and tail mass relative to its shift (log_z_b: the full row's lse relative to it)."""
     safe_lp = torch.where(used, lp, 0.0)
     b_support = full["b_support"]
     if renormalize:
@@ -254,12 +259,12 @@ def _sparse_rows(full, lp, used, lse_b, shift_b, vocab, renormalize):
         pt = torch.where(used, log_pt.exp(), 0.0)
         return _safe_product(pt, log_pt - log_qt, pt != 0).sum(-1)
     p = torch.where(used, safe_lp.exp(), 0.0)
-    log_q_support = torch.where(used, b_support - lse_b[:, None], 0.0)
+    log_q_support = torch.where(used, b_support - log_z_b[:, None], 0.0)
     rows = _safe_product(p, safe_lp - log_q_support, p != 0).sum(-1)
     # The complement's mass was summed over the complement (1 - sum_S q would cancel).
     rest_count = vocab - used.sum(-1)
     has_rest = (rest_count > 0) & (full["rest"] > 0)
-    log_qr = torch.where(has_rest, torch.where(has_rest, full["rest"], 1.0).log() + shift_b - lse_b, NEG_INF)
+    log_qr = torch.where(has_rest, torch.where(has_rest, full["rest"], 1.0).log() - log_z_b, NEG_INF)
     p_r = torch.where(rest_count > 0, (1.0 - p.sum(-1)).clamp_min(0.0), 0.0)
     bucket = _safe_product(p_r, torch.where(p_r != 0, p_r, 1.0).log() - log_qr, p_r != 0)
     return rows + bucket

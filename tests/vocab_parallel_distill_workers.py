@@ -58,8 +58,10 @@ def _upstream(loss, seed):
     return torch.rand(loss.shape, generator=gen, dtype=torch.float64).to(loss.dtype) + 0.5
 
 
-def _logits_case(rank, widths, dtype, teacher_form, seed, group=None, teacher_grad=False, poison=True, **options):
-    """One call of distillation_loss_vocab_parallel against distillation_loss on the full logits."""
+def _logits_case(rank, widths, dtype, teacher_form, seed, group=None, teacher_grad=False, poison=True, offset=0.0,
+                 **options):
+    """One call of distillation_loss_vocab_parallel against distillation_loss on the full logits (moved by
+    offset, the teacher's by -offset / 2: large logits whose differences are small)."""
     vocab = sum(widths)
     start, end = _bounds(widths, rank)
     leading = (3, 5)
@@ -70,7 +72,8 @@ def _logits_case(rank, widths, dtype, teacher_form, seed, group=None, teacher_gr
         student, topk = _topk_on_every_rank(leading, widths, dtype, seed)
     else:
         student, teacher = make_logits((*leading, vocab), dtype, "cpu", seed)
-        teacher = teacher if teacher_form == "dense" else None
+        teacher = teacher - offset / 2 if teacher_form == "dense" else None
+    student = student + offset
     mask = options.get("mask")
     if poison and labels is not None:
         student, teacher, topk, labels = poison_uncounted(student, teacher, topk, labels, mask)
@@ -141,6 +144,11 @@ def logits_cases(rank, world_size):
     for divergence, form in (("forward_kl", "dense"), ("jsd", "dense"), ("forward_kl", "topk")):
         _logits_case(rank, widths, torch.float32, form, seed + 3, teacher_grad=True, divergence=divergence,
                      hard_weight=0.4, temperature=1.5, mask=_rows_mask(seed))
+    # Logits near 3e5 (float32's spacing there is 1/32) at T = 1.5: shifting by the raw maximum before
+    # scaling keeps their differences exact, as the single-process kernels do; s / T - max(s / T) would not.
+    for divergence, form in (("jsd", "dense"), ("forward_kl", "topk"), ("forward_kl", "none")):
+        _logits_case(rank, widths, torch.float32, form, seed + 5, teacher_grad=form != "none", divergence=divergence,
+                     hard_weight=0.4, temperature=1.5, label_smoothing=0.1, offset=3e5)
 
 
 def _linear_case(rank, widths, dtype, teacher_form, seed, group=None, hidden_grad="all_reduce", bias=False,
