@@ -185,11 +185,16 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
                 renormalize, temperature, soft_weight, hard_weight, ignore_index, label_smoothing, mass_tolerance,
                 validate, student_scale, student_softcap, teacher_scale, teacher_softcap, compute_dtype, reduction,
                 chunk_rows, grad_student_hidden, grad_student_weight, grad_student_bias, grad_teacher_logits,
-                grad_teacher_hidden, grad_teacher_weight, grad_teacher_bias, grad_teacher_logprobs):
+                grad_teacher_hidden, grad_teacher_weight, grad_teacher_bias, grad_teacher_logprobs, rows_op=None,
+                total_vocab=None):
+    """The loop. rows_op (default: distillation_rows, the fused op kl_fused::distillation_loss, with its
+    arguments) computes a chunk's rows; the vocab-parallel losses (kl_fused.distributed) plug in their
+    shard's, whose full vocabulary is total_vocab (default: the weight's rows) for the "mean" reduction."""
+    rows_op = rows_op if rows_op is not None else distillation_rows
     device = student_hidden.device
     leading = student_hidden.shape[:-1]
     rows = leading.numel()
-    vocab = student_weight.shape[0]
+    vocab = total_vocab if total_vocab is not None else student_weight.shape[0]
     acc_dtype = torch.float64 if compute_dtype == torch.float64 else torch.float32
     student_post = _LogitsPost(student_scale, student_softcap)
     teacher_post = _LogitsPost(teacher_scale, teacher_softcap)
@@ -267,7 +272,7 @@ def _run_chunks(student_hidden, student_weight, student_bias, teacher_logits, te
 
     def row_op(z_s, z_t, slots, kernel_validates, student_grad, teacher_grad, logprobs_grad):
         # Every row of the chunk counts: no mask, the labels' ignore_index never occurs here.
-        return distillation_rows(
+        return rows_op(
             z_s, z_t, *slots, None, None, divergence, beta, renormalize, temperature, soft_weight, hard_weight,
             ignore_index, label_smoothing, "none", mass_tolerance, kernel_validates, student_grad, teacher_grad,
             logprobs_grad)

@@ -130,8 +130,9 @@ def distillation_loss(
 
 
 def _check_args(student_logits, teacher_logits, teacher_topk, labels, divergence, beta, tail, temperature, soft_weight,
-                hard_weight, ignore_index, label_smoothing, reduction, mask, validate):
-    """Raises TypeError/ValueError naming the first problem; returns teacher_topk as a tuple or None."""
+                hard_weight, ignore_index, label_smoothing, reduction, mask, validate, check_vocab=True):
+    """Raises TypeError/ValueError naming the first problem; returns teacher_topk as a tuple or None.
+    check_vocab=False leaves a TeacherTopK's vocabulary to the caller (the vocab-parallel form, on a shard)."""
     check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
                   reduction, validate)
     given_topk, teacher_topk = teacher_topk, check_teacher_topk(teacher_topk)
@@ -140,7 +141,8 @@ def _check_args(student_logits, teacher_logits, teacher_topk, labels, divergence
         check_logits_pair(student_logits, teacher_logits, mask)
     elif teacher_topk is not None:
         check_sparse_args(student_logits, *teacher_topk, temperature, tail, reduction, mask, validate)
-        check_teacher_vocab(given_topk, student_logits.shape[-1])  # a TeacherTopK of another vocabulary
+        if check_vocab:
+            check_teacher_vocab(given_topk, student_logits.shape[-1])  # a TeacherTopK of another vocabulary
     else:
         if not isinstance(student_logits, torch.Tensor):
             raise TypeError(f"student_logits must be a torch.Tensor, got {type(student_logits).__name__}")

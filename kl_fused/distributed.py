@@ -6,6 +6,16 @@ loss applies. :func:`kl_div_logits_vocab_parallel` computes the KL of the full r
 the shards, with the fused kernels split at the seam of the online-softmax merge (the math is in
 ``kl_fused/_shard_math.py``).
 
+The distillation step on shards: :func:`distillation_loss_vocab_parallel` (from logits shards) and
+:func:`linear_distillation_loss_vocab_parallel` (from the hidden states and this rank's rows of the output
+layer, Megatron's column-parallel ``lm_head``) take the arguments of ``kl_fused.distillation_loss`` and
+``kl_fused.linear_distillation_loss`` (``student_weight_shard``, ``teacher_logits_shard``,
+``teacher_weight_shard``, the bias shards) plus ``group`` and, for the linear form, ``hidden_grad``:
+``"all_reduce"`` (the hidden states' complete gradient, all-reduced in backward) or ``"local"`` (this rank's
+partial sum, for a layer whose backward reduces it). Labels and top-k ids are global token ids. Every rank
+returns the loss of the full vocabulary and gets its shards' gradients; the collectives move O(rows) values
+per chunk (kl_fused/_shard_distill.py says which).
+
 Data-parallel training on top (each data-parallel rank has different rows): a masked
 ``batchmean`` must divide by the number of counted rows of the whole global batch, not of the
 local one. Take ``reduction="sum"`` and divide by the global count::
@@ -32,13 +42,17 @@ import torch
 import torch.distributed as dist
 
 from kl_fused import _shard_math
+from kl_fused._rank_agreement import agree, collective_device as _collective_device, content_hash, record_bytes, refuse_create_graph
 from kl_fused._ops import SHARD_DEVICE_TYPES, shard_kernels_reason
 from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
 from kl_fused._warn_once import warn_once
 
+from kl_fused._vocab_parallel_distill import (  # noqa: F401  (re-exported: the distillation step on shards)
+    collective_bytes_per_chunk, distillation_loss_vocab_parallel, linear_distillation_loss_vocab_parallel)
+
 _DTYPE_CODES = {dtype: code for code, dtype in enumerate(SUPPORTED_DTYPES)}
-_MESSAGE_BYTES = 320
-_META_FIELDS = ("ok", "rows", "width", "dtype", "direction", "reduction", "temperature", "mask", "counted", "leading")
+_META_FIELDS = ("rows", "width", "dtype", "direction", "reduction", "temperature", "mask", "counted", "mask_rows",
+                "leading")
 
 
 def kl_div_logits_vocab_parallel(
@@ -64,7 +78,7 @@ def kl_div_logits_vocab_parallel(
     Communication per call, on the group (payload, accumulation type: float32 for 16-bit and
     float32 logits, float64 for float64):
 
-    * one ``all_gather`` of a fixed 400-byte record per rank, which checks that the ranks agree
+    * one ``all_gather`` of a fixed 408-byte record per rank, which checks that the ranks agree
       on rows, dtype, options and mask, and that every rank's arguments are valid, so that a bad
       call raises on every rank instead of hanging one of them (a rank whose own arguments are
       invalid raises its TypeError/ValueError, the others a ValueError that names that rank and
@@ -113,7 +127,7 @@ def collective_bytes_per_call(rows, dtype):
 
 
 def _record_bytes():
-    return 8 * (len(_META_FIELDS) + _MESSAGE_BYTES // 8)
+    return record_bytes(_META_FIELDS)
 
 
 class _VocabParallelKL(torch.autograd.Function):
@@ -139,8 +153,8 @@ class _VocabParallelKL(torch.autograd.Function):
         return _reduce(row_kl, counted, reduction, leading, total_vocab)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        refuse_create_graph("kl_div_logits_vocab_parallel")
         student, teacher, mask, stats, counted = ctx.saved_tensors
         temperature, reverse, reduction, total_vocab = ctx.options
         need_student, need_teacher = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -183,102 +197,57 @@ def _reduce(row_kl, counted, reduction, leading, total_vocab):
     return (total.to(torch.float64) / denominator.to(total.device)).to(row_kl.dtype)
 
 
-def _collective_device(group, device):
-    """Where this group's collectives run: the logits' device, or the CPU for a backend without it."""
-    backend = str(dist.get_backend(group)).lower()
-    if device.type == "cpu" or backend == "nccl" or device.type in backend:
-        return device
-    return torch.device("cpu")
-
-
 def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask, group):
     """All-gathers one record per rank and raises the same ValueError on every rank when a rank's
     arguments are invalid or the ranks disagree. Returns the full vocabulary size."""
+    values = None
     try:
         check_kl_args(student, teacher, temperature, reduction, direction, mask)
         if student.is_meta:
             raise ValueError("kl_div_logits_vocab_parallel needs tensors with values (the ranks exchange row "
                              "statistics), got logits on device 'meta'")
-        local_error = None
-    except (TypeError, ValueError) as error:
-        local_error = error
-    record = _local_record(student, mask, temperature, reduction, direction, local_error)
-    device = student.device if isinstance(student, torch.Tensor) and not student.is_meta else torch.device("cpu")
-    if str(dist.get_backend(group)).lower() == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    record = record.to(_collective_device(group, device))
-    gathered = [torch.empty_like(record) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, record, group=group)
-    records = [r.cpu() for r in gathered]
-    fields = [dict(zip(_META_FIELDS, r[: len(_META_FIELDS)].tolist())) for r in records]
-
-    texts = [r[len(_META_FIELDS):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace") for r in records]
-    failed = [rank for rank, f in enumerate(fields) if not f["ok"]]
-    if failed:
-        if local_error is not None:
-            raise local_error
-        rank = failed[0]
-        message = texts[rank]
-        raise ValueError(
-            f"kl_div_logits_vocab_parallel: rank {rank} of the group rejected its arguments ({message}); "
-            f"ranks that failed: {failed}"
-        )
-    for name, what in (
-        ("rows", "the number of rows"),
-        ("leading", "the leading shape"),
-        ("dtype", "the logits' dtype"),
-        ("direction", "direction"),
-        ("reduction", "reduction"),
-        ("temperature", "temperature"),
-        ("mask", "whether a mask is given"),
-        ("counted", "the mask's counted rows"),
-    ):
-        values = [f[name] for f in fields]
-        if len(set(values)) > 1:
-            # A valid rank's text is its leading shape (its field is only that shape's hash).
-            shown = texts if name == "leading" else [_describe(name, v) for v in values]
-            raise ValueError(
-                f"kl_div_logits_vocab_parallel: the ranks of the group disagree on {what} "
-                f"(rank by rank: {shown}); every rank must pass the same rows and options"
-            )
-    return sum(f["width"] for f in fields)
-
-
-def _local_record(student, mask, temperature, reduction, direction, error):
-    values = dict.fromkeys(_META_FIELDS, 0)
-    message = b""
+        error, values = None, None
+    except (TypeError, ValueError) as bad:
+        error = bad
     if error is None:
-        vocab = student.shape[-1]
         leading = tuple(student.shape[:-1])
-        values.update(
-            ok=1,
+        values = dict(
             rows=math.prod(leading),
-            width=vocab,
+            width=student.shape[-1],
             dtype=_DTYPE_CODES[student.dtype],
             direction=int(direction == "reverse"),
             reduction=REDUCTIONS.index(reduction),
-            temperature=struct.unpack("<q", struct.pack("<d", float(temperature)))[0],
+            temperature=_float_bits(temperature),
             mask=int(mask is not None),
             counted=int(mask.sum().item()) if mask is not None else -1,
-            # tuple hashes of ints are the same in every process (no hash randomisation); the
-            # shape itself goes in the text, for the message when the ranks disagree
+            mask_rows=content_hash(mask),
+            # tuple hashes of ints are the same in every process (no hash randomisation)
             leading=hash(leading),
         )
-        message = str(leading).encode("utf-8")[:_MESSAGE_BYTES]
-    else:
-        message = f"{type(error).__name__}: {error}".encode("utf-8")[:_MESSAGE_BYTES]
-    padded = message.ljust(_MESSAGE_BYTES, b"\0")
-    text = torch.frombuffer(bytearray(padded), dtype=torch.int64)
-    return torch.cat([torch.tensor([values[name] for name in _META_FIELDS], dtype=torch.int64), text])
+    device = student.device if isinstance(student, torch.Tensor) and not student.is_meta else torch.device("cpu")
+    # A valid rank's text is its leading shape (its field is only that shape's hash), for the message.
+    text = str(tuple(student.shape[:-1])) if error is None else None
+    fields = agree("kl_div_logits_vocab_parallel", _META_FIELDS, values, error, device, group, (
+        ("rows", "the number of rows", str),
+        ("leading", "the leading shape", None),
+        ("dtype", "the logits' dtype", lambda v: str(SUPPORTED_DTYPES[v])),
+        ("direction", "direction", lambda v: ("forward", "reverse")[v]),
+        ("reduction", "reduction", lambda v: REDUCTIONS[v]),
+        ("temperature", "temperature", lambda v: str(_bits_float(v))),
+        ("mask", "whether a mask is given", str),
+        ("counted", "the mask's counted rows", str),
+        ("mask_rows", "the mask's rows (the same count of True rows, in different places)", _hash_words),
+    ), text=text)
+    return sum(f["width"] for f in fields)
 
 
-def _describe(name, value):
-    if name == "dtype":
-        return str(SUPPORTED_DTYPES[value])
-    if name == "temperature":
-        return struct.unpack("<d", struct.pack("<q", value))[0]
-    if name == "reduction":
-        return REDUCTIONS[value]
-    if name == "direction":
-        return ("forward", "reverse")[value]
-    return value
+def _float_bits(value):
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _bits_float(bits):
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _hash_words(value):
+    return f"hash {value & 0xFFFFFFFF:08x}"

@@ -213,21 +213,11 @@ def linear_distillation_loss(
     validated to raise); with ``reduction="none"`` the forward computes the losses only and backward
     runs the chunk loop again with the upstream weights.
     """
-    check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
-                  reduction, validate)
-    given_topk, teacher_topk = teacher_topk, check_teacher_topk(teacher_topk)
-    dense = any(x is not None for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias))
-    check_teacher_form(dense, teacher_topk, divergence, labels, hard_weight)
-    compute_dtype = check_linear_args(
-        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias, teacher_bias,
-        temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap,
-        teacher_softcap, teacher_required=False)
-    leading = tuple(student_hidden.shape[:-1])
-    if teacher_topk is not None:
-        check_topk_slots(*teacher_topk, leading, student_hidden.device, "student_hidden")
-        check_teacher_vocab(given_topk, student_weight.shape[0])  # a TeacherTopK of another vocabulary
-    check_labels(labels, leading, student_hidden.device)
-    num_items = check_num_items(num_items_in_batch, reduction, student_hidden.device)
+    teacher_topk, compute_dtype, num_items = check_linear_distillation_args(
+        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, teacher_topk, student_bias,
+        teacher_bias, chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, labels,
+        divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing, reduction, mask,
+        num_items_in_batch, validate)
     if not fused_path("linear_distillation_loss", student_hidden.device):
         return reference.linear_distillation_loss(
             student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
@@ -243,6 +233,33 @@ def linear_distillation_loss(
                       soft_weight, hard_weight, ignore_index, label_smoothing, reduction, validate, chunk_rows,
                       student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, num_items)
     return LossParts(result[0], result[-1][0], result[-1][1]) if return_parts else result[0]
+
+
+def check_linear_distillation_args(student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight,
+                                   teacher_topk, student_bias, teacher_bias, chunk_rows, student_logit_scale,
+                                   teacher_logit_scale, student_softcap, teacher_softcap, labels, divergence, beta, tail,
+                                   temperature, soft_weight, hard_weight, ignore_index, label_smoothing, reduction, mask,
+                                   num_items_in_batch, validate, check_vocab=True):
+    """linear_distillation_loss's arguments (also its vocab-parallel form's, on a weight shard, which checks a
+    TeacherTopK's vocabulary itself: check_vocab=False): raises TypeError/ValueError naming the first problem;
+    returns (teacher_topk or None, the matmuls' dtype, num_items as the chunk loop takes it)."""
+    check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
+                  reduction, validate)
+    given_topk, teacher_topk = teacher_topk, check_teacher_topk(teacher_topk)
+    dense = any(x is not None for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias))
+    check_teacher_form(dense, teacher_topk, divergence, labels, hard_weight)
+    compute_dtype = check_linear_args(
+        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+        temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap,
+        teacher_softcap, teacher_required=False)
+    leading = tuple(student_hidden.shape[:-1])
+    if teacher_topk is not None:
+        check_topk_slots(*teacher_topk, leading, student_hidden.device, "student_hidden")
+        if check_vocab:
+            check_teacher_vocab(given_topk, student_weight.shape[0])  # a TeacherTopK of another vocabulary
+    check_labels(labels, leading, student_hidden.device)
+    num_items = check_num_items(num_items_in_batch, reduction, student_hidden.device)
+    return teacher_topk, compute_dtype, num_items
 
 
 def _chunked(compute_dtype, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight,

@@ -67,8 +67,26 @@ def test_bench_vocab_parallel_mode(tmp_path):
     single, parallel = records
     assert single["provider"] == "fused" and parallel["provider"] == "vocab-parallel" and parallel["ranks"] == 2
     assert parallel["shard_widths"] == [1501, 1500]
-    assert parallel["bytes_sent_per_rank"] == collective_bytes_per_call(16, torch.bfloat16) == 400 + 16 * 20
+    assert parallel["bytes_sent_per_rank"] == collective_bytes_per_call(16, torch.bfloat16) == 408 + 16 * 20
     assert parallel["relative_difference_vs_fused"] < 1e-4
+
+
+def test_bench_vocab_parallel_linear_mode(tmp_path):
+    out = tmp_path / "vpl.json"
+    code = bench.main(["--vocab-parallel", "2", "--linear", "--linear-cases", "40x8x301", "--reps", "2", "--warmup",
+                       "1", "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    records = records["records"] if isinstance(records, dict) else records
+    single, parallel = records
+    assert single["provider"] == "linear_distillation_loss" and single["ranks"] == 1
+    assert parallel["provider"] == "linear_distillation_loss_vocab_parallel" and parallel["ranks"] == 2
+    assert parallel["shard_widths"] == [151, 150] and len(parallel["peak_above_mib_per_rank"]) == 2
+    # record (8 x (1 + 12 + 40)) + widths + 40 rows x 5 fp32 statistics (2 maxima, Z_a, Z_b, W) + the hidden
+    # gradient 40 x 8 fp32
+    assert parallel["bytes_sent_per_rank"] == 424 + 8 + 40 * 5 * 4 + 40 * 8 * 4
+    assert parallel["relative_difference_vs_single"] < 1e-4
+    assert parallel["median_ms"] > 0 and single["peak_above_mib"] >= 0
 
 
 def test_bench_linear_mode_checks_times_and_measures_memory(tmp_path):

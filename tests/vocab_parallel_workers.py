@@ -3,6 +3,7 @@ seed, keeps its own vocabulary shard, and compares the vocab-parallel loss and i
 with single-process kl_fused.kl_div_logits on the full logits."""
 
 import datetime
+import importlib
 import itertools
 import os
 import re
@@ -28,7 +29,11 @@ def run(rank, world_size, init_file, scenario):
     )
     torch.set_num_threads(1)
     try:
-        SCENARIOS[scenario](rank, world_size)
+        if ":" in scenario:  # "module:function", a scenario of another workers module
+            module, name = scenario.split(":")
+            importlib.import_module(module).SCENARIOS[name](rank, world_size)
+        else:
+            SCENARIOS[scenario](rank, world_size)
     finally:
         dist.destroy_process_group()
     exit_without_finalizing()

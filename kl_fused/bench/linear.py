@@ -18,7 +18,6 @@ CPU as the peak RSS of a fresh process per provider (memory.py).
 """
 
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,13 +26,13 @@ import kl_fused
 from kl_fused import reference
 from kl_fused.bench.agreement import ErrorTracker, disagreements, row_blocks
 from kl_fused.bench.environment import record_environment
-from kl_fused.bench.linear_inputs import make_linear_inputs, memory_method as _memory_method
+from kl_fused.bench.linear_inputs import (TEACHER_FORMS, make_linear_inputs, memory_method as _memory_method,
+                                          parse_linear_cases)
 from kl_fused.bench.memory import cuda_peak_mib, measure_cpu_peak
-from kl_fused.bench.options import DTYPES, Mode, choices, comma_list, positive_int
+from kl_fused.bench.options import DTYPES, Mode, choices
 from kl_fused.bench.report import format_optional, format_table, report_failures, write_json
 from kl_fused.bench.timing import first_runs, percentile, time_interleaved
 
-TEACHER_FORMS = ("hidden", "logits")
 # The issue's grid is H in {256, 1024}, V in {32000, 128256}, rows 256..16384. On this 2-core CPU a
 # step at 16384 x 1024 x 128256 is ~17 TFLOP (minutes per repetition per provider), so the CPU
 # default covers the corners that run in minutes: every row count at H=256, V=32000 (where the memory
@@ -44,22 +43,6 @@ DEFAULT_CASES = {
     "cuda": "1024x4096x128256,4096x4096x128256,8192x4096x128256,16384x4096x128256,8192x1024x32000",
 }
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
-
-
-@dataclass(frozen=True)
-class LinearCase:
-    rows: int
-    hidden: int
-    vocab: int
-    dtype_name: str
-    teacher: str  # "hidden" or "logits"
-
-    @property
-    def dtype(self):
-        return DTYPES[self.dtype_name]
-
-    def __str__(self):
-        return f"{self.rows}x{self.hidden}x{self.vocab} {self.dtype_name}, teacher as {self.teacher}"
 
 
 # ---------------------------------------------------------------------------- inputs and providers
@@ -284,13 +267,7 @@ def resolve(args):
         raise ValueError("--linear takes its shapes from --linear-cases (ROWSxHxV), not --cases/--rows/--vocab")
     dtype_names = choices(args.dtypes or DEFAULT_DTYPE[device_type], DTYPES, "dtype")
     teachers = choices(args.teacher or ",".join(TEACHER_FORMS), TEACHER_FORMS, "teacher form")
-    shapes = []
-    for text in comma_list(args.linear_cases or DEFAULT_CASES[device_type]):
-        parts = text.split("x")
-        if len(parts) != 3:
-            raise ValueError(f"linear case {text!r} must be ROWSxHxV, as in 4096x256x32000")
-        shapes.append(tuple(positive_int(part, "a linear case's size") for part in parts))
-    args.linear_cases = [LinearCase(r, h, v, d, t) for d in dtype_names for (r, h, v) in shapes for t in teachers]
+    args.linear_cases = parse_linear_cases(args.linear_cases or DEFAULT_CASES[device_type], dtype_names, teachers)
     args.providers = choices(args.providers or ",".join(PROVIDERS), PROVIDERS, "provider")
 
 
@@ -325,7 +302,7 @@ def run(args, environment):
 MODE = Mode(
     name="linear",
     add_arguments=add_arguments,
-    selected=lambda args: args.linear,
+    selected=lambda args: args.linear and args.vocab_parallel is None,  # with it: --vocab-parallel N --linear
     resolve=resolve,
     run=run,
     providers={name: description for name, (description, _, _) in PROVIDERS.items()},

@@ -1,9 +1,40 @@
-"""What the modes that start from hidden states share (linear.py, distill.py): the random inputs of a
-rows x H x V case, and how their peak memory is measured."""
+"""What the modes that start from hidden states share (linear.py, distill.py, vocab_parallel_linear.py): their
+ROWSxHxV cases, the random inputs of a case, and how their peak memory is measured."""
+
+from dataclasses import dataclass
 
 import torch
 
-from kl_fused.bench.options import DTYPES
+from kl_fused.bench.options import DTYPES, comma_list, positive_int
+
+TEACHER_FORMS = ("hidden", "logits")
+
+
+@dataclass(frozen=True)
+class LinearCase:
+    rows: int
+    hidden: int
+    vocab: int
+    dtype_name: str
+    teacher: str  # "hidden" or "logits"
+
+    @property
+    def dtype(self):
+        return DTYPES[self.dtype_name]
+
+    def __str__(self):
+        return f"{self.rows}x{self.hidden}x{self.vocab} {self.dtype_name}, teacher as {self.teacher}"
+
+
+def parse_linear_cases(text, dtype_names, teachers):
+    """LinearCases of a ROWSxHxV comma list, for each dtype and teacher form."""
+    shapes = []
+    for case in comma_list(text):
+        parts = case.split("x")
+        if len(parts) != 3:
+            raise ValueError(f"linear case {case!r} must be ROWSxHxV, as in 4096x256x32000")
+        shapes.append(tuple(positive_int(part, "a linear case's size") for part in parts))
+    return [LinearCase(r, h, v, d, t) for d in dtype_names for (r, h, v) in shapes for t in teachers]
 
 
 def make_linear_inputs(rows, hidden, vocab, dtype_name, teacher, device, seed=0):

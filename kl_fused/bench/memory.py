@@ -50,6 +50,12 @@ def _child(spec):
     step()
     for tensor in with_grads:
         tensor.grad = None
+    return step_peak_rss(step)
+
+
+def step_peak_rss(step):
+    """{"rss_before_mib", "peak_above_mib"} of one run of step in this process (after a warm-up run, with
+    the gradients it left dropped; under MALLOC_MMAP_THRESHOLD_ for freed memory to show)."""
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")

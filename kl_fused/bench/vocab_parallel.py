@@ -11,29 +11,21 @@ collectives (kl_fused.distributed.collective_bytes_per_call).
 
 import datetime
 import json
-import os
-import sys
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kl_fused
+from kl_fused.bench import vocab_parallel_linear
 from kl_fused.bench.cases import cases_from_args, make_inputs, make_step
-from kl_fused.bench.options import Mode
+from kl_fused.bench.linear_inputs import TEACHER_FORMS, parse_linear_cases
+from kl_fused.bench.options import DTYPES, Mode, choices
+from kl_fused.bench.ranks import exit_rank, run_ranks, shard_widths, time_on_ranks
 from kl_fused.bench.report import write_json
 from kl_fused.bench.timing import summarize, time_interleaved
 from kl_fused.distributed import collective_bytes_per_call, kl_div_logits_vocab_parallel
 
 AGREEMENT_RTOL = 1e-4
-
-
-def shard_widths(vocab, ranks):
-    """Widths as even as possible; the first vocab % ranks shards get one more."""
-    base, extra = divmod(vocab, ranks)
-    return [base + (1 if r < extra else 0) for r in range(ranks)]
 
 
 def _time_single_process(case, args):
@@ -69,7 +61,7 @@ def _rank_main(rank, ranks, init_file, out_file, case, args_dict):
         del student, teacher
 
         acc = torch.float64 if case.dtype == torch.float64 else torch.float32
-        record = torch.zeros(50, dtype=torch.int64)
+        record = torch.zeros(51, dtype=torch.int64)
         maxima, sums = torch.zeros(case.rows, 2, dtype=acc), torch.zeros(case.rows, 3, dtype=acc)
 
         def collectives_only():
@@ -77,46 +69,26 @@ def _rank_main(rank, ranks, init_file, out_file, case, args_dict):
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
             dist.all_reduce(sums)
 
-        timings = {}
-        for name, fn in (("step", step), ("comm", collectives_only)):
-            for _ in range(args_dict["warmup"]):
-                fn()
-            samples = []
-            for _ in range(args_dict["reps"]):
-                dist.barrier()
-                began = time.perf_counter()
-                fn()
-                elapsed = torch.tensor([(time.perf_counter() - began) * 1e3], dtype=torch.float64)
-                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step lasts as long as its slowest rank
-                samples.append(elapsed.item())
-            timings[name] = samples
+        timings = time_on_ranks({"step": step, "comm": collectives_only}, args_dict["warmup"], args_dict["reps"])
         if rank == 0:
             with open(out_file, "w") as out:
                 json.dump({"loss": loss, "relative_difference": agreement, "widths": widths, **timings}, out)
     finally:
         dist.destroy_process_group()
-    # A rank that succeeded ends without Python's finalisation: a gloo worker thread may still be
-    # releasing a finished all_reduce's tensors then, needs the GIL, and aborts the process (a
-    # torch race seen here about once in 12 runs; tests/vocab_parallel_workers.py has the trace).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_rank()
 
 
 def _run_ranks(case, ranks, args):
     threads_per_rank = max(1, torch.get_num_threads() // ranks)
     args_dict = {"threads_per_rank": threads_per_rank, "temperature": args.temperature,
                  "warmup": args.warmup, "reps": args.reps}
-    with tempfile.TemporaryDirectory() as tmp:
-        out_file = os.path.join(tmp, "rank0.json")
-        mp.start_processes(_rank_main, args=(ranks, os.path.join(tmp, "rendezvous"), out_file, case, args_dict),
-                           nprocs=ranks, join=True, start_method="spawn")
-        with open(out_file) as result:
-            return json.load(result), threads_per_rank
+    return run_ranks(_rank_main, ranks, (case, args_dict)), threads_per_rank
 
 
 def main(args, environment):
     """Runs every case of args.cases; prints a table and writes --json records. Returns the exit code."""
+    if args.linear:
+        return vocab_parallel_linear.main(args, environment)
     ranks = args.vocab_parallel
     records, failed = [], False
     common = {key: environment[key] for key in ("device", "device_name", "torch_version", "kl_fused_version", "date")}
@@ -162,13 +134,22 @@ def add_arguments(parser):
         type=int,
         metavar="N",
         help="instead of the providers: kl_fused.distributed on N CPU processes (gloo), each with a vocabulary "
-        "shard and its share of the threads, next to the single-process fused kernel (fwd+bwd)",
+        "shard and its share of the threads, next to the single-process fused kernel (fwd+bwd); with --linear, "
+        "linear_distillation_loss_vocab_parallel from hidden states and lm_head shards (--linear-cases, default "
+        "4096x256x32000, --teacher hidden|logits)",
     )
 
 
 def resolve(args):
     if args.vocab_parallel < 1 or args.device.type != "cpu":
         raise ValueError("--vocab-parallel needs N >= 1 and the cpu device (it spawns gloo processes)")
+    if args.linear:  # linear_distillation_loss_vocab_parallel on ROWSxHxV cases
+        if args.cases is not None or args.rows is not None or args.vocab is not None:
+            raise ValueError("--vocab-parallel N --linear takes its shapes from --linear-cases (ROWSxHxV)")
+        args.linear_cases = parse_linear_cases(args.linear_cases or vocab_parallel_linear.DEFAULT_CASES,
+                                               choices(args.dtypes or "float32", DTYPES, "dtype"),
+                                               choices(args.teacher or "hidden", TEACHER_FORMS, "teacher form"))
+        return
     args.cases = cases_from_args(args, args.device.type)
 
 
