@@ -7,16 +7,22 @@ Both models come from `transformers` configs (nothing is downloaded). The teache
 briefly to a fixed synthetic corpus (a repeating, noisy token pattern), so that it has something to
 teach; then the student is trained on `soft_weight * D(teacher, student) + hard_weight * CE(labels)`
 (forward KL or generalized JSD at temperature T, padding labelled -100), with the Trainer's
-num_items_in_batch as the batchmean's count (gradient accumulation), and the loss falls step by step:
+num_items_in_batch as the batchmean's count (gradient accumulation). It prints whether the fused
+kernels ran, the loss per step (noisy from batch to batch: it falls over the run, not at every step),
+and one step of the fused loss against the plain recipe (logits, F.kl_div and F.cross_entropy) on the
+same batch: time, and peak memory on a GPU.
 
-    python examples/distill_hf.py [--steps 40] [--loss kl|jsd] [--beta 0.5] [--hard-weight 0.5]
+    python examples/distill_hf.py [--steps 20] [--loss kl|jsd] [--beta 0.5] [--hard-weight 0.5]
 """
 
 import argparse
 import tempfile
+import time
 
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 import kl_fused
 
@@ -142,24 +148,94 @@ def distil(steps=40, loss="kl", beta=0.5, temperature=2.0, seed=0, quiet=False, 
         trainer = DistillationTrainer(model=student, args=args, train_dataset=corpus, data_collator=collate,
                                       callbacks=[recorder], teacher=teacher, loss=loss, beta=beta, temperature=temperature,
                                       hard_weight=hard_weight)
+        if quiet:  # the caller prints the losses: not the Trainer's log dicts as well
+            trainer.remove_callback(PrinterCallback)
+            trainer.remove_callback(ProgressCallback)
         trainer.train()
     if record is not None:
         record["num_items_in_batch"] = trainer.num_items_seen
     return recorder.losses, recorder.grad_norms
 
 
+def plain_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, temperature, hard_weight):
+    """The same loss the plain way: both models' logits, F.kl_div on log-softmaxes, F.cross_entropy."""
+    counted = labels != -100
+    student_logits = (student_hidden @ student_weight.T)[counted].float()
+    teacher_logits = (teacher_hidden @ teacher_weight.T)[counted].float()
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, -1), F.log_softmax(teacher_logits / temperature, -1),
+                    log_target=True, reduction="batchmean")
+    return soft + hard_weight * F.cross_entropy(student_logits, labels[counted])
+
+
+def compare_one_step(teacher, temperature=2.0, hard_weight=0.5, batch_size=16, seed=0):
+    """One forward + backward of the loss on one batch of the corpus, fused and plain: (results, device),
+    results = {name: (seconds, peak bytes or None, loss)}. Peak memory is measured on a GPU only."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    corpus = synthetic_corpus(seed)[:batch_size]
+    input_ids = torch.stack([row["input_ids"] for row in corpus]).to(device)
+    labels = torch.stack([row["labels"] for row in corpus])[:, 1:].to(device)
+    student = llama(hidden=64, layers=1, heads=2, seed=seed + 2).to(device)
+    teacher = teacher.to(device)
+    with torch.no_grad():
+        teacher_hidden = teacher.model(input_ids=input_ids).last_hidden_state[:, :-1]
+    student_hidden = student.model(input_ids=input_ids).last_hidden_state[:, :-1].detach()
+    weight = student.lm_head.weight
+
+    def fused(h):
+        return kl_fused.linear_distillation_loss(h, weight, teacher_hidden=teacher_hidden,
+                                                 teacher_weight=teacher.lm_head.weight, labels=labels,
+                                                 temperature=temperature, hard_weight=hard_weight)
+
+    def plain(h):
+        return plain_loss(h, weight, teacher_hidden, teacher.lm_head.weight, labels, temperature, hard_weight)
+
+    results = {}
+    for name, loss_fn in (("kl_fused", fused), ("plain", plain)) * 2:  # the first round warms up
+        h = student_hidden.clone().requires_grad_(True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        loss = loss_fn(h)
+        loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
+        results[name] = (seconds, peak, loss.item())
+        weight.grad = None
+    return results, device
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--loss", choices=("kl", "jsd"), default="kl")
     parser.add_argument("--beta", type=float, default=0.5, help="JSD coefficient (with --loss jsd)")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--hard-weight", type=float, default=0.5, help="weight of the cross-entropy on the labels")
+    parser.add_argument("--teacher-steps", type=int, default=30, help="steps of the teacher's own fit first")
     args = parser.parse_args(argv)
-    losses, _ = distil(args.steps, args.loss, args.beta, args.temperature, quiet=True, hard_weight=args.hard_weight)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    op = "linear_distillation_loss"
+    print(f"kl_fused fused kernels on {device}: {kl_fused.will_run_fused(device, op)}"
+          + ("" if kl_fused.will_run_fused(device, op) else f" ({kl_fused.fused_unavailable_reason(device, op)})"))
+    teacher = fitted_teacher(teacher_steps=args.teacher_steps)
+    losses, _ = distil(args.steps, args.loss, args.beta, args.temperature, quiet=True, hard_weight=args.hard_weight,
+                       teacher=teacher)
     for step, value in enumerate(losses, start=1):
         print(f"step {step:3d}  distillation loss {value:.4f}")
-    print(f"loss fell from {losses[0]:.4f} to {losses[-1]:.4f} over {len(losses)} steps")
+    third = max(1, len(losses) // 3)
+    print(f"mean loss of the first {third} steps {sum(losses[:third]) / third:.4f}, "
+          f"of the last {third} {sum(losses[-third:]) / third:.4f}")
+    results, where = compare_one_step(teacher, args.temperature, args.hard_weight)
+    print(f"one step on {where} (forward + backward of the loss, {16} x {SEQ_LEN - 1} tokens, vocabulary {VOCAB}):")
+    for name, (seconds, peak, loss) in results.items():
+        memory = f", peak {peak / 2**20:.1f} MiB" if peak is not None else ""
+        print(f"  {name:9s} loss {loss:.4f}  {seconds * 1e3:.1f} ms{memory}")
+    if peak is None:
+        print("  (peak memory is measured on a GPU; on the CPU, kl-fused-bench --linear measures it per process)")
 
 
 if __name__ == "__main__":

@@ -197,13 +197,21 @@ def main(argv=None):
     parser.add_argument("--hard-weight", type=float, default=0.5, help="weight of the cross-entropy on labels")
     parser.add_argument("--packed", action="store_true", help="store token ids in ceil(log2 V) bits")
     parser.add_argument("--workdir", help="where the teacher, corpus and store go (default: a temporary directory)")
+    parser.add_argument("--lines", type=int, default=96, help="corpus lines")
+    parser.add_argument("--teacher-steps", type=int, default=30, help="steps of the teacher's own fit first")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers reading the store")
     args = parser.parse_args(argv)
+    op = "linear_distillation_loss"
+    print(f"kl_fused fused kernels on cpu: {kl_fused.will_run_fused('cpu', op)}"
+          + ("" if kl_fused.will_run_fused("cpu", op) else f" ({kl_fused.fused_unavailable_reason('cpu', op)})"))
+    options = dict(hard_weight=args.hard_weight, packed=args.packed, lines=args.lines,
+                   teacher_steps=args.teacher_steps, workers=args.workers)
     if args.workdir:
         os.makedirs(args.workdir, exist_ok=True)
-        run(args.workdir, args.steps, args.k, hard_weight=args.hard_weight, packed=args.packed)
+        run(args.workdir, args.steps, args.k, **options)
     else:
         with tempfile.TemporaryDirectory() as workdir:
-            run(workdir, args.steps, args.k, hard_weight=args.hard_weight, packed=args.packed)
+            run(workdir, args.steps, args.k, **options)
 
 
 if __name__ == "__main__":

@@ -62,10 +62,14 @@ def _device_types(op):
 
 
 def is_fused_available(device, op="kl_div_logits") -> bool:
-    """True where this build of kl_fused._C has compiled kernels for `op` (a public function's name) on
-    `device`'s type (a str or torch.device): what was built, not whether this machine can run it
-    ("cuda" is True for a CUDA build on a machine without a GPU). Whether a call on a given tensor or
-    device will run the kernel: :func:`will_run_fused`."""
+    """True where this build of kl_fused._C has compiled kernels for `op` on `device`'s type (a str or
+    torch.device): what was built, not whether this machine can run it ("cuda" is True for a CUDA build
+    on a machine without a GPU). Whether a call on a given tensor or device will run the kernel:
+    :func:`will_run_fused`.
+
+    `op` is the name of a public function: "kl_div_logits" (the default), "jsd_logits", "sparse_kl_div",
+    "distillation_loss", "linear_kl_div", "linear_jsd" or "linear_distillation_loss"; another name raises
+    ValueError. The vocabulary-parallel losses: kl_fused.distributed.is_fused_available."""
     return torch.device(device).type in _device_types(op)
 
 

@@ -82,7 +82,8 @@ def linear_kl_div(
         student_bias, teacher_bias: ``(V,)`` or None.
         temperature, reduction, direction, mask: as in :func:`kl_fused.kl_div_logits`. Masked rows are
             never read (they may hold NaN) and cost no matmul.
-        chunk_rows: rows per chunk; None chooses from V, H, the dtype and the device (:func:`default_chunk_rows`).
+        chunk_rows: rows per chunk; None chooses from V, H, the dtype and the device
+            (:func:`kl_fused.linear.default_chunk_rows`).
         student_logit_scale, teacher_logit_scale: finite multipliers > 0 of the logits (default 1).
         student_softcap, teacher_softcap: None or c > 0.
 

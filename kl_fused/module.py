@@ -16,6 +16,7 @@ class KLDivLogitsLoss(torch.nn.Module):
     """Distillation loss on logits; see kl_fused.kl_div_logits for the contract."""
 
     def __init__(self, temperature=1.0, reduction="batchmean", direction="forward"):
+        """Options of kl_fused.kl_div_logits, checked now: a bad one raises ValueError here."""
         super().__init__()
         check_reduction(reduction)
         check_direction(direction)
@@ -25,6 +26,7 @@ class KLDivLogitsLoss(torch.nn.Module):
         self.direction = direction
 
     def forward(self, student_logits, teacher_logits, mask=None):
+        """kl_fused.kl_div_logits(student_logits, teacher_logits, mask=mask) with the module's options."""
         return kl_div_logits(
             student_logits,
             teacher_logits,
@@ -42,6 +44,7 @@ class JSDLogitsLoss(torch.nn.Module):
     """Generalized Jensen-Shannon divergence on logits (GKD); see kl_fused.jsd_logits for the contract."""
 
     def __init__(self, beta=0.5, temperature=1.0, reduction="batchmean"):
+        """Options of kl_fused.jsd_logits, checked now: a bad one raises ValueError here."""
         super().__init__()
         check_beta(beta)
         check_temperature(temperature)
@@ -51,6 +54,7 @@ class JSDLogitsLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, student_logits, teacher_logits, mask=None):
+        """kl_fused.jsd_logits(student_logits, teacher_logits, mask=mask) with the module's options."""
         return jsd_logits(
             student_logits,
             teacher_logits,
@@ -64,12 +68,13 @@ class JSDLogitsLoss(torch.nn.Module):
         return f"beta={self.beta}, temperature={self.temperature}, reduction={self.reduction!r}"
 
 
-class LinearKLDivLoss(KLDivLogitsLoss):
+class LinearKLDivLoss(KLDivLogitsLoss):  # shares the options of KLDivLogitsLoss; its forward takes hidden states
     """Distillation loss from hidden states and the output layer; see kl_fused.linear_kl_div. The
     logit post-processing of the two models (scales, softcaps) and chunk_rows are options of the module."""
 
     def __init__(self, temperature=1.0, reduction="batchmean", direction="forward", *, chunk_rows=None,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None):
+        """Options of kl_fused.linear_kl_div, checked now: a bad one raises ValueError here."""
         super().__init__(temperature=temperature, reduction=reduction, direction=direction)
         check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.options = dict(chunk_rows=chunk_rows, student_logit_scale=student_logit_scale,
@@ -78,6 +83,9 @@ class LinearKLDivLoss(KLDivLogitsLoss):
 
     def forward(self, student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, teacher_weight=None,
                 student_bias=None, teacher_bias=None, mask=None):
+        """kl_fused.linear_kl_div of these tensors with the module's options: the student's logits are
+        student_hidden @ student_weight.T (+ student_bias), the teacher's given as teacher_logits or as
+        teacher_hidden and teacher_weight (+ teacher_bias)."""
         return linear_kl_div(
             student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
             student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.temperature,
@@ -93,6 +101,7 @@ class DistillationLoss(torch.nn.Module):
     def __init__(self, *, divergence="forward_kl", beta=0.5, tail="bucket", temperature=1.0, soft_weight=1.0,
                  hard_weight=0.0, ignore_index=-100, label_smoothing=0.0, reduction="batchmean", return_parts=False,
                  validate=True):
+        """Options of kl_fused.distillation_loss, checked now: a bad one raises ValueError or TypeError here."""
         super().__init__()
         check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
                       reduction, validate)
@@ -105,6 +114,9 @@ class DistillationLoss(torch.nn.Module):
 
     def forward(self, student_logits, teacher_logits=None, *, teacher_topk=None, labels=None, mask=None,
                 num_items_in_batch=None):
+        """kl_fused.distillation_loss of these tensors with the module's options (a dense teacher as
+        teacher_logits, or a top-k one as teacher_topk; labels for the hard term; num_items_in_batch for
+        gradient accumulation)."""
         return distillation_loss(student_logits, teacher_logits, teacher_topk=teacher_topk, labels=labels, mask=mask,
                                  num_items_in_batch=num_items_in_batch, **self.options)
 
@@ -119,6 +131,8 @@ class LinearDistillationLoss(DistillationLoss):
 
     def __init__(self, *, chunk_rows=None, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
                  teacher_softcap=None, **options):
+        """Options of kl_fused.linear_distillation_loss: chunk_rows, the logit scales and softcaps, and
+        every option of DistillationLoss; checked now."""
         super().__init__(**options)
         check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.options.update(chunk_rows=chunk_rows, student_logit_scale=student_logit_scale,
@@ -128,6 +142,8 @@ class LinearDistillationLoss(DistillationLoss):
     def forward(self, student_hidden, student_weight, teacher_logits=None, *, teacher_hidden=None, teacher_weight=None,
                 teacher_topk=None, labels=None, student_bias=None, teacher_bias=None, mask=None,
                 num_items_in_batch=None):
+        """kl_fused.linear_distillation_loss of these tensors with the module's options: the student as
+        hidden states and weight (+ bias), the teacher as logits, hidden states and weight, or top-k."""
         return linear_distillation_loss(
             student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_weight, teacher_topk=teacher_topk, labels=labels, student_bias=student_bias,

@@ -2,7 +2,10 @@
 TRL's GKDTrainer in place of its generalized JSD (examples/trl_gkd.py)."""
 
 import importlib.util
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -111,3 +114,23 @@ def test_offline_distillation_builds_a_store_and_the_student_learns_from_it(tmp_
     other = offline.llama(cache.vocab_size + 1, hidden=32, layers=1, seed=0)
     with pytest.raises(ValueError, match=f"vocabulary of {cache.vocab_size} tokens"):
         offline.distillation_loss(other, batch, temperature=1.0, hard_weight=0.5)
+
+
+@pytest.mark.parametrize("name,arguments,expected", [
+    ("distill_hf", ["--steps", "3", "--teacher-steps", "2"], ["step   3  distillation loss", "plain     loss"]),
+    ("trl_gkd", ["--steps", "2", "--vocab", "256"], ["step 2  loss"]),
+    ("offline_distill", ["--steps", "3", "--lines", "16", "--teacher-steps", "2", "--workers", "0"], ["step   3  loss"]),
+])
+def test_each_example_runs_as_a_script_and_says_the_fused_kernels_ran(name, arguments, expected):
+    """`python examples/NAME.py` with small sizes, as a user runs it: it exits 0, prints that the fused
+    kernels ran on the CPU, and its loss per step, each step once."""
+    if name == "offline_distill":
+        pytest.importorskip("safetensors")
+    root = EXAMPLES.parent
+    env = dict(os.environ, PYTHONPATH=str(root), TRL_EXPERIMENTAL_SILENCE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(EXAMPLES / f"{name}.py"), *arguments], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    assert "kl_fused fused kernels on cpu: True" in done.stdout, done.stdout
+    for text in expected:
+        assert done.stdout.count(text) == 1, f"{text!r} printed {done.stdout.count(text)} times:\n{done.stdout}"

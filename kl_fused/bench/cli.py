@@ -19,24 +19,38 @@ from kl_fused.bench.options import DEFAULT_REPS, DTYPES, check_output_path, reso
 MODES = (vocab_parallel.MODE, jsd.MODE, linear.MODE, sparse.MODE, distill.MODE, cache.MODE, kl.MODE)
 
 
-def _providers_help():
-    parts = []
+def _providers_list():
+    """The providers of every mode, one per line, for the help's epilog."""
+    lines = ["providers (--providers LIST picks some; a peer that is not installed is skipped, with the reason):"]
     for mode in MODES:
         if mode.providers:
-            listed = "; ".join(f"{name} ({description})" for name, description in mode.providers.items())
-            parts.append(f"{mode.name} mode: {listed}")
-    return "comma list of providers, " + ". ".join(parts) + " (default: all available)"
+            lines.append(f"  {mode.name} mode:")
+            lines += [f"    {name:18s} {description}" for name, description in mode.providers.items()]
+    return "\n".join(lines)
+
+
+COLUMNS = """columns of the table:
+  median_ms, p10_ms, p90_ms  time of one step (forward, or forward + backward), interleaved across providers
+  GB/s       the pass's minimum bytes (read each input once, write each output once) / median time
+  %copy      that rate as a percentage of a plain tensor copy of the same inputs timed in the same
+             loop (the "(copy)" row): how close the provider comes to this machine's copy bandwidth
+  x_eager, x_compile  speed-up over the eager and torch.compile providers (higher is faster)
+  peak_MiB   memory a step allocates at its peak above its inputs (CUDA; on the CPU --linear
+             measures a fresh process's RSS instead)"""
 
 
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="kl-fused-bench",
-        description="Benchmark kl_fused.kl_div_logits against eager, torch.compile, the reference and Liger.",
-        epilog="Without --cases/--rows/--vocab/--dtype the device's default cases run; with some of "
-        "--rows/--vocab/--dtype their cross product runs, the others defaulting to "
-        "rows 512 (cpu) or 4096 (cuda), vocab 32000, dtype bfloat16.",
+        description="Benchmark kl_fused's losses against eager PyTorch, torch.compile, the reference and the "
+        "peers (TRL, Liger), after checking that they agree.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Without --cases/--rows/--vocab/--dtype the device's default cases run; with some of\n"
+        "--rows/--vocab/--dtype their cross product runs, the others defaulting to\n"
+        "rows 512 (cpu) or 4096 (cuda), vocab 32000, dtype bfloat16.\n\n" + COLUMNS + "\n\n" + _providers_list(),
     )
-    parser.add_argument("--providers", metavar="LIST", help=_providers_help())
+    parser.add_argument("--providers", metavar="LIST",
+                        help="comma list of providers (default: all available); the list per mode is below")
     parser.add_argument("--device", help="cpu or cuda (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", dest="dtypes", metavar="LIST", help=f"comma list of {', '.join(DTYPES)}")
     parser.add_argument("--rows", metavar="LIST", help="comma list of row counts")
