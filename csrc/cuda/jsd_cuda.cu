@@ -187,11 +187,11 @@ __global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocks
       P* const gy = grad_row(args.grad_y, row);
       constexpr int U = kGradUnroll<N>;
       if (gx != nullptr && gy != nullptr) {
-        later_pass<U, true>(in, cache, cached, units, JSDGradientPass<true, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+        later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<true, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
       } else if (gx != nullptr) {
-        later_pass<U, true>(in, cache, cached, units, JSDGradientPass<true, false, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+        later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<true, false, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
       } else {
-        later_pass<U, true>(in, cache, cached, units, JSDGradientPass<false, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+        later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<false, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
       }
     }
   }
