@@ -1,8 +1,14 @@
 """What the CUDA kernels move per element, counted by the SIMT emulator (tests/simt), and the table
 bench/results/cuda-traffic.md made from it: PREDICTED H100 figures, never measured.
 
-    python tests/cuda_traffic.py            print the table
-    python tests/cuda_traffic.py --write    rewrite bench/results/cuda-traffic.md
+    python tests/cuda_traffic.py                   print the table
+    python tests/cuda_traffic.py --write           rewrite bench/results/cuda-traffic.md
+    python tests/cuda_traffic.py --json F          also save the counts as JSON
+    python tests/cuda_traffic.py --before F        add F's model bytes (an earlier build's --json) as "before"
+
+The "before" column of the recorded table came from the kernels before the tail re-read order fix,
+built as the mutation tail_reread_in_the_order_it_was_read (tests/simt/mutation_check.py) and run
+with SIMT_LIBRARY=<that library> python tests/cuda_traffic.py --json before.json.
 
 Each scenario is one op and path, run by the emulator on a few rows at the real vocabulary width:
 every global byte each launch loads and stores is counted (per tensor), with the L2 model of
@@ -19,6 +25,7 @@ The budgets of tests/test_cuda_traffic.py use the same scenarios at small sizes.
 import argparse
 import dataclasses
 import datetime
+import json
 import pathlib
 import sys
 
@@ -174,7 +181,7 @@ def measure(emu, vocab, dtype=torch.bfloat16, rows=EMULATED_ROWS):
     return out
 
 
-def table(results, e=2):
+def table(results, e=2, before=None):
     lines = [
         "# CUDA kernels' memory traffic: counted by the SIMT emulator, H100 time PREDICTED",
         "",
@@ -189,7 +196,12 @@ def table(results, e=2):
         f"({H100_BANDWIDTH / 1e12:.3f} TB/s, 90% of an H100 SXM's 3.35 TB/s), ignoring launch overhead, the last wave",
         "and compute (JSD's 6 ex2 + 2 lg2 per element may make it MUFU-bound first). Floor: the design",
         "notes' bytes for what the call delivers (2e loss only, 3e loss + student gradient). The",
-        "PyTorch reductions around the kernels (a sum over rows) are not counted: O(rows).",
+        "PyTorch reductions around the kernels (a sum over rows) are not counted: O(rows). *Before*: the",
+        "same count for the kernels before the later passes re-read the uncached tail most recently",
+        "read first (they re-read it in the order of the first pass), where it differs.",
+        "A training step in eager mode with an upstream gradient other than 1 adds the grad_scale_",
+        "row (2e); with upstream 1 (or under `kl_fused.linear`'s chunk loop, whose row kernel is the",
+        "kl_div_logits + student grad row per chunk) it moves nothing over rows x V.",
         "",
     ]
     for vocab, counted in results.items():
@@ -198,15 +210,17 @@ def table(results, e=2):
             f"## {rows} x {vocab} bf16 (e = 2 bytes)",
             "",
             "| op and path | launches | documented | loaded B/elem | stored B/elem | re-read B/elem | re-read hit (model) "
-            "| model B/elem | floor B/elem | predicted H100 ms | floor ms | ex2/elem | lg2/elem |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| model B/elem | model B/elem before | floor B/elem | predicted H100 ms | floor ms | ex2/elem | lg2/elem |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for sc in SCENARIOS:
             c = counted[sc.name]
             floor = sc.floor_in_e * e
+            old = (before or {}).get(str(vocab), {}).get(sc.name)
+            old = f"{old['dram']:.3f}" if old else "-"
             lines.append(
                 f"| {sc.name} | {c.launches} | {sc.formula} | {c.loaded:.3f} | {c.stored:.3f} | {c.reread:.3f} | "
-                f"{c.reread_hit_rate:.0%} | {c.dram:.3f} | {floor} | {predicted_ms(c.dram, rows, vocab):.2f} | "
+                f"{c.reread_hit_rate:.0%} | {c.dram:.3f} | {old} | {floor} | {predicted_ms(c.dram, rows, vocab):.2f} | "
                 f"{predicted_ms(floor, rows, vocab):.2f} | {c.ex2:.2f} | {c.lg2:.2f} |")
         lines.append("")
         lines += [
@@ -225,11 +239,16 @@ def table(results, e=2):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"rewrite {TABLE.relative_to(ROOT)}")
+    parser.add_argument("--json", type=pathlib.Path, help="save the counts here")
+    parser.add_argument("--before", type=pathlib.Path, help="an earlier --json, shown as the 'before' column")
     args = parser.parse_args(argv)
     from simt.emulator import Emulator
     emu = Emulator()
     results = {vocab: measure(emu, vocab) for _, vocab in SHAPES}
-    text = table(results)
+    if args.json:
+        args.json.write_text(json.dumps({str(v): {n: dataclasses.asdict(c) for n, c in r.items()}
+                                         for v, r in results.items()}, indent=1))
+    text = table(results, before=json.loads(args.before.read_text()) if args.before else None)
     if args.write:
         TABLE.write_text(text)
     print(text)
