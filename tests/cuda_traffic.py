@@ -205,7 +205,7 @@ def table(results, e=2, before=None):
         "",
     ]
     for vocab, counted in results.items():
-        rows = dict(SHAPES)[vocab]
+        rows = {v: r for r, v in SHAPES}[vocab]
         lines += [
             f"## {rows} x {vocab} bf16 (e = 2 bytes)",
             "",

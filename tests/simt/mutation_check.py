@@ -74,7 +74,7 @@ MUTATIONS = [
              "  stream_packs<U, Source::kCache, false>(in, cache, 0, cached, fn);",
              "  stream_packs<U, Source::kGlobal, false>(in, cache, 0, cached, fn);",
              "the gradient pass reads the whole row from global memory again (a pass more)",
-             tests="tests/test_cuda_traffic.py", ci=True),
+             tests="tests/test_cuda_traffic.py"),
     Mutation("tail_reread_in_the_order_it_was_read", "row_pipeline.cuh",
              "kTailBackward>(in, cache, cached, units, fn);",
              "false>(in, cache, cached, units, fn);",
