@@ -40,7 +40,7 @@ test: build
 	SIMT_FMA=1 SIMT_SCHEDULES=reverse,random:2 $(PY) -m pytest -q tests/test_simt_emulator.py tests/test_cuda_emulated*.py
 	$(PY) tests/simt/mutation_check.py --ci
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py \
-		tests/test_sparse_values.py
+		tests/test_sparse_values.py tests/test_logit_range.py
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_jsd.py -k "not compile"
 
 bench: build

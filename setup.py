@@ -2,7 +2,8 @@
 
 Environment:
   KL_FUSED_CPU_ONLY=1     skip the CUDA kernels even where they could be built
-  TORCH_CUDA_ARCH_LIST    GPU architectures to build for (default here: "8.0;9.0")
+  TORCH_CUDA_ARCH_LIST    GPU architectures to build for (default here: "8.0;9.0;10.0;12.0+PTX": Ampere,
+                          Hopper, Blackwell data-centre and consumer cubins, and PTX that newer GPUs JIT)
   MAX_JOBS                parallel compile jobs (torch.utils.cpp_extension honours it)
 """
 
@@ -38,7 +39,20 @@ import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it 
 from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Cubins for sm_80 (A100; also runs on sm_86, sm_87, sm_89: RTX 30xx/40xx, L4, L40), sm_90 (H100, H200),
+# sm_100 (B200, GB200; also sm_103) and sm_120 (RTX 50xx, RTX PRO 6000; also sm_121), and compute_120 PTX
+# that the driver compiles for GPUs newer than all of them. Other GPUs (sm_75, sm_110) run the reference.
+DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0;12.0+PTX"
+
+
+def cuda_arch_codes():
+    """What nvcc builds, as torch reads TORCH_CUDA_ARCH_LIST: "sm_80,sm_90,...,compute_120" (compute_XY
+    for PTX). Compiled into the extension as kl_fused._C.cuda_archs, which says at run time which GPUs
+    have a kernel image (kl_fused/_cuda_archs.py)."""
+    codes = set()
+    for flag in cpp_extension._get_cuda_arch_flags():
+        codes.update(flag.rsplit("code=", 1)[-1].strip("[]").split(","))
+    return ",".join(sorted(codes, key=lambda code: (code.startswith("compute"), int(code.split("_")[1]))))
 
 
 def sources(pattern):
@@ -73,16 +87,19 @@ def extension():
             "kl_fused._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
-    print(f"kl_fused: building CPU and CUDA kernels ({reason}; archs {os.environ['TORCH_CUDA_ARCH_LIST']})")
+    archs = cuda_arch_codes()
+    print(f"kl_fused: building CPU and CUDA kernels ({reason}; TORCH_CUDA_ARCH_LIST "
+          f"{os.environ['TORCH_CUDA_ARCH_LIST']}: {archs})")
     return cpp_extension.CUDAExtension(
         "kl_fused._C",
         cpp_sources + sources("csrc/cuda/*.cu"),
-        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]},
+        extra_compile_args={"cxx": cxx_flags + [f"-DKL_FUSED_CUDA_ARCHS={archs}"], "nvcc": ["-O3", "-lineinfo"]},
         extra_link_args=link_flags,
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__ too; tests import it for the lists
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": cpp_extension.BuildExtension},
+    )

@@ -26,11 +26,12 @@ inline void define_op_schemas(torch::Library& m) {
   m.def("grad_scale_(Tensor(a!) grad, Tensor upstream) -> ()");
   // Vocab-parallel (kl_fused.distributed): each rank holds a shard (..., V_k) of every row.
   // The partial state of each row's shard, (rows, 5) in the accumulation type: the maxima m_a, m_b
-  // of a = t/T and b = s/T, and Z_a, Z_b, W relative to them (see kl_div_common.h). Masked rows
+  // of the raw logits t and s, and Z_a, Z_b, W relative to them, Z_a = sum e^((t - m_a)/T) (see
+  // kl_fused/_shard_math.py). Masked rows
   // give the empty state (-inf, -inf, 0, 0, 0), undefined ones (-inf, -inf, NaN, NaN, NaN).
   m.def("kl_row_states(Tensor student, Tensor teacher, Tensor? mask, float temperature, bool reverse) -> Tensor");
   // The gradients of a shard, given the full rows' statistics stats = (m_a, m_b, log Z_a, log Z_b,
-  // KL) per row and row_factor = d(loss)/d(row KL) / T per row.
+  // KL) per row (m_a, m_b raw maxima) and row_factor = d(loss)/d(row KL) / T per row.
   m.def(
       "kl_grad_from_stats(Tensor student, Tensor teacher, Tensor? mask, Tensor stats, "
       "Tensor row_factor, float temperature, bool reverse, bool student_grad, bool teacher_grad) "

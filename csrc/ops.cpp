@@ -6,12 +6,28 @@
 
 #include "op_schemas.h"
 
+// The GPU code the CUDA kernels were compiled to, as setup.py passes it ("sm_80,sm_90,compute_90";
+// compute_XY is PTX), or "" for a build without CUDA kernels.
+#define KL_FUSED_STRING(...) #__VA_ARGS__
+#define KL_FUSED_EXPANDED_STRING(...) KL_FUSED_STRING(__VA_ARGS__)
+#ifdef KL_FUSED_CUDA_ARCHS
+static const char* const kCudaArchs = KL_FUSED_EXPANDED_STRING(KL_FUSED_CUDA_ARCHS);
+#else
+static const char* const kCudaArchs = "";
+#endif
+
 extern "C" {
 // `import kl_fused._C` loads this library, which runs the TORCH_LIBRARY registrations below.
-// The module itself holds nothing: the ops are reached through torch.ops.kl_fused.
+// The module holds one string, cuda_archs (the build's GPU code, read by kl_fused/_cuda_archs.py);
+// the ops are reached through torch.ops.kl_fused.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  if (module != nullptr && PyModule_AddStringConstant(module, "cuda_archs", kCudaArchs) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }
 

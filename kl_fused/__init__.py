@@ -1,7 +1,7 @@
 """kl_fused: fused distillation losses on logits (KL divergence, generalized Jensen-Shannon)."""
 
 from kl_fused import distributed, reference
-from kl_fused._ops import fused_unavailable_reason, is_fused_available
+from kl_fused._ops import fused_unavailable_reason, is_fused_available, will_run_fused
 from kl_fused.api import kl_div_logits
 from kl_fused.jsd import jsd_logits
 from kl_fused.linear import linear_jsd, linear_kl_div
@@ -10,5 +10,6 @@ from kl_fused.sparse import sparse_kl_div, topk_teacher
 
 __version__ = "0.1.0"
 __all__ = ["kl_div_logits", "KLDivLogitsLoss", "jsd_logits", "JSDLogitsLoss", "sparse_kl_div", "topk_teacher",
-           "linear_kl_div", "LinearKLDivLoss", "linear_jsd", "is_fused_available", "fused_unavailable_reason",
+           "linear_kl_div", "LinearKLDivLoss", "linear_jsd", "is_fused_available", "will_run_fused",
+           "fused_unavailable_reason",
            "reference", "distributed"]

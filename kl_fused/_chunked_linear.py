@@ -312,4 +312,5 @@ def _chunked_linear_loss_fake(student_hidden, student_weight, student_bias, teac
 
 # Tensor arguments 0..6 are the differentiable ones; their flags are arguments 19..25; argument 8
 # carries per-row upstream weights into a backward of reduction "none".
-register_fused_loss_autograd(OP_NAME, grad_inputs=tuple(range(7)), grad_flags=tuple(range(19, 26)), row_weights_arg=8)
+register_fused_loss_autograd(OP_NAME, grad_inputs=tuple(range(7)), grad_flags=tuple(range(19, 26)), row_weights_arg=8,
+                             public_name=lambda args: "linear_kl_div" if args[9] == "kl" else "linear_jsd")

@@ -10,21 +10,25 @@ op again, with the flags set to the gradients it now needs.
 
 kl_div_logits, jsd_logits and sparse_kl_div all have this shape; each registers with
 :func:`register_fused_loss_autograd` and states which arguments are its differentiable inputs and
-which are their flags.
+which are their flags, and its public function calls the op through :func:`fused_loss`, which
+takes torch.func transforms and forward-mode AD to the autograd.Function of _func_support.py.
 """
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 from torch._subclasses.functional_tensor import FunctionalTensor
 
+from kl_fused import _func_support
+
 
 def scale_by_upstream(grad, upstream):
     """grad * upstream per row (upstream: one value, or one per row of the (..., X) grad).
 
     In eager the buffer is ours alone, so it is scaled in place. A traced graph (torch.compile,
-    export, opcheck) is functional anyway: there the same arithmetic runs out of place, so that the
-    graph never mutates a tensor its forward returned."""
-    if isinstance(grad, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling():
+    export, opcheck) is functional anyway, and torch.func's tensors are wrappers: there the same
+    arithmetic runs out of place, so that the graph never mutates a tensor its forward returned."""
+    if (isinstance(grad, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling()
+            or _func_support.transforms_active()):
         acc = torch.float64 if grad.dtype == torch.float64 else torch.float32
         factors = upstream.to(acc).reshape(upstream.shape + (1,) * (grad.dim() - upstream.dim()))
         return (grad.to(acc) * factors).to(grad.dtype)
@@ -32,12 +36,22 @@ def scale_by_upstream(grad, upstream):
     return grad
 
 
-def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_arg=None):
+def fused_loss(op_name, *args):
+    """The loss of the fused op `op_name` ("kl_fused::kl_div_logits") called with args; its other
+    outputs are the gradients that autograd takes over. Under torch.func transforms and forward-mode
+    AD the call goes through _func_support's autograd.Function instead of torch.library's autograd."""
+    if not torch.compiler.is_compiling() and _func_support.transforms_active():
+        return _func_support.apply(op_name, args)
+    return getattr(torch.ops.kl_fused, op_name.split("::")[-1])(*args)[0]
+
+
+def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_arg=None, public_name=None):
     """Registers autograd for a fused loss op ``op(*args) -> (loss, *grads)``.
 
     grad_inputs[i] is the position in args of the input that grads[i] belongs to, grad_flags[i]
     the position of the bool argument that asks the op for it. Every other argument is treated as
-    non-differentiable (masks, indices, options).
+    non-differentiable (masks, indices, options). public_name(args) names the public function that
+    calls the op, for messages (default: the op's name).
 
     Gradients of logits scale per row, so a per-row upstream gradient (reduction "none") scales the
     forward's rows. Gradients that mix rows (a weight's, in the fused linear losses) do not: such an
@@ -49,6 +63,7 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_a
         raise ValueError("grad_inputs and grad_flags must pair up")
     name = op_name.split("::")[-1]
     op = getattr(torch.ops.kl_fused, name)
+    public_name = public_name or (lambda args: name)
 
     def setup_context(ctx, inputs, output):
         grads = output[1:]
@@ -63,12 +78,8 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_a
         ctx.tensor_positions = tensor_positions
         ctx.other_args = tuple(None if i in tensor_positions else arg for i, arg in enumerate(inputs))
 
-    def backward(ctx, grad_loss, *_grads_of_grads):
-        if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
-            raise RuntimeError(
-                f"kl_fused.{name} supports first-order gradients only (backward with create_graph=True asks "
-                f"for second-order ones); use kl_fused.reference.{name} for those"
-            )
+    def input_grads(ctx, grad_loss):
+        """The gradients of the op's arguments (None where not needed) under the upstream grad_loss."""
         result = [None] * len(ctx.other_args)
         needed = tuple(ctx.needs_input_grad[i] for i in grad_inputs)
         grads, ctx.fresh_grads = ctx.fresh_grads, None
@@ -85,10 +96,19 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_a
                 args[flag] = need
             if weighted_rows:
                 args[row_weights_arg] = grad_loss.reshape(-1)
-            grads = op(*args)[1:]
+            with torch.no_grad():  # constants of the graph (a second derivative raises instead)
+                grads = op(*args)[1:]
         for position, need, grad in zip(grad_inputs, needed, grads):
             if need:
                 result[position] = grad if weighted_rows else scale_by_upstream(grad, grad_loss)
         return tuple(result)
 
+    def backward(ctx, grad_loss, *_grads_of_grads):
+        if torch.is_grad_enabled():  # backward runs with grad mode on only under create_graph=True
+            raise RuntimeError(
+                _func_support.second_order_message(public_name(ctx.other_args), "backward with create_graph=True"))
+        return input_grads(ctx, grad_loss)
+
     torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    _func_support.register(op_name, op, setup_context, input_grads, grad_inputs, grad_flags,
+                           mixes_rows=row_weights_arg is not None, public_name=public_name)

@@ -1,5 +1,5 @@
-"""The torch.library glue of the compiled ops: fake (shape) kernels, autograd, and which devices
-have a compiled kernel.
+"""The torch.library glue of the compiled ops: fake (shape) kernels, autograd, which devices have a
+compiled kernel, and whether a call will run it.
 
 torch.ops.kl_fused.kl_div_logits computes the loss and, when asked, the gradients of that loss
 (at upstream gradient 1) in the same pass; its autograd is the shared one of _fused_loss.py.
@@ -7,6 +7,7 @@ torch.ops.kl_fused.kl_div_logits computes the loss and, when asked, the gradient
 
 import torch
 
+from kl_fused import _cuda_archs
 from kl_fused._fused_loss import register_fused_loss_autograd
 from kl_fused._warn_once import warn_once
 
@@ -48,6 +49,8 @@ def compiled_device_types(op_names):
 _DEVICE_TYPES = {public: compiled_device_types(ops) for public, ops in PUBLIC_OPS.items()}
 FUSED_DEVICE_TYPES = _DEVICE_TYPES["kl_div_logits"]
 SHARD_DEVICE_TYPES = compiled_device_types(SHARD_OP_NAMES)
+# The GPU code of the CUDA kernels ("sm_80", ..., "compute_120"; _cuda_archs.py), None where not recorded.
+BUILT_CUDA_ARCHS = _cuda_archs.parse(getattr(_C, "cuda_archs", None))
 
 
 def _device_types(op):
@@ -57,30 +60,62 @@ def _device_types(op):
 
 
 def is_fused_available(device, op="kl_div_logits") -> bool:
-    """True where compiled kernels serve `op` (a public function's name) on `device` (a str or
-    torch.device); elsewhere that function runs its pure-PyTorch reference."""
+    """True where this build of kl_fused._C has compiled kernels for `op` (a public function's name) on
+    `device`'s type (a str or torch.device): what was built, not whether this machine can run it
+    ("cuda" is True for a CUDA build on a machine without a GPU). Whether a call on a given tensor or
+    device will run the kernel: :func:`will_run_fused`."""
     return torch.device(device).type in _device_types(op)
 
 
+def _reason(device, op, device_types):
+    """Why calls on `device` do not run the compiled kernels of `device_types`, or None where they do."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return "meta tensors hold no values: the ops' fake kernels give the outputs' shapes, and no kernel runs"
+    if device.type not in device_types:
+        if _C is None:
+            return f"the compiled extension kl_fused._C failed to import ({IMPORT_ERROR})"
+        return f"kl_fused._C was built without {device.type} kernels for {op}"
+    if device.type == "cuda":
+        return _cuda_archs.device_reason(device, BUILT_CUDA_ARCHS)
+    return None
+
+
 def fused_unavailable_reason(device, op="kl_div_logits"):
-    """Why `op` runs its reference on `device` instead of a compiled kernel, or None where it does not."""
-    device_type = torch.device(device).type
-    if device_type in _device_types(op):
-        return None
-    if _C is None:
-        return f"the compiled extension kl_fused._C failed to import ({IMPORT_ERROR})"
-    return f"kl_fused._C was built without {device_type} kernels for {op}"
+    """Why a call of `op` on `device` (a str, torch.device or tensor) does not run a compiled kernel
+    (no kernel built for its type, no such CUDA device here, or no kernel image for its GPU's
+    architecture), or None where it does."""
+    device = device.device if isinstance(device, torch.Tensor) else device
+    return _reason(device, op, _device_types(op))
+
+
+def will_run_fused(tensor_or_device, op="kl_div_logits") -> bool:
+    """True when calling `op` (a public function's name) on tensors on `tensor_or_device` (a tensor, a
+    str such as "cuda:1", or a torch.device) runs kl_fused's compiled kernels: they were built for the
+    device's type and, for CUDA, the device exists here and the build has a kernel image for its
+    architecture. Elsewhere the call runs the pure-PyTorch reference (and warns once, naming
+    :func:`fused_unavailable_reason`); meta tensors only propagate shapes."""
+    return fused_unavailable_reason(tensor_or_device, op) is None
+
+
+def shard_kernels_reason(device):
+    """Why the vocab-parallel shard kernels do not run on `device`, or None where they do."""
+    return _reason(device, "the vocab-parallel shard ops", SHARD_DEVICE_TYPES)
 
 
 def fused_path(op, device):
-    """True when `op` runs its compiled kernels on `device`; otherwise warns once per (op, device
-    type) that the pure-PyTorch reference runs instead, naming the reason, and returns False."""
-    device_type = torch.device(device).type
-    if device_type in _device_types(op):
+    """True when `op` runs its compiled ops on `device`; otherwise warns once per (op, device
+    type) that the pure-PyTorch reference runs instead, naming the reason, and returns False.
+    Meta tensors take the ops too: their fake kernels give the outputs' shapes, and nothing runs."""
+    device = torch.device(device)
+    if device.type == "meta" and _C is not None:
+        return True
+    reason = _reason(device, op, _device_types(op))
+    if reason is None:
         return True
     warn_once(
-        (op, device_type),
-        f"kl_fused: no fused kernel for {op} on device '{device_type}' ({fused_unavailable_reason(device_type, op)}); "
+        (op, device.type),
+        f"kl_fused: no fused kernel for {op} on device '{device}' ({reason}); "
         "using the pure-PyTorch reference, which is slower and uses more memory",
         stacklevel=4,
     )
@@ -125,4 +160,4 @@ if _C is not None:
         return grad_student, grad_teacher
 
     # kl_div_logits(student, teacher, mask, temperature, reverse, reduction, student_grad, teacher_grad)
-    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 1), grad_flags=(6, 7))
+    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 1), grad_flags=(6, 7), public_name=lambda args: "kl_div_logits")

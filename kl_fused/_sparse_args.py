@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_mask
+from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_mask, check_temperature
 
 TAILS = ("bucket", "renormalize")
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -35,13 +35,6 @@ def support_mass_tolerance(logprobs_dtype, slots):
 def _check_tensor(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-
-
-def check_temperature(temperature):
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a Python number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be finite and > 0, got {temperature}")
 
 
 def check_sparse_args(student_logits, teacher_indices, teacher_logprobs, temperature, tail, reduction, mask, validate):
@@ -75,7 +68,7 @@ def check_sparse_args(student_logits, teacher_indices, teacher_logprobs, tempera
     for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
         if x.device != student_logits.device:
             raise ValueError(f"{name} must be on the student_logits' device {student_logits.device}, got {x.device}")
-    check_temperature(temperature)
+    check_temperature(temperature, student_logits.dtype)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
     if reduction not in REDUCTIONS:
@@ -98,4 +91,4 @@ def check_topk_args(teacher_logits, k, temperature):
         raise ValueError(f"k must be in [1, V] = [1, {vocab}], got {k}")
     if vocab > 2**31 - 1:
         raise ValueError(f"topk_teacher returns int32 indices, which cannot address V = {vocab}")
-    check_temperature(temperature)
+    check_temperature(temperature, teacher_logits.dtype)

@@ -28,4 +28,4 @@ if _C is not None:
 
     # sparse_kl_div(student, teacher_indices, teacher_logprobs, mask, temperature, renormalize, reduction,
     #               mass_tolerance, validate, student_grad, logprobs_grad)
-    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 2), grad_flags=(9, 10))
+    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 2), grad_flags=(9, 10), public_name=lambda args: "sparse_kl_div")

@@ -63,10 +63,21 @@ def _check_number(name, value):
         raise TypeError(f"{name} must be a Python number, got {type(value).__name__}")
 
 
-def check_temperature(temperature):
+def check_temperature(temperature, dtype=None):
+    """A finite T > 0; for logits of `dtype` also one whose reciprocal is a normal number of the
+    accumulation type (the kernels scale shifted logits by 1/T): 2.9e-39 <= T <= 8.5e37 for float32 and
+    16-bit logits, 5.6e-309 <= T <= 4.5e307 for float64."""
     _check_number("temperature", temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+    if dtype is not None:
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        info = torch.finfo(acc)
+        if not info.tiny <= 1.0 / temperature <= info.max:
+            name = str(acc).replace("torch.", "")
+            raise ValueError(
+                f"temperature {temperature} is out of range for {str(dtype).replace('torch.', '')} logits: 1/T must "
+                f"be a normal {name} number, so {1.0 / info.max:.3g} <= T <= {1.0 / info.tiny:.3g}")
 
 
 def check_reduction(reduction):
@@ -89,7 +100,7 @@ def check_beta(beta):
 def check_kl_args(student_logits, teacher_logits, temperature, reduction, direction, mask):
     """Raise TypeError/ValueError naming the first problem with the arguments of kl_div_logits."""
     check_logits_pair(student_logits, teacher_logits, mask)
-    check_temperature(temperature)
+    check_temperature(temperature, student_logits.dtype)
     check_reduction(reduction)
     check_direction(direction)
 
@@ -98,5 +109,5 @@ def check_jsd_args(student_logits, teacher_logits, beta, temperature, reduction,
     """Raise TypeError/ValueError naming the first problem with the arguments of jsd_logits."""
     check_logits_pair(student_logits, teacher_logits, mask)
     check_beta(beta)
-    check_temperature(temperature)
+    check_temperature(temperature, student_logits.dtype)
     check_reduction(reduction)

@@ -3,7 +3,8 @@
 import torch
 
 from kl_fused import reference
-from kl_fused._ops import fused_path
+from kl_fused._fused_loss import fused_loss
+from kl_fused._ops import OP_NAME, fused_path
 from kl_fused._validate import check_kl_args
 
 
@@ -48,7 +49,8 @@ def kl_div_logits(
             mask=mask,
         )
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.kl_fused.kl_div_logits(
+    return fused_loss(
+        OP_NAME,
         student_logits,
         teacher_logits,
         mask,
@@ -58,4 +60,3 @@ def kl_div_logits(
         grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad,
     )
-    return loss

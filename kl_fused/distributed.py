@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from kl_fused import _shard_math
+from kl_fused._ops import SHARD_DEVICE_TYPES, shard_kernels_reason
 from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
 from kl_fused._warn_once import warn_once
 
@@ -105,8 +106,9 @@ def kl_div_logits_vocab_parallel(
         device_type = student_shard.device.type
         warn_once(
             ("vocab_parallel", device_type),
-            f"kl_fused.distributed: no compiled shard kernels for device '{device_type}'; the shard statistics "
-            "and gradients run in plain PyTorch (correct, slower, O(rows x V_r) temporaries)",
+            f"kl_fused.distributed: no compiled shard kernels for device '{student_shard.device}' "
+            f"({shard_kernels_reason(student_shard.device)}); the shard statistics and gradients run in plain "
+            "PyTorch (correct, slower, O(rows x V_r) temporaries)",
         )
     return _VocabParallelKL.apply(
         student_shard, teacher_shard, mask, group, float(temperature), direction == "reverse", reduction, total_vocab
@@ -129,8 +131,9 @@ def _call_signature(student, teacher, temperature, reduction, direction, mask, g
 
 
 def is_fused_available(device) -> bool:
-    """True where compiled kernels compute the shard statistics and gradients on `device`."""
-    return _shard_math.has_fused_shard_kernels(device)
+    """True where this build has compiled shard kernels for `device`'s type (what was built; whether a
+    CUDA device here can run them: kl_fused.will_run_fused and the warning of the first call)."""
+    return torch.device(device).type in SHARD_DEVICE_TYPES
 
 
 def collective_bytes_per_call(rows, dtype):
@@ -156,7 +159,7 @@ class _VocabParallelKL(torch.autograd.Function):
         maxima = states[:, :2].to(comm, copy=True)
         dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
         maxima = maxima.to(states.device)
-        sums = _shard_math.rescaled_sums(states, maxima, reverse).to(comm)
+        sums = _shard_math.rescaled_sums(states, maxima, reverse, temperature).to(comm)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
         row_kl, stats = _shard_math.finish_rows(maxima, sums.to(states.device), m1, reverse)
 
@@ -224,11 +227,14 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     arguments are invalid or the ranks disagree. Returns the full vocabulary size."""
     try:
         check_kl_args(student, teacher, temperature, reduction, direction, mask)
+        if student.is_meta:
+            raise ValueError("kl_div_logits_vocab_parallel needs tensors with values (the ranks exchange row "
+                             "statistics), got logits on device 'meta'")
         local_error = None
     except (TypeError, ValueError) as error:
         local_error = error
     record = _local_record(student, mask, temperature, reduction, direction, local_error)
-    device = student.device if isinstance(student, torch.Tensor) else torch.device("cpu")
+    device = student.device if isinstance(student, torch.Tensor) and not student.is_meta else torch.device("cpu")
     if str(dist.get_backend(group)).lower() == "nccl":
         device = torch.device("cuda", torch.cuda.current_device())
     record = record.to(_collective_device(group, device))
@@ -237,12 +243,13 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     records = [r.cpu() for r in gathered]
     fields = [dict(zip(_META_FIELDS, r[: len(_META_FIELDS)].tolist())) for r in records]
 
+    texts = [r[len(_META_FIELDS):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace") for r in records]
     failed = [rank for rank, f in enumerate(fields) if not f["ok"]]
     if failed:
         if local_error is not None:
             raise local_error
         rank = failed[0]
-        message = records[rank][len(_META_FIELDS):].numpy().tobytes().rstrip(b"\0").decode("utf-8", "replace")
+        message = texts[rank]
         raise ValueError(
             f"kl_div_logits_vocab_parallel: rank {rank} of the group rejected its arguments ({message}); "
             f"ranks that failed: {failed}"
@@ -259,7 +266,8 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     ):
         values = [f[name] for f in fields]
         if len(set(values)) > 1:
-            shown = [_describe(name, v) for v in values]
+            # A valid rank's text is its leading shape (its field is only that shape's hash).
+            shown = texts if name == "leading" else [_describe(name, v) for v in values]
             raise ValueError(
                 f"kl_div_logits_vocab_parallel: the ranks of the group disagree on {what} "
                 f"(rank by rank: {shown}); every rank must pass the same rows and options"
@@ -283,9 +291,11 @@ def _local_record(student, mask, temperature, reduction, direction, error):
             temperature=struct.unpack("<q", struct.pack("<d", float(temperature)))[0],
             mask=int(mask is not None),
             counted=int(mask.sum().item()) if mask is not None else -1,
-            # tuple hashes of ints are the same in every process (no hash randomisation)
+            # tuple hashes of ints are the same in every process (no hash randomisation); the
+            # shape itself goes in the text, for the message when the ranks disagree
             leading=hash(leading),
         )
+        message = str(leading).encode("utf-8")[:_MESSAGE_BYTES]
     else:
         message = f"{type(error).__name__}: {error}".encode("utf-8")[:_MESSAGE_BYTES]
     padded = message.ljust(_MESSAGE_BYTES, b"\0")

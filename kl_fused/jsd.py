@@ -10,7 +10,7 @@ gradients at upstream gradient 1 in the same pass (schema in csrc/op_schemas.h).
 import torch
 
 from kl_fused import _ops, reference
-from kl_fused._fused_loss import register_fused_loss_autograd
+from kl_fused._fused_loss import fused_loss, register_fused_loss_autograd
 from kl_fused._validate import check_jsd_args
 
 OP_NAME = "kl_fused::jsd_logits"
@@ -46,7 +46,8 @@ def jsd_logits(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, red
             student_logits, teacher_logits, beta=beta, temperature=temperature, reduction=reduction, mask=mask
         )
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.kl_fused.jsd_logits(
+    return fused_loss(
+        OP_NAME,
         student_logits,
         teacher_logits,
         mask,
@@ -56,7 +57,6 @@ def jsd_logits(student_logits, teacher_logits, *, beta=0.5, temperature=1.0, red
         grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logits.requires_grad,
     )
-    return loss
 
 
 if _ops._C is not None:
@@ -67,4 +67,4 @@ if _ops._C is not None:
         return _ops.row_loss_fake(student, teacher, reduction, student_grad, teacher_grad)
 
     # jsd_logits(student, teacher, mask, beta, temperature, reduction, student_grad, teacher_grad)
-    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 1), grad_flags=(6, 7))
+    register_fused_loss_autograd(OP_NAME, grad_inputs=(0, 1), grad_flags=(6, 7), public_name=lambda args: "jsd_logits")

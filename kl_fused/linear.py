@@ -6,6 +6,7 @@ import math
 import torch
 
 from kl_fused import _chunked_linear, reference
+from kl_fused._fused_loss import fused_loss
 from kl_fused._ops import fused_path
 from kl_fused._validate import SUPPORTED_DTYPES, check_beta, check_direction, check_mask, check_reduction, check_temperature
 
@@ -154,7 +155,8 @@ def _linear_loss(loss, loss_param, reference_fn, reference_options, student_hidd
     # reduction "none": the forward cannot know the per-row upstream weights, so it computes the loss
     # only and backward runs the loop again with them (_chunked_linear.py).
     wants = [torch.is_grad_enabled() and reduction != "none" and t is not None and t.requires_grad for t in tensors]
-    result = torch.ops.kl_fused.chunked_linear_loss(
+    return fused_loss(
+        _chunked_linear.OP_NAME,
         *tensors,
         mask,
         None,
@@ -171,7 +173,6 @@ def _linear_loss(loss, loss_param, reference_fn, reference_options, student_hidd
             student_weight.shape[0], device, compute_dtype, max(w.shape[1] for w in (student_weight, teacher_weight) if w is not None)),
         *wants,
     )
-    return result[0]
 
 
 def _check_tensor(name, x, dims=None):
@@ -220,7 +221,8 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
                       student_softcap, teacher_softcap):
     """Raises TypeError/ValueError naming the first problem; returns the dtype the matmuls run in."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
-    autocast = torch.is_autocast_enabled(device_type)
+    # Autocast exists for some device types only (not "meta"): elsewhere it is off.
+    autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
     _check_layer("student", student_hidden, student_weight, student_bias, autocast)
     compute_dtype = torch.get_autocast_dtype(device_type) if autocast else student_hidden.dtype
     leading = tuple(student_hidden.shape[:-1])
@@ -262,9 +264,15 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     if len(devices) > 1:
         listed = ", ".join(f"{name} on {x.device}" for name, x in tensors if x is not None)
         raise ValueError(f"all tensors must be on one device, got {listed}")
-    check_temperature(temperature)
+    check_temperature(temperature, compute_dtype)
     check_reduction(reduction)
     check_mask(mask, leading, student_hidden.device, "the hidden states")
+    check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
+    return compute_dtype
+
+
+def check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap):
+    """The options of the linear losses beyond those of the logits losses (also LinearKLDivLoss's checks)."""
     if chunk_rows is not None:
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int):
             raise TypeError(f"chunk_rows must be an int or None, got {type(chunk_rows).__name__}")
@@ -274,4 +282,3 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     _check_positive("teacher_logit_scale", teacher_logit_scale)
     _check_positive("student_softcap", student_softcap, allow_none=True)
     _check_positive("teacher_softcap", teacher_softcap, allow_none=True)
-    return compute_dtype

@@ -6,7 +6,7 @@ import torch
 from kl_fused._validate import check_beta, check_direction, check_reduction, check_temperature
 from kl_fused.api import kl_div_logits
 from kl_fused.jsd import jsd_logits
-from kl_fused.linear import linear_kl_div
+from kl_fused.linear import check_linear_options, linear_kl_div
 
 
 class KLDivLogitsLoss(torch.nn.Module):
@@ -68,6 +68,7 @@ class LinearKLDivLoss(KLDivLogitsLoss):
     def __init__(self, temperature=1.0, reduction="batchmean", direction="forward", *, chunk_rows=None,
                  student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None, teacher_softcap=None):
         super().__init__(temperature=temperature, reduction=reduction, direction=direction)
+        check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
         self.options = dict(chunk_rows=chunk_rows, student_logit_scale=student_logit_scale,
                             teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
                             teacher_softcap=teacher_softcap)
@@ -78,3 +79,6 @@ class LinearKLDivLoss(KLDivLogitsLoss):
             student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
             student_bias=student_bias, teacher_bias=teacher_bias, temperature=self.temperature,
             reduction=self.reduction, direction=self.direction, mask=mask, **self.options)
+
+    def extra_repr(self):
+        return ", ".join([super().extra_repr()] + [f"{name}={value!r}" for name, value in self.options.items()])

@@ -3,7 +3,8 @@ top-k log-probabilities (an offline cache, or an inference server's logprobs).""
 
 import torch
 
-from kl_fused import _sparse_ops  # noqa: F401  (registers the op's fake kernel and autograd)
+from kl_fused import _sparse_ops  # also registers the op's fake kernel and autograd
+from kl_fused._fused_loss import fused_loss
 from kl_fused._ops import fused_path
 from kl_fused._sparse_args import check_sparse_args, check_topk_args, support_mass_tolerance
 from kl_fused._sparse_reference import sparse_kl_div as _reference
@@ -65,7 +66,8 @@ def sparse_kl_div(
         return _reference(student_logits, teacher_indices, teacher_logprobs, temperature=temperature, tail=tail,
                           reduction=reduction, mask=mask, validate=validate)
     grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = torch.ops.kl_fused.sparse_kl_div(
+    return fused_loss(
+        _sparse_ops.OP_NAME,
         student_logits,
         teacher_indices,
         teacher_logprobs,
@@ -78,7 +80,6 @@ def sparse_kl_div(
         grad_enabled and student_logits.requires_grad,
         grad_enabled and teacher_logprobs.requires_grad,
     )
-    return loss
 
 
 @torch.no_grad()

@@ -31,6 +31,14 @@ def make_logits(shape, dtype, device, seed, scale=3.0):
     return student.to(device=device, dtype=dtype), teacher.to(device=device, dtype=dtype)
 
 
+def logits_at_scale(shape, dtype, scale, seed):
+    """(student, teacher, T): correlated logits of order 10 and the T that puts |logit| / T near scale."""
+    gen = torch.Generator().manual_seed(seed)
+    teacher = 10 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    student = 0.7 * teacher + 6 * torch.randn(shape, generator=gen, dtype=torch.float64)
+    return student.to(dtype), teacher.to(dtype), 10.0 / scale
+
+
 def reference64(student, teacher, **kwargs):
     """The pure-PyTorch reference in float64 on the same input values, with its gradients."""
     s = student.detach().double().requires_grad_()
@@ -108,6 +116,13 @@ def assert_grad_close(actual, expected, dtype, what=""):
     finite = expected[expected.isfinite()]
     scale = finite.abs().max().item() if finite.numel() else 0.0
     assert_close(actual, expected, rtol=tol["grad_rtol"], atol=tol["grad_atol"] + tol["grad_rtol"] * 0.05 * scale, what=what)
+
+
+def assert_weighted_grad_close(actual, expected, dtype, scale, temperature, what=""):
+    """A gradient of the form p (log p - log q - KL) / T at |logit| / T near `scale`: a difference of terms
+    of size scale / T that cancel to ~0 there, so that its error is the rounding of those terms."""
+    rounding = 4 * torch.finfo(actual.dtype).eps * scale / temperature
+    assert_close(actual, expected, TOLERANCES[dtype]["grad_rtol"], rounding, what)
 
 
 @contextlib.contextmanager

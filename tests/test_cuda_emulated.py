@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from kl_fused import _shard_math
-from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, make_logits, reference64, scipy_row_kl
+from conftest import (DTYPES, TOLERANCES, assert_close, assert_grad_close, assert_weighted_grad_close, logits_at_scale,
+                      make_logits, reference64, scipy_row_kl)
 from simt.emulator import CXX_TYPES, DEFAULT_LIMITS, Emulator, assert_owned_kernels_ran, pack_of
 from simt.emulator import only_launch as _only_launch
 
@@ -263,6 +264,37 @@ def test_huge_logits_are_exact(emu, dtype):
     check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, reduction="none")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("scale", [1e10, 1e35])
+def test_huge_logit_over_temperature(emu, dtype, direction, scale):
+    """|logit| / T up to 1e35 (README's range), rows spread over many threads' online states."""
+    student, teacher, temperature = logits_at_scale((3, 2100), dtype, scale, seed=45)
+    loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, temperature=temperature, direction=direction,
+                                                 reduction="none", teacher_grad=scale <= 1e10, student_grad=scale <= 1e10)
+    only_launch(launches)
+    ref, s64, t64 = reference64(student, teacher, temperature=temperature, direction=direction, reduction="none")
+    assert_close(loss, ref, TOLERANCES[dtype]["loss_rtol"], TOLERANCES[dtype]["loss_atol"], "loss")
+    if scale <= 1e10:  # beyond, the weighted gradient overflows float32 itself
+        ref.sum().backward()
+        diff, weighted = (grad_s, grad_t) if direction == "forward" else (grad_t, grad_s)
+        diff64, weighted64 = (s64.grad, t64.grad) if direction == "forward" else (t64.grad, s64.grad)
+        assert_grad_close(diff, diff64, dtype, "(q - p) / T")
+        assert_weighted_grad_close(weighted, weighted64, dtype, scale, temperature, "p (log p - log q - KL) / T")
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("big", [1e37, 3e38])
+def test_a_logit_near_the_float32_limit_in_a_wide_row(emu, direction, big):
+    """A logit near float32's limit in the distribution averaged over: the merges of the threads' states."""
+    student, teacher, _ = logits_at_scale((2, 2100), torch.float32, 10.0, seed=46)
+    (teacher if direction == "forward" else student)[:, 1500] = big
+    loss, grad_s, grad_t, _ = emulated_kl(emu, student, teacher, direction=direction, reduction="none")
+    ref, _, _ = reference64(student, teacher, direction=direction, reduction="none")
+    assert_close(loss, ref, 2e-5, 1e-6, "loss")
+    assert not grad_s.isnan().any() and not grad_t.isnan().any()
+
+
 def test_all_rows_masked_and_zero_rows(emu):
     student, teacher = make_logits((4, 30), torch.float32, "cpu", seed=44)
     mask = torch.zeros(4, dtype=torch.bool)
@@ -336,7 +368,7 @@ def test_shard_gradients_match_their_definition(emu, dtype, reverse, width):
     acc = _shard_math.acc_dtype(dtype)
     states = _shard_math.shard_states_torch(student, teacher, mask, 0.8, reverse).to(acc)
     maxima = states[:, :2].contiguous()  # one shard is its own full row
-    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, reverse), mask, reverse)
+    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, reverse, 0.8), mask, reverse)
     factor = torch.linspace(-1.0, 2.0, 7, dtype=acc)
     for student_grad, teacher_grad in ((True, True), (True, False), (False, True)):
         args = (student, teacher, mask, stats.contiguous(), factor, 0.8, reverse, student_grad, teacher_grad)
@@ -361,7 +393,7 @@ def test_shards_of_a_row_give_the_full_rows_loss_and_gradient(emu):
         shard_states = [emu.call("kl_row_states", s, t, None, 1.3, False)[0]
                         for s, t in ((student[:, :cut], teacher[:, :cut]), (student[:, cut:], teacher[:, cut:]))]
         maxima = torch.maximum(shard_states[0][:, :2], shard_states[1][:, :2])
-        sums = sum(_shard_math.rescaled_sums(st, maxima, False) for st in shard_states)
+        sums = sum(_shard_math.rescaled_sums(st, maxima, False, 1.3) for st in shard_states)
         kl, stats = _shard_math.finish_rows(maxima, sums, None, False)
         factor = torch.full((9,), 1.0 / 9)
         grads = [emu.call("kl_grad_from_stats", s, t, None, stats.contiguous(), factor, 1.3, False, True, False)[0][0]
@@ -371,6 +403,31 @@ def test_shards_of_a_row_give_the_full_rows_loss_and_gradient(emu):
     ref, s64, _ = reference64(student, teacher, temperature=1.3, reduction="batchmean")
     ref.backward()
     assert_grad_close(torch.cat(grads, dim=1) / 1.3, s64.grad, torch.float32, "shard gradients")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_shards_at_huge_logit_over_temperature(emu, reverse):
+    """The shard kernels keep raw maxima: the merge's e^((m - M) / T) and the gradient's shift are exact
+    where a maximum of t / T, rounded, would be off by hundreds (|logit| / T = 1e10)."""
+    student, teacher, temperature = logits_at_scale((4, 2400), torch.float32, 1e10, seed=91)
+    cut = 1000
+    shards = ((student[:, :cut], teacher[:, :cut]), (student[:, cut:], teacher[:, cut:]))
+    states = [emu.call("kl_row_states", s, t, None, temperature, reverse)[0] for s, t in shards]
+    maxima = torch.maximum(states[0][:, :2], states[1][:, :2])
+    sums = sum(_shard_math.rescaled_sums(st, maxima, reverse, temperature) for st in states)
+    kl, stats = _shard_math.finish_rows(maxima, sums, None, reverse)
+    factor = torch.ones(4)
+    grads = [emu.call("kl_grad_from_stats", s, t, None, stats.contiguous(), factor, temperature, reverse, True, False)[0][0]
+             for s, t in shards]
+    direction = "reverse" if reverse else "forward"
+    ref, s64, _ = reference64(student, teacher, temperature=temperature, direction=direction, reduction="none")
+    assert_close(kl, ref, 2e-5, 0.0, "merged KL")
+    ref.sum().backward()
+    grad = torch.cat(grads, dim=1) / temperature
+    if reverse:
+        assert_weighted_grad_close(grad, s64.grad, torch.float32, 1e10, temperature, "shard gradients")
+    else:
+        assert_grad_close(grad, s64.grad, torch.float32, "shard gradients")
 
 
 # ------------------------------------------------------------------------------------- determinism

@@ -10,7 +10,7 @@ import pathlib
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, make_logits, numpy_jsd
+from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, logits_at_scale, make_logits, numpy_jsd
 from conftest import jsd_reference64 as reference64
 from simt.emulator import CXX_TYPES, DEFAULT_LIMITS, Emulator, assert_owned_kernels_ran, only_launch, pack_of
 
@@ -259,6 +259,19 @@ def test_huge_logits_are_exact(emu, dtype):
     teacher = teacher + torch.tensor([1e4, -1e4, 1e4, 0.0], dtype=dtype)[:, None]
     loss, grad_s, grad_t, _ = emulated_jsd(emu, student, teacher, beta=0.5, reduction="none")
     check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, beta=0.5, reduction="none")
+
+
+@pytest.mark.parametrize("scale", [1e10, 1e35])
+def test_huge_logit_over_temperature(emu, scale):
+    """|logit| / T up to 1e35 (README's range): the JSD stays within its bound and matches the reference."""
+    student, teacher, temperature = logits_at_scale((3, 2100), torch.float32, scale, seed=47)
+    teacher[0, 1500] = 1e37 * temperature  # and a logit of 1e37 / T
+    loss, grad_s, grad_t, launches = emulated_jsd(emu, student, teacher, beta=0.3, temperature=temperature,
+                                                  reduction="none")
+    only_launch(launches, "jsd_rows_kernel")
+    assert (loss <= -0.3 * math.log(0.3) - 0.7 * math.log(0.7) + 1e-6).all()
+    check_against_reference(loss, grad_s, grad_t, student, teacher, torch.float32, beta=0.3, temperature=temperature,
+                            reduction="none")
 
 
 def test_all_rows_masked_and_zero_rows(emu):

@@ -170,6 +170,19 @@ def test_confident_student_tail_is_accurate(emu, lead):
     check(loss, grad_s, grad_lp, student, idx, lp, torch.float32)
 
 
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+@pytest.mark.parametrize("scale", [1e10, 1e35])
+def test_huge_logit_over_temperature(emu, tail, scale):
+    """|logit| / T up to 1e35 (README's range), the complement's maxima merged across threads."""
+    temperature = 10.0 / scale
+    student, idx, lp = make_sparse((3,), 2100, 16, torch.float32, seed=17, teacher_scale=10.0, temperature=temperature)
+    with_grad = scale <= 1e10  # beyond, the student's gradient (q - p) / T ~ 1e34 is no test of the kernel
+    loss, grad_s, grad_lp, _ = emulated(emu, student, idx, lp, temperature=temperature, tail=tail, reduction="none",
+                                        student_grad=with_grad, logprobs_grad=with_grad)
+    check(loss, grad_s, grad_lp, student, idx, lp, torch.float32, temperature=temperature, tail=tail, reduction="none",
+          student_grad=with_grad, logprobs_grad=with_grad)
+
+
 def test_edges_nan_infinities_empty_supports_and_clamped_mass(emu):
     student, idx, lp = make_sparse((6,), 128, 8, torch.float32, seed=16, teacher_scale=9.0)
     off_support = [j for j in range(128) if j not in idx[0].tolist()][0]

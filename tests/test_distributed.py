@@ -86,7 +86,7 @@ def test_shard_gradient_kernel_matches_its_definition(dtype, reverse):
     states = _shard_math.shard_states_torch(student, teacher, mask, 0.8, reverse).to(acc)
     # A single shard is its own full row: its maxima are the row's.
     maxima = states[:, :2].contiguous()
-    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, reverse), mask, reverse)
+    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, reverse, 0.8), mask, reverse)
     factor = torch.linspace(-1.0, 2.0, 7, dtype=acc)
     args = (student, teacher, mask, stats.contiguous(), factor, 0.8, reverse, True, True)
     fused = torch.ops.kl_fused.kl_grad_from_stats(*args)

@@ -82,16 +82,56 @@ def test_availability_is_reported():
     assert "meta" in kl_fused.fused_unavailable_reason("meta")
 
 
-def test_a_device_without_a_kernel_falls_back_and_says_so_once():
-    student = torch.randn(2, 3, 50, device="meta")
-    teacher = torch.randn(2, 3, 50, device="meta")
-    from kl_fused import _warn_once
+def test_a_device_without_a_kernel_falls_back_and_says_so_once(monkeypatch):
+    """A build without CPU kernels for kl_div_logits (as a device type without any would be)."""
+    from kl_fused import _ops, _warn_once
 
-    _warn_once.forget(("kl_div_logits", "meta"))
+    monkeypatch.setitem(_ops._DEVICE_TYPES, "kl_div_logits", frozenset())
+    student, teacher = make_logits((2, 3, 50), torch.float32, "cpu", seed=33)
+    _warn_once.forget(("kl_div_logits", "cpu"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = kl_fused.kl_div_logits(student, teacher, reduction="none")
         kl_fused.kl_div_logits(student, teacher, reduction="none")
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(messages) == 1 and "pure-PyTorch reference" in messages[0] and "meta" in messages[0]
-    assert first.shape == (2, 3) and first.device.type == "meta"
+    assert len(messages) == 1 and "pure-PyTorch reference" in messages[0] and "built without cpu" in messages[0]
+    assert_close(first, kl_fused.reference.kl_div_logits(student, teacher, reduction="none"), 0, 0, "the reference ran")
+
+
+def _meta_calls():
+    """(name, call, expected loss shape, dtype) of every public loss on meta tensors, with a mask."""
+    meta = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, device="meta", dtype=dtype)  # noqa: E731
+    mask = torch.empty(2, 3, device="meta", dtype=torch.bool)
+    idx = torch.empty(2, 3, 4, device="meta", dtype=torch.int64)
+    s, t = meta(2, 3, 50).requires_grad_(), meta(2, 3, 50).requires_grad_()
+    h, w = meta(2, 3, 16).requires_grad_(), meta(50, 16).requires_grad_()
+    return [
+        ("kl_div_logits", lambda: kl_fused.kl_div_logits(s, t, mask=mask, reduction="none"), (2, 3), (s, t)),
+        ("KLDivLogitsLoss", lambda: kl_fused.KLDivLogitsLoss()(s, t, mask=mask), (), (s, t)),
+        ("jsd_logits", lambda: kl_fused.jsd_logits(s, t, mask=mask), (), (s, t)),
+        ("sparse_kl_div", lambda: kl_fused.sparse_kl_div(s, idx, meta(2, 3, 4, dtype=torch.float32), mask=mask), (), (s,)),
+        ("reference.sparse_kl_div",
+         lambda: kl_fused.reference.sparse_kl_div(s, idx, meta(2, 3, 4, dtype=torch.float32), mask=mask), (), (s,)),
+        ("linear_kl_div", lambda: kl_fused.linear_kl_div(h, w, meta(2, 3, 50), mask=mask), (), (h, w)),
+        ("linear_jsd", lambda: kl_fused.linear_jsd(h, w, teacher_hidden=meta(2, 3, 16), teacher_weight=meta(50, 16),
+                                                   reduction="none"), (2, 3), (h, w)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_meta_calls())))
+def test_meta_inputs_propagate_shapes_without_a_warning(index):
+    name, call, shape, leaves = _meta_calls()[index]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = call()
+        grads = torch.autograd.grad(loss.sum(), leaves)
+    assert loss.device.type == "meta" and loss.shape == shape and loss.dtype == torch.float32, name
+    assert all(g.device.type == "meta" and g.shape == x.shape and g.dtype == x.dtype for g, x in zip(grads, leaves)), name
+
+
+def test_meta_and_real_tensors_in_one_call_name_the_devices():
+    hidden = torch.empty(2, 16, device="meta")
+    with pytest.raises(ValueError, match="all tensors must be on one device, got student_hidden on meta, student_weight on cpu"):
+        kl_fused.linear_kl_div(hidden, torch.randn(50, 16), torch.randn(2, 50))
+    with pytest.raises(ValueError, match="same device, got meta and cpu"):
+        kl_fused.kl_div_logits(torch.empty(2, 5, device="meta"), torch.randn(2, 5))

@@ -418,6 +418,21 @@ def test_module(device):
         tensors["student_hidden"], tensors["student_weight"], tensors["teacher_logits"], student_bias=tensors["student_bias"],
         temperature=2.0, direction="reverse", student_softcap=4.0)
     assert_close(got, expected, 1e-12, 1e-14, "module")
+    assert repr(module) == ("LinearKLDivLoss(temperature=2.0, reduction='batchmean', direction='reverse', chunk_rows=3, "
+                            "student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=4.0, teacher_softcap=None)")
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(chunk_rows=0), ValueError, "chunk_rows must be at least 1"),
+    (dict(chunk_rows=2.5), TypeError, "chunk_rows must be an int"),
+    (dict(student_softcap=-1.0), ValueError, "student_softcap must be finite and > 0"),
+    (dict(teacher_softcap=float("nan")), ValueError, "teacher_softcap must be finite and > 0"),
+    (dict(student_logit_scale=0.0), ValueError, "student_logit_scale must be finite and > 0"),
+    (dict(teacher_logit_scale="2"), TypeError, "teacher_logit_scale must be a Python number"),
+], ids=str)
+def test_module_checks_its_options_when_built(options, error, message):
+    with pytest.raises(error, match=message):
+        kl_fused.LinearKLDivLoss(**options)
 
 
 def _bad_calls(device):

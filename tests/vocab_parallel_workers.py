@@ -5,6 +5,7 @@ with single-process kl_fused.kl_div_logits on the full logits."""
 import datetime
 import itertools
 import os
+import re
 import sys
 
 import pytest
@@ -168,6 +169,14 @@ def bad_calls_raise_everywhere(rank, world_size):
         kl_div_logits_vocab_parallel(s, t, mask=mask)
     with pytest.raises(ValueError, match="disagree on direction"):
         kl_div_logits_vocab_parallel(s, t, direction="reverse" if rank == last else "forward")
+    # The same rows in another leading shape: the message shows each rank's shape.
+    shapes = ["(4,)"] * last + ["(2, 2)"]
+    with pytest.raises(ValueError, match=re.escape(f"disagree on the leading shape (rank by rank: {shapes})")):
+        kl_div_logits_vocab_parallel(s.reshape(2, 2, -1) if rank == last else s, t.reshape(2, 2, -1) if rank == last else t)
+    # Meta tensors hold no statistics to exchange: that rank names the device, the others name that rank.
+    expected = "on device 'meta'" if rank == last else r"rank \d+ of the group rejected its arguments .*device 'meta'"
+    with pytest.raises(ValueError, match=expected):
+        kl_div_logits_vocab_parallel(s.to("meta") if rank == last else s, t.to("meta") if rank == last else t)
     # An invalid argument on one rank only: that rank raises its own error, the others name it.
     expected = "temperature must be finite" if rank == last else r"rank \d+ of the group rejected its arguments \(ValueError: temperature must be finite"
     with pytest.raises(ValueError, match=expected):

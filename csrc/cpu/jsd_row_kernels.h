@@ -14,7 +14,7 @@
 //             exp(a'), exp(b') kept in a per-thread scratch row      reads s, t from memory (2e),
 //             2 exponentials per element                            (gather's W sum goes unused)
 //   pass 3    K_p, K_q: p and q from the scratch, log m = log(beta p + (1 - beta) q), and
-//             log p = a - m_a - log Z_a, log q likewise from the logits again (in cache); keeps
+//             log p = (t - max t) / T - log Z_a, log q likewise from the logits again (in cache); keeps
 //             log q - log m (log p - log m) in the scratch where a gradient is wanted, in place of
 //             the exponential that gradient no longer needs      reads s, t from cache, 1 log
 //   pass 4    the gradients, from the scratch alone: ds = (1 - beta) f q (d_q - K_q)   writes e per
@@ -54,10 +54,11 @@ struct JSDRowSolver {
 
   // Pass 3 on one vector of the row at scratch offset i: p, q (from the exponentials, times
   // `to_p` = chunk scale / Z_a, `to_q`), log m, and the terms p (log p - log m), q (log q - log m)
-  // added to kp, kq. s_raw, t_raw are the logits (any value in lanes past the row: p = q = 0 there).
+  // added to kp, kq. s_raw, t_raw are the logits (any value in lanes past the row: p = q = 0 there),
+  // max_a, max_b the row's maxima of the raw logits.
   C10_ALWAYS_INLINE void divergence_terms(int64_t i, const Vec& s_raw, const Vec& t_raw, const Vec& to_p,
-                                          const Vec& to_q, const Vec& inv_t, const Vec& neg_max_a,
-                                          const Vec& neg_max_b, const Vec& log_z_a, const Vec& log_z_b, Vec& kp,
+                                          const Vec& to_q, const Vec& inv_t, const Vec& max_a,
+                                          const Vec& max_b, const Vec& log_z_a, const Vec& log_z_b, Vec& kp,
                                           Vec& kq) const {
     const Vec zero(acc_t(0));
     const Vec p = Vec::loadu(rows.scratch_a + i) * to_p;
@@ -65,9 +66,10 @@ struct JSDRowSolver {
     const Vec log_m = PositiveLog<acc_t>::log(at::vec::fmadd(p, Vec(beta), q * Vec(acc_t(1) - beta)));
     // log p - log m and log q - log m, zero where that probability is 0 (its log is -inf, and so is
     // log m where both are): such entries contribute nothing, and the gradient pass multiplies by 0.
-    // log p = (a - m_a) - log Z_a: the shift first, so that logits of +-1e4 keep their digits.
-    const Vec log_p = at::vec::fmadd(t_raw, inv_t, neg_max_a) - log_z_a;
-    const Vec log_q = at::vec::fmadd(s_raw, inv_t, neg_max_b) - log_z_b;
+    // log p = (t - max t) / T - log Z_a: the raw shift first, so that logits of +-1e4 keep their
+    // digits and log p is exactly -log Z_a at the maximum however large |logit| / T is.
+    const Vec log_p = (t_raw - max_a) * inv_t - log_z_a;
+    const Vec log_q = (s_raw - max_b) * inv_t - log_z_b;
     const Vec ratio_p = Vec::blendv(zero, log_p - log_m, p > zero);
     const Vec ratio_q = Vec::blendv(zero, log_q - log_m, q > zero);
     kp = at::vec::fmadd(p, ratio_p, kp);
@@ -89,7 +91,7 @@ struct JSDRowSolver {
 
     // Pass 3: K_p, K_q.
     const Vec inv_t(static_cast<acc_t>(pr.inv_temperature));
-    const Vec neg_max_a(-st.m_a), neg_max_b(-st.m_b), log_z_a(std::log(st.z_a)), log_z_b(std::log(st.z_b));
+    const Vec max_a(st.m_a), max_b(st.m_b), log_z_a(std::log(st.z_a)), log_z_b(std::log(st.z_b));
     Vec kp(acc_t(0)), kq(acc_t(0));
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
@@ -99,8 +101,8 @@ struct JSDRowSolver {
         Vec s_lo, s_hi, t_lo, t_hi;
         L::load(s + i, n, acc_t(0), s_lo, s_hi);
         L::load(t + i, n, acc_t(0), t_lo, t_hi);
-        divergence_terms(i, s_lo, t_lo, to_p, to_q, inv_t, neg_max_a, neg_max_b, log_z_a, log_z_b, kp, kq);
-        divergence_terms(i + kVec, s_hi, t_hi, to_p, to_q, inv_t, neg_max_a, neg_max_b, log_z_a, log_z_b, kp, kq);
+        divergence_terms(i, s_lo, t_lo, to_p, to_q, inv_t, max_a, max_b, log_z_a, log_z_b, kp, kq);
+        divergence_terms(i + kVec, s_hi, t_hi, to_p, to_q, inv_t, max_a, max_b, log_z_a, log_z_b, kp, kq);
       });
     }
     const acc_t k_p = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), kp);

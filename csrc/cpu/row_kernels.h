@@ -37,14 +37,16 @@ namespace {
 
 using at::vec::Vectorized;
 
-// One chunk's partial state: its shifts (the chunk's maxima of a and b, or 0 for a side that is
-// all -inf there) and, relative to them, Z_a = sum exp(a'), Z_b = sum exp(b'), W = sum exp(x')(x' - y').
+// One chunk's partial state: its shifts (the chunk's maxima of the raw logits t and s, or 0 for a
+// side that is all -inf there) and, relative to them, Z_a = sum exp(a'), Z_b = sum exp(b'),
+// W = sum exp(x')(x' - y'), with a' = (t - shift_a) / T, b' = (s - shift_b) / T.
 template <typename acc_t>
 struct ChunkState {
   acc_t shift_a, shift_b, z_a, z_b, w;
 };
 
-// A row's (or a shard of a row's) merged partial state; see RowSolver::gather.
+// A row's (or a shard of a row's) merged partial state; see RowSolver::gather. m_a, m_b are maxima
+// of the raw logits (t, s), not of a = t / T and b = s / T.
 template <typename acc_t>
 struct RowState {
   acc_t m_a, m_b, z_a, z_b, w;
@@ -71,7 +73,7 @@ struct RowSolver {
   acc_t* scratch_a;              // exp(a - chunk shift) of the current row, padded to a multiple of kStep
   acc_t* scratch_b;              // exp(b - chunk shift)
   ChunkState<acc_t>* chunks;     // one per chunk of the current row
-  acc_t* chunk_scales;           // two per chunk: e^(shift_a - m_a), e^(shift_b - m_b)
+  acc_t* chunk_scales;           // two per chunk: e^((shift_a - m_a) / T), e^((shift_b - m_b) / T)
 
   static Vec max_reduce(Vec x, Vec y) { return at::vec::maximum(x, y); }
 
@@ -107,12 +109,15 @@ struct RowSolver {
   }
 
   // Pass 2 over one chunk [begin, begin + len): the sums of one ChunkState, with shifts that are
-  // the chunk's own maxima (0 for a side whose chunk is all -inf: its exponentials are then 0).
+  // the chunk's own maxima of the raw logits (0 for a side whose chunk is all -inf: its exponentials
+  // are then 0). The raw maximum is subtracted before scaling by 1/T, so that the shifted logit is
+  // exactly 0 at the maximum however large |logit| / T is (a shift rounded after scaling leaves up
+  // to half an ulp of max / T above 0, which overflows the exponential from |logit| / T ~ 1e9).
   // Keeps exp(a'), exp(b') in the scratch row when a gradient is wanted, and prefetches the next
   // chunk, so that the next maxima pass reads from L1 while this one computes.
   C10_ALWAYS_INLINE ChunkState<acc_t> chunk_sums(const scalar_t* s, const scalar_t* t, int64_t begin, int64_t len,
                                                  acc_t shift_a, acc_t shift_b, bool keep, Vec& nan_probe) const {
-    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_a(-shift_a), vneg_b(-shift_b);
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vshift_a(shift_a), vshift_b(shift_b);
     Vec za(0), zb(0), w(0);
     s += begin;
     t += begin;
@@ -124,8 +129,8 @@ struct RowSolver {
       Vec s_lo, s_hi, t_lo, t_hi;
       L::load(s + i, n, kNegInf, s_lo, s_hi);
       L::load(t + i, n, kNegInf, t_lo, t_hi);
-      const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_a), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_a);
-      const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_b), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_b);
+      const Vec a_lo = (t_lo - vshift_a) * vinv_t, a_hi = (t_hi - vshift_a) * vinv_t;
+      const Vec b_lo = (s_lo - vshift_b) * vinv_t, b_hi = (s_hi - vshift_b) * vinv_t;
       Vec live_a_lo, live_a_hi, live_b_lo, live_b_hi;
       const Vec ea_lo = Exp::exp(a_lo, live_a_lo), ea_hi = Exp::exp(a_hi, live_a_hi);
       const Vec eb_lo = Exp::exp(b_lo, live_b_lo), eb_hi = Exp::exp(b_hi, live_b_hi);
@@ -149,8 +154,8 @@ struct RowSolver {
   }
 
   // Passes 1 and 2 and the merge over row elements [0, V): the row's partial state. m_a, m_b are
-  // the maxima of a and b (-inf for a side that is all -inf); Z_a, Z_b and W are relative to the
-  // shifts m (0 where m is -inf). `defined` is false when the row holds a NaN or a +inf, which
+  // the maxima of the raw logits t and s (-inf for a side that is all -inf); Z_a, Z_b and W are
+  // relative to the shifts m (0 where m is -inf): a' = (t - m_a) / T, b' = (s - m_b) / T. `defined` is false when the row holds a NaN or a +inf, which
   // leave the softmax undefined. With `keep`, the scratch rows hold exp(a - chunk shift) and
   // exp(b - chunk shift) and chunk_scales the factors that rescale them to the row's shifts.
   RowState<acc_t> gather(const scalar_t* s, const scalar_t* t, bool keep) const {
@@ -176,8 +181,8 @@ struct RowSolver {
         mt_lo = running_max(mt_lo, lo);
         mt_hi = running_max(mt_hi, hi);
       });
-      const acc_t cm_b = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(ms_lo, ms_hi)) * inv_t;
-      const acc_t cm_a = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(mt_lo, mt_hi)) * inv_t;
+      const acc_t cm_b = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(ms_lo, ms_hi));
+      const acc_t cm_a = at::vec::vec_reduce_all<acc_t>(max_reduce, at::vec::maximum(mt_lo, mt_hi));
       // Past this check every shifted logit lies in [-inf, 0] (or is NaN), the range
       // NonPositiveExp serves.
       if (!(cm_a < kInf) || !(cm_b < kInf)) return st;
@@ -189,19 +194,22 @@ struct RowSolver {
 
     // Merge the chunks (the design notes' merge of partial states): rescale each chunk's sums
     // from its shifts to the row's. A chunk whose side is all -inf (Z = 0) contributes nothing,
-    // and is skipped so that 0 * e^(0 - m) cannot overflow into NaN.
+    // and is skipped so that 0 * e^(0 - m) cannot overflow into NaN. So does a chunk whose scale
+    // underflows to 0 (its terms have weight 0 in the row, as the exponential floor gives them
+    // within a chunk): its shift difference times Z may overflow (a logit of 1e37 elsewhere in
+    // the row), and 0 * inf would be NaN.
     const acc_t sa = shift_of(st.m_a), sb = shift_of(st.m_b);
     for (int64_t k = 0; k < n_chunks; ++k) {
       const ChunkState<acc_t>& c = chunks[k];
-      const acc_t scale_a = c.z_a > 0 ? std::exp(c.shift_a - sa) : acc_t(0);
-      const acc_t scale_b = c.z_b > 0 ? std::exp(c.shift_b - sb) : acc_t(0);
+      const acc_t scale_a = c.z_a > 0 ? std::exp((c.shift_a - sa) * inv_t) : acc_t(0);
+      const acc_t scale_b = c.z_b > 0 ? std::exp((c.shift_b - sb) * inv_t) : acc_t(0);
       st.z_a += c.z_a * scale_a;
       st.z_b += c.z_b * scale_b;
-      // x' - y' against the row's shifts = against the chunk's - (s_x - shift_x) + (s_y - shift_y).
+      // x' - y' against the row's shifts = against the chunk's - (s_x - shift_x) / T + (s_y - shift_y) / T.
       if constexpr (kReverse) {
-        if (c.z_b > 0) st.w += scale_b * (c.w + ((sa - c.shift_a) - (sb - c.shift_b)) * c.z_b);
+        if (scale_b > 0) st.w += scale_b * (c.w + ((sa - c.shift_a) - (sb - c.shift_b)) * inv_t * c.z_b);
       } else {
-        if (c.z_a > 0) st.w += scale_a * (c.w + ((sb - c.shift_b) - (sa - c.shift_a)) * c.z_a);
+        if (scale_a > 0) st.w += scale_a * (c.w + ((sb - c.shift_b) - (sa - c.shift_a)) * inv_t * c.z_a);
       }
       chunk_scales[2 * k] = scale_a;
       chunk_scales[2 * k + 1] = scale_b;
@@ -211,7 +219,7 @@ struct RowSolver {
   }
 
   // kl_row_states: the row's partial state for a vocab-parallel merge across ranks, as
-  // (m_a, m_b, Z_a, Z_b, W). A row that does not count is the empty state (-inf, -inf, 0, 0, 0);
+  // (m_a, m_b, Z_a, Z_b, W), m_a and m_b the maxima of the raw logits. A row that does not count is the empty state (-inf, -inf, 0, 0, 0);
   // an undefined one (-inf, -inf, NaN, NaN, NaN), which poisons any merge it enters.
   void write_state(int64_t row) const {
     acc_t* out = static_cast<acc_t*>(pr.row_states) + 5 * row;
@@ -249,10 +257,10 @@ struct RowSolver {
     static_cast<acc_t*>(pr.row_loss)[row] = kl;
     if (!keep) return;
 
-    // Pass 3: gradients. p = exp(a - m_a) / Z_a = scratch_a * (chunk scale) / Z_a, likewise q;
-    // log p - log q = a' - b' + c with a' = a - m_a, b' = b - m_b.
+    // Pass 3: gradients. p = exp(a') / Z_a = scratch_a * (chunk scale) / Z_a, likewise q;
+    // log p - log q = a' - b' + c with a' = (t - m_a) / T, b' = (s - m_b) / T (raw maxima).
     const acc_t f = static_cast<acc_t>(pr.grad_factor);
-    const Vec vinv_t(inv_t), vneg_ma(-m_a), vneg_mb(-m_b), zero(acc_t(0));
+    const Vec vinv_t(inv_t), vm_a(m_a), vm_b(m_b), zero(acc_t(0));
     const Vec c(kReverse ? log_za - log_zb - kl : log_zb - log_za - kl);
     scalar_t* ds = pr.grad_student ? static_cast<scalar_t*>(pr.grad_student) + row * V : nullptr;
     scalar_t* dt = pr.grad_teacher ? static_cast<scalar_t*>(pr.grad_teacher) + row * V : nullptr;
@@ -279,8 +287,8 @@ struct RowSolver {
           Vec s_lo, s_hi, t_lo, t_hi;
           L::load(s + i, n, acc_t(0), s_lo, s_hi);
           L::load(t + i, n, acc_t(0), t_lo, t_hi);
-          const Vec a_lo = at::vec::fmadd(t_lo, vinv_t, vneg_ma), a_hi = at::vec::fmadd(t_hi, vinv_t, vneg_ma);
-          const Vec b_lo = at::vec::fmadd(s_lo, vinv_t, vneg_mb), b_hi = at::vec::fmadd(s_hi, vinv_t, vneg_mb);
+          const Vec a_lo = (t_lo - vm_a) * vinv_t, a_hi = (t_hi - vm_a) * vinv_t;
+          const Vec b_lo = (s_lo - vm_b) * vinv_t, b_hi = (s_hi - vm_b) * vinv_t;
           Vec g_lo, g_hi;
           if constexpr (kReverse) {  // q (b' - a' + c), zero where q = 0
             g_lo = Vec::blendv(zero, q_lo * (b_lo - a_lo + c), eb_lo > zero);
@@ -297,9 +305,9 @@ struct RowSolver {
   }
 
   // kl_grad_from_stats: the gradient of one shard of a row, given the statistics of the full row
-  // (m_a, m_b, log Z_a, log Z_b, KL) and f = d(loss)/d(row KL) / T. One pass over the shard,
-  // two exponentials per element (the shard's own exponentials are not kept across the
-  // collective): la = a - m_a - log Z_a = log p <= 0, lb = b - m_b - log Z_b = log q <= 0, and
+  // (m_a, m_b, log Z_a, log Z_b, KL; m_a, m_b the raw logits' maxima) and f = d(loss)/d(row KL) / T.
+  // One pass over the shard, two exponentials per element (the shard's own exponentials are not kept
+  // across the collective): la = (t - m_a) / T - log Z_a = log p <= 0, lb likewise = log q <= 0, and
   //   forward: ds = (q - p) f,                 dt = p (la - lb - KL) f   (0 where p = 0)
   //   reverse: ds = q (lb - la - KL) f  (0 where q = 0),    dt = (p - q) f
   // reads s, t (2e per element), writes e per gradient.
@@ -317,17 +325,15 @@ struct RowSolver {
     const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
     scalar_t* ds = pr.grad_student ? static_cast<scalar_t*>(pr.grad_student) + row * V : nullptr;
     scalar_t* dt = pr.grad_teacher ? static_cast<scalar_t*>(pr.grad_teacher) + row * V : nullptr;
-    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_ma(-m_a), vneg_mb(-m_b);
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vm_a(m_a), vm_b(m_b);
     const Vec vlog_za(log_za), vlog_zb(log_zb), vkl(kl), vf(static_cast<const acc_t*>(pr.row_factor)[row]);
-    auto log_prob = [&](const Vec& x, const Vec& neg_m, const Vec& log_z) {
-      return at::vec::fmadd(x, vinv_t, neg_m) - log_z;
-    };
+    auto log_prob = [&](const Vec& x, const Vec& m, const Vec& log_z) { return (x - m) * vinv_t - log_z; };
     for_each_step(V, [&](int64_t i, auto n) {
       Vec s_lo, s_hi, t_lo, t_hi;
       L::load(s + i, n, kNegInf, s_lo, s_hi);
       L::load(t + i, n, kNegInf, t_lo, t_hi);
-      const Vec la_lo = log_prob(t_lo, vneg_ma, vlog_za), la_hi = log_prob(t_hi, vneg_ma, vlog_za);
-      const Vec lb_lo = log_prob(s_lo, vneg_mb, vlog_zb), lb_hi = log_prob(s_hi, vneg_mb, vlog_zb);
+      const Vec la_lo = log_prob(t_lo, vm_a, vlog_za), la_hi = log_prob(t_hi, vm_a, vlog_za);
+      const Vec lb_lo = log_prob(s_lo, vm_b, vlog_zb), lb_hi = log_prob(s_hi, vm_b, vlog_zb);
       Vec live_a_lo, live_a_hi, live_b_lo, live_b_hi;
       const Vec p_lo = Exp::exp(la_lo, live_a_lo), p_hi = Exp::exp(la_hi, live_a_hi);
       const Vec q_lo = Exp::exp(lb_lo, live_b_lo), q_hi = Exp::exp(lb_hi, live_b_hi);

@@ -46,11 +46,12 @@ struct SupportMarks {
   double mass;
 };
 
-// The complement's online softmax: b_j relative to the shift m (the maximum of b off the support, or
-// 0 when that is empty), Z = sum exp(b_j - m). `defined` is false for a NaN or +inf logit.
+// The complement's online softmax: b_j relative to the shift m (in units of b = s / T, in double:
+// the log of the complement's largest chunk sum, or 0 when the complement is empty),
+// Z = sum exp(b_j - m). `defined` is false for a NaN or +inf logit.
 template <typename acc_t>
 struct RestState {
-  acc_t m;
+  double m;
   acc_t z;
   bool defined;
 };
@@ -69,7 +70,7 @@ struct SparseRowSolver {
   const SparseRowsProblem& pr;
   acc_t* outside;       // (padded V): 0, and -inf on the current row's support (restored after the row)
   acc_t* exps;          // (padded V): exp(b + outside - chunk shift) of the current row, for the gradient
-  acc_t* chunk_shift;   // per chunk: its shift, then (after the merge) its scale e^(shift - m)
+  acc_t* chunk_shift;   // per chunk: its shift (a raw logit), then (after the merge) its scale e^(shift / T - m)
   acc_t* chunk_z;       // per chunk: its sum relative to its shift
 
   static acc_t shift_of(acc_t m) { return m == kNegInf ? acc_t(0) : m; }
@@ -143,18 +144,19 @@ struct SparseRowSolver {
                                           at::vec::maximum(m_lo, m_hi));
   }
 
-  // sum exp(b + outside - shift) over a chunk (the support's terms are exp(-inf) = 0), the
-  // exponentials kept when `keep`; NaN when the chunk holds a NaN logit.
+  // sum exp((s - shift) / T + outside) over a chunk (the support's terms are exp(-inf) = 0), the
+  // exponentials kept when `keep`; NaN when the chunk holds a NaN logit. The shift is a raw logit,
+  // subtracted before scaling, so that the maximum's term is exactly exp(0) however large |s| / T is.
   C10_ALWAYS_INLINE acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,
                                      bool keep) const {
-    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vneg_shift(-shift);
+    const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vshift(shift);
     Vec z_lo(0), z_hi(0), nan_probe(0);  // nan_probe sums the arguments, <= 0 or -inf unless one is NaN
     for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
       __builtin_prefetch(sc + i + kChunk);
       Vec lo, hi;
       L::load(sc + i, n, kNegInf, lo, hi);
-      const Vec a_lo = at::vec::fmadd(lo, vinv_t, vneg_shift) + Vec::loadu(oc + i);
-      const Vec a_hi = at::vec::fmadd(hi, vinv_t, vneg_shift) + Vec::loadu(oc + i + L::kVec);
+      const Vec a_lo = (lo - vshift) * vinv_t + Vec::loadu(oc + i);
+      const Vec a_hi = (hi - vshift) * vinv_t + Vec::loadu(oc + i + L::kVec);
       Vec live_lo, live_hi;
       const Vec e_lo = Exp::exp(a_lo, live_lo), e_hi = Exp::exp(a_hi, live_hi);
       z_lo += e_lo;
@@ -173,38 +175,40 @@ struct SparseRowSolver {
   // shifted by its maximum, support included (the fast maximum reads nothing but s); when a support
   // logit there dominates the rest so far that the rest's sum falls below e^-60 (its terms may have
   // passed the exponential's e^-87 floor), the chunk is done again with the support left out of the
-  // maximum. The chunks then merge in the log domain, M = max_c (shift_c + log Z_c), so that the
-  // row's shift is the complement's and chunk_shift[c] becomes e^(shift_c - M) (at most e^60).
+  // maximum. The chunks then merge in the log domain, M = max_c (shift_c / T + log Z_c), in double
+  // (shift_c / T is exact there for float logits), so that the row's shift is the complement's and
+  // chunk_shift[c] becomes e^(shift_c / T - M) (at most e^60).
   RestState<acc_t> rest_state(const scalar_t* s, bool keep) const {
     const int64_t V = pr.vocab;
-    const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
+    const double inv_t = static_cast<double>(static_cast<acc_t>(pr.inv_temperature));
     constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
     const acc_t kTiny = std::exp(acc_t(-60));
-    RestState<acc_t> st{kNegInf, acc_t(0), false};
+    RestState<acc_t> st{-INFINITY, acc_t(0), false};
     const int64_t n_chunks = (V + kChunk - 1) / kChunk;
-    acc_t row_log = kNegInf;
+    double row_log = -INFINITY;
     for (int64_t c = 0; c < n_chunks; ++c) {
       const int64_t begin = c * kChunk, len = std::min(kChunk, V - begin);
       const scalar_t* sc = s + begin;
       const acc_t* oc = outside + begin;
       acc_t* kc = keep ? exps + begin : nullptr;
       // Past the check every b + outside - shift lies in [-inf, 0] (or is NaN), NonPositiveExp's range.
-      acc_t cm = chunk_max<false>(sc, oc, len) * inv_t;
+      acc_t cm = chunk_max<false>(sc, oc, len);
       if (!(cm < kInf)) return st;  // +inf
       acc_t z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
       if (z < kTiny) {
-        cm = chunk_max<true>(sc, oc, len) * inv_t;
+        cm = chunk_max<true>(sc, oc, len);
         if (!(cm < kInf)) return st;
         z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
       }
       if (std::isnan(z)) return st;
       chunk_shift[c] = shift_of(cm);
       chunk_z[c] = z;
-      if (z > 0) row_log = std::max(row_log, chunk_shift[c] + std::log(z));
+      if (z > 0) row_log = std::max(row_log, static_cast<double>(chunk_shift[c]) * inv_t + std::log(static_cast<double>(z)));
     }
-    const acc_t shift = shift_of(row_log);
+    const double shift = row_log == -INFINITY ? 0.0 : row_log;
     for (int64_t c = 0; c < n_chunks; ++c) {
-      const acc_t scale = chunk_z[c] > 0 ? std::exp(chunk_shift[c] - shift) : acc_t(0);
+      const acc_t scale =
+          chunk_z[c] > 0 ? static_cast<acc_t>(std::exp(static_cast<double>(chunk_shift[c]) * inv_t - shift)) : acc_t(0);
       st.z += chunk_z[c] * scale;
       chunk_shift[c] = scale;
     }
@@ -261,7 +265,7 @@ struct SparseRowSolver {
     double* b = support_scratch;
     gather_support(s, idx, lp, b);
     const double lse_support = support_lse(b, lp);
-    const double log_rest = rest.z > 0 ? static_cast<double>(rest.m) + std::log(static_cast<double>(rest.z)) : -INFINITY;
+    const double log_rest = rest.z > 0 ? rest.m + std::log(static_cast<double>(rest.z)) : -INFINITY;
     const double hi = std::max(lse_support, log_rest), lo = std::min(lse_support, log_rest);
     const double log_z = hi == -INFINITY ? -INFINITY : hi + std::log1p(std::exp(lo - hi));
     // A NaN or +inf logit, or every logit -inf, leaves the softmax undefined.

@@ -2,12 +2,14 @@
 // contract in op_schemas.h), the same as cpu/kl_div_cpu.cpp's: each rank holds a shard (..., V_k)
 // of every row, a = t / T, b = s / T.
 //
-//   kl_row_states       per row of the shard: m_a, m_b (maxima, -inf for a side that is all -inf)
-//                       and, relative to them, Z_a = sum e^(a - m_a), Z_b, W = sum e^(x') (x' - y')
-//                       (x the side the expectation is over). One pass, the KL kernel's statistics
+//   kl_row_states       per row of the shard: m_a, m_b (maxima of the raw logits t, s, -inf for a
+//                       side that is all -inf) and, relative to them, Z_a = sum e^((t - m_a) / T), Z_b,
+//                       W = sum e^(x') (x' - y') (x the side the expectation is over). Raw maxima, as
+//                       row_state.cuh keeps them: m / T rounded would be off by up to half an ulp of
+//                       max |t| / T, which the merge's e^(m - M) and the gradient's shift amplify. One pass, the KL kernel's statistics
 //                       step. Bytes: 2e per element read, 5 values per row written.
 //   kl_grad_from_stats  the shard's gradients from the full rows' (M_a, M_b, log Z_a, log Z_b, KL)
-//                       and f = d(loss)/d(row KL) / T: p = e^(a - M_a - log Z_a), q likewise,
+//                       and f = d(loss)/d(row KL) / T: p = e^((t - M_a) / T - log Z_a), q likewise,
 //                         forward: ds = (q - p) f,  dt = p (log p - log q - KL) f
 //                         reverse: ds = q (log q - log p - KL) f,  dt = (p - q) f
 //                       One pass, the KL kernel's gradient step, two exponentials per element.
@@ -60,10 +62,9 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
         out[2] = out[3] = out[4] = static_cast<acc_t>(NAN);
         continue;
       }
-      // From the roles and log2 units of row_state.cuh to a = t / T, b = s / T in natural units.
-      const acc_t m_x = st.mx * args.inv_temperature, m_y = st.my * args.inv_temperature;
-      out[0] = args.reverse ? m_y : m_x;
-      out[1] = args.reverse ? m_x : m_y;
+      // From the roles and log2 units of row_state.cuh to (t, s) and natural units; maxima stay raw.
+      out[0] = args.reverse ? st.my : st.mx;
+      out[1] = args.reverse ? st.mx : st.my;
       out[2] = args.reverse ? st.zy : st.zx;
       out[3] = args.reverse ? st.zx : st.zy;
       out[4] = st.w * static_cast<acc_t>(kLn2);
@@ -77,7 +78,6 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
   const int64_t units = args.vocab / N;
-  const acc_t temperature = acc_t(1) / args.inv_temperature;
   for (const int64_t row : block_rows(args.rows)) {
     P* const gx = args.grad_x != nullptr ? reinterpret_cast<P*>(args.grad_x + row * args.vocab) : nullptr;
     P* const gy = args.grad_y != nullptr ? reinterpret_cast<P*>(args.grad_y + row * args.vocab) : nullptr;
@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     const acc_t f = args.row_factor[row];
     const acc_t log_zx = args.reverse ? log_zb : log_za, log_zy = args.reverse ? log_za : log_zb;
     KLGradConstants<acc_t> c;
-    c.mx = (args.reverse ? m_b : m_a) * temperature;
-    c.my = (args.reverse ? m_a : m_b) * temperature;
+    c.mx = args.reverse ? m_b : m_a;
+    c.my = args.reverse ? m_a : m_b;
     c.k = args.k;
     c.px_f = f * exp2_acc(-log_zx * static_cast<acc_t>(kLog2E));
     c.py_f = f * exp2_acc(-log_zy * static_cast<acc_t>(kLog2E));

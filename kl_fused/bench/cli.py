@@ -13,7 +13,7 @@ import torch
 from kl_fused.bench import cache, jsd, kl, linear, sparse, vocab_parallel
 from kl_fused.bench.allocator import keeps_freed_memory, rerun_keeping_freed_memory
 from kl_fused.bench.environment import describe_environment
-from kl_fused.bench.options import DEFAULT_REPS, DTYPES, resolve_device
+from kl_fused.bench.options import DEFAULT_REPS, DTYPES, check_output_path, resolve_device
 
 # The default mode last: it is selected whenever no other mode's flag is given.
 MODES = (vocab_parallel.MODE, jsd.MODE, linear.MODE, sparse.MODE, cache.MODE, kl.MODE)
@@ -80,6 +80,9 @@ def parse_args(argv):
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         if args.keep_freed_memory and args.device.type != "cpu":
             raise ValueError("--keep-freed-memory is for --device cpu (PyTorch's caching allocator reuses CUDA memory)")
+        for flag, path in (("--json", args.json), ("--plot", getattr(args, "plot", None))):
+            if path:
+                check_output_path(path, flag)
         args.mode = _selected_mode(args)
         args.mode.resolve(args)
     except ValueError as error:

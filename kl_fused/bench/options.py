@@ -2,6 +2,7 @@
 dtype names, and the parsing helpers for comma lists, positive integers and the device."""
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -68,6 +69,18 @@ def resolve_device(text):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda, but torch sees no CUDA device")
     return device
+
+
+def check_output_path(path, flag):
+    """An output file the run will write at its end: its directory must exist and be writable, and it
+    must not be a directory, so that a long run does not end in a traceback. Nothing is created."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a directory; give a file path")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{flag} {path}: the directory {directory} does not exist")
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ValueError(f"{flag} {path} is not writable")
 
 
 def available_providers(names, providers, device):
