@@ -124,7 +124,7 @@ def _shards(emu, rows, vocab, dtype, **l2):
     s, t = logits(rows, vocab, dtype)
     states, first = emu.traffic("kl_row_states", s, t, None, 1.0, False, **l2)
     maxima = states[:, :2].contiguous()
-    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, False), None, False)
+    _, stats = _shard_math.finish_rows(maxima, _shard_math.rescaled_sums(states, maxima, False, 1.0), None, False)
     factor = torch.ones(rows, dtype=states.dtype)
     grads, second = emu.traffic("kl_grad_from_stats", s, t, None, stats.contiguous(), factor, 1.0, False, True, False,
                                 **l2)
