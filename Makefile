@@ -42,6 +42,7 @@ test: build
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_values.py tests/test_edges.py tests/test_gradients.py \
 		tests/test_sparse_values.py tests/test_logit_range.py
 	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_jsd.py -k "not compile"
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q tests/test_distill.py tests/test_distill_linear.py -k "not compile and not liger"
 
 bench: build
 	$(PY) -m kl_fused.bench

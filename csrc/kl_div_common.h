@@ -42,6 +42,10 @@ struct GradFactor {
   }
 };
 
+// A row status bit of the distillation step (distill_common.h), next to SparseRowStatus's: a counted
+// row's label is neither ignore_index nor in [0, V). Such a row's loss and gradients are NaN.
+constexpr int32_t kLabelOutOfRange = 8;
+
 constexpr int kMaxRowDims = 6;
 
 // Flat row index -> element offset, for the leading dims of a (..., V) tensor after coalescing.

@@ -42,6 +42,20 @@ inline void define_op_schemas(torch::Library& m) {
       "sparse_kl_div(Tensor student, Tensor teacher_indices, Tensor teacher_logprobs, Tensor? mask, "
       "float temperature, bool renormalize, str reduction, float mass_tolerance, bool validate, "
       "bool student_grad, bool logprobs_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_logprobs)");
+  // The whole distillation step (distill_common.h): per counted row (labels != ignore_index and mask),
+  // soft_weight * D + hard_weight * CE, D the divergence of kl_div_logits / jsd_logits (dense teacher)
+  // or sparse_kl_div (teacher_indices, teacher_logprobs), or none without a teacher, and CE the
+  // label-smoothed cross-entropy at temperature 1, in the soft term's passes. Returns the reduced loss,
+  // the gradients at upstream 1 with both weights folded in, and parts = the unweighted soft and hard
+  // terms, reduced alike ((2,), or (2, ...) for "none"). num_items (a 0-d count on the device) replaces
+  // the counted rows of batchmean.
+  m.def(
+      "distillation_loss(Tensor student, Tensor? teacher, Tensor? teacher_indices, Tensor? teacher_logprobs, "
+      "Tensor? labels, Tensor? mask, Tensor? num_items, str divergence, float beta, bool renormalize, "
+      "float temperature, float soft_weight, float hard_weight, int ignore_index, float label_smoothing, "
+      "str reduction, float mass_tolerance, bool validate, bool student_grad, bool teacher_grad, "
+      "bool logprobs_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, Tensor grad_logprobs, "
+      "Tensor parts)");
 }
 
 }  // namespace kl_fused

@@ -71,6 +71,21 @@ PreparedSparseRows prepare_sparse_rows(const at::Tensor& student, const at::Tens
   return in;
 }
 
+PreparedSparseRows prepare_student_rows(const at::Tensor& student, const std::optional<at::Tensor>& mask) {
+  PreparedSparseRows in;
+  in.student = rows_readable(student);
+  in.vocab = in.student.size(-1);
+  in.rows = in.student.numel() / in.vocab;
+  in.slots = 0;
+  in.acc_dtype = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  in.indices = at::empty({in.rows, 0}, student.options().dtype(at::kLong));
+  in.logprobs = at::empty({in.rows, 0}, student.options().dtype(in.acc_dtype));
+  in.logprobs_arg = in.logprobs;
+  in.mask = mask.has_value() ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
+  if (in.rows > 0) in.student_rows = make_row_layout(in.student).value();
+  return in;
+}
+
 SparseOutputs allocate_sparse_outputs(const PreparedSparseRows& in, bool student_grad, bool logprobs_grad) {
   SparseOutputs out;
   const auto options = in.student.options();

@@ -56,6 +56,10 @@ PreparedSparseRows prepare_sparse_rows(const at::Tensor& student, const at::Tens
                                        const at::Tensor& logprobs, const std::optional<at::Tensor>& mask,
                                        double temperature, std::string_view reduction, double mass_tolerance);
 
+// The rows of a student with no teacher at all (K = 0 slots): the sparse kernels' student-only
+// streaming, for the distillation step's fused cross-entropy (distill_common.h).
+PreparedSparseRows prepare_student_rows(const at::Tensor& student, const std::optional<at::Tensor>& mask);
+
 // What a kernel writes: (rows,) losses and status words, and the gradients when asked for. The
 // log-probs' gradient is written in acc_dtype (rows, K) and handed out in the caller's dtype and shape.
 struct SparseOutputs {

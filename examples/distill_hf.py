@@ -1,13 +1,15 @@
 """Distil a small Llama-architecture student from a larger teacher with the Hugging Face Trainer and
-kl_fused's fused linear loss: the loss takes both models' final hidden states and lm_head weights, so
-neither model's (tokens x vocab) logits are ever built.
+kl_fused's fused linear distillation loss: one call takes both models' final hidden states and lm_head
+weights and the labels, and computes the whole step -- the soft divergence from the teacher and the hard
+cross-entropy on the labels -- so that neither model's (tokens x vocab) logits are ever built.
 
 Both models come from `transformers` configs (nothing is downloaded). The teacher is first fitted
 briefly to a fixed synthetic corpus (a repeating, noisy token pattern), so that it has something to
-teach; then the student is trained on the teacher's distributions alone (forward KL at temperature T,
-padding masked), and the loss falls step by step:
+teach; then the student is trained on `soft_weight * D(teacher, student) + hard_weight * CE(labels)`
+(forward KL or generalized JSD at temperature T, padding labelled -100), with the Trainer's
+num_items_in_batch as the batchmean's count (gradient accumulation), and the loss falls step by step:
 
-    python examples/distill_hf.py [--steps 40] [--loss kl|jsd] [--beta 0.5]
+    python examples/distill_hf.py [--steps 40] [--loss kl|jsd] [--beta 0.5] [--hard-weight 0.5]
 """
 
 import argparse
@@ -37,7 +39,8 @@ def synthetic_corpus(seed=0):
     lengths = torch.randint(SEQ_LEN // 2, SEQ_LEN + 1, (CORPUS_SIZE,), generator=gen)
     attention_mask = (torch.arange(SEQ_LEN)[None, :] < lengths[:, None]).long()
     ids = ids.masked_fill(attention_mask == 0, 0)  # pad token 0
-    return [{"input_ids": i, "attention_mask": m} for i, m in zip(ids, attention_mask)]
+    labels = ids.masked_fill(attention_mask == 0, -100)  # as a causal LM takes them: unshifted, padding -100
+    return [{"input_ids": i, "attention_mask": m, "labels": y} for i, m, y in zip(ids, attention_mask, labels)]
 
 
 def llama(hidden, layers, heads, seed):
@@ -68,11 +71,13 @@ def fit_teacher(teacher, corpus, steps=60):
 
 
 class DistillationTrainer(Trainer):
-    """The Trainer with kl_fused's fused linear loss in place of the language-model loss."""
+    """The Trainer with kl_fused's fused linear distillation loss in place of the language-model loss."""
 
-    def __init__(self, *args, teacher, loss="kl", beta=0.5, temperature=2.0, **kwargs):
+    def __init__(self, *args, teacher, loss="kl", beta=0.5, temperature=2.0, hard_weight=0.5, **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher, self.loss_name, self.beta, self.temperature = teacher, loss, beta, temperature
+        self.hard_weight = hard_weight
+        self.num_items_seen = []  # what the Trainer passed as num_items_in_batch, per step
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
@@ -80,14 +85,15 @@ class DistillationTrainer(Trainer):
         student_hidden = model.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         with torch.no_grad():
             teacher_hidden = self.teacher.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # Position i predicts token i + 1: the last position and padding do not count.
-        mask = attention_mask[:, 1:].bool()
-        common = dict(teacher_hidden=teacher_hidden[:, :-1], teacher_weight=self.teacher.lm_head.weight,
-                      temperature=self.temperature, mask=mask)
-        if self.loss_name == "jsd":
-            loss = kl_fused.linear_jsd(student_hidden[:, :-1], model.lm_head.weight, beta=self.beta, **common)
-        else:
-            loss = kl_fused.linear_kl_div(student_hidden[:, :-1], model.lm_head.weight, **common)
+        # Position i predicts token i + 1: the last position does not count, padding is labelled -100 (the
+        # shift is the caller's). Rows labelled -100 count for neither term and are never read.
+        self.num_items_seen.append(num_items_in_batch)
+        loss = kl_fused.linear_distillation_loss(
+            student_hidden[:, :-1], model.lm_head.weight, teacher_hidden=teacher_hidden[:, :-1],
+            teacher_weight=self.teacher.lm_head.weight, labels=inputs["labels"][:, 1:],
+            divergence="jsd" if self.loss_name == "jsd" else "forward_kl", beta=self.beta,
+            temperature=self.temperature, soft_weight=1.0, hard_weight=self.hard_weight,
+            num_items_in_batch=num_items_in_batch)
         return (loss, None) if return_outputs else loss
 
 
@@ -114,11 +120,18 @@ def collate(rows):
     return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
 
 
-def distil(steps=40, loss="kl", beta=0.5, temperature=2.0, seed=0, quiet=False, teacher_steps=60):
-    """Fits the teacher, distils the student for `steps` steps; returns (losses per step, gradient
-    norms per step)."""
+def fitted_teacher(seed=0, teacher_steps=60):
+    """The teacher, fitted to the corpus of `seed` for `teacher_steps` steps."""
+    return fit_teacher(llama(hidden=128, layers=2, heads=4, seed=seed + 1), synthetic_corpus(seed), teacher_steps)
+
+
+def distil(steps=40, loss="kl", beta=0.5, temperature=2.0, seed=0, quiet=False, teacher_steps=60, hard_weight=0.5,
+           record=None, teacher=None):
+    """Fits the teacher (unless `teacher`, one fitted_teacher(seed) returned, is given), distils the student
+    for `steps` steps; returns (losses per step, gradient norms per step). `record` (a dict), when given,
+    receives the Trainer's num_items_in_batch per step."""
     corpus = synthetic_corpus(seed)
-    teacher = fit_teacher(llama(hidden=128, layers=2, heads=4, seed=seed + 1), corpus, teacher_steps)
+    teacher = teacher if teacher is not None else fitted_teacher(seed, teacher_steps)
     student = llama(hidden=64, layers=1, heads=2, seed=seed + 2)
     recorder = RecordGradients(student)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -127,8 +140,11 @@ def distil(steps=40, loss="kl", beta=0.5, temperature=2.0, seed=0, quiet=False, 
                                  use_cpu=True, save_strategy="no", disable_tqdm=quiet, seed=seed,
                                  remove_unused_columns=False)
         trainer = DistillationTrainer(model=student, args=args, train_dataset=corpus, data_collator=collate,
-                                      callbacks=[recorder], teacher=teacher, loss=loss, beta=beta, temperature=temperature)
+                                      callbacks=[recorder], teacher=teacher, loss=loss, beta=beta, temperature=temperature,
+                                      hard_weight=hard_weight)
         trainer.train()
+    if record is not None:
+        record["num_items_in_batch"] = trainer.num_items_seen
     return recorder.losses, recorder.grad_norms
 
 
@@ -138,8 +154,9 @@ def main(argv=None):
     parser.add_argument("--loss", choices=("kl", "jsd"), default="kl")
     parser.add_argument("--beta", type=float, default=0.5, help="JSD coefficient (with --loss jsd)")
     parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--hard-weight", type=float, default=0.5, help="weight of the cross-entropy on the labels")
     args = parser.parse_args(argv)
-    losses, _ = distil(args.steps, args.loss, args.beta, args.temperature, quiet=True)
+    losses, _ = distil(args.steps, args.loss, args.beta, args.temperature, quiet=True, hard_weight=args.hard_weight)
     for step, value in enumerate(losses, start=1):
         print(f"step {step:3d}  distillation loss {value:.4f}")
     print(f"loss fell from {losses[0]:.4f} to {losses[-1]:.4f} over {len(losses)} steps")

@@ -19,11 +19,10 @@ import shlex
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import kl_fused
-from kl_fused.cache import TeacherCache, check_teacher_vocab
+from kl_fused.cache import TeacherCache
 from kl_fused.cache.cli import main as kl_fused_cache
 
 SUBJECTS = ["the cat", "a dog", "my friend", "the teacher", "a student", "the bird", "our neighbour"]
@@ -133,17 +132,13 @@ def distillation_loss(student, batch, *, temperature, hard_weight, soft_weight=1
     """One step's loss: hard_weight * CE(student, labels) + soft_weight * KL(stored teacher || student)
     over the labelled tokens, and its two parts (detached) for the log.
 
-    Today the student's logits are built and the two terms computed apart (sparse_kl_div with the
-    bucket tail, then F.cross_entropy); kl_fused.linear_distillation_loss(hidden, lm_head.weight,
-    teacher_topk=..., labels=..., hard_weight=...) computes both in one pass without the logits."""
-    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    check_teacher_vocab(batch["teacher_topk"], logits.shape[-1])
-    indices, logprobs = batch["teacher_topk"]
-    labels = batch["labels"]
-    soft = kl_fused.sparse_kl_div(logits, indices, logprobs, temperature=temperature, tail="bucket",
-                                  mask=labels != IGNORE_INDEX)
-    hard = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    return soft_weight * soft + hard_weight * hard, soft.detach(), hard.detach()
+    kl_fused.linear_distillation_loss computes both terms from the student's last hidden states and its
+    output layer, a chunk of rows at a time, without building the logits; the bucket tail of the sparse
+    KL; the teacher's top-k carry the store's vocabulary, which the loss checks against the student's."""
+    hidden = student.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return kl_fused.linear_distillation_loss(hidden, student.lm_head.weight, teacher_topk=batch["teacher_topk"],
+                                             labels=batch["labels"], hard_weight=hard_weight, soft_weight=soft_weight,
+                                             temperature=temperature, tail="bucket", return_parts=True)
 
 
 def train(store, corpus, tokenizer, steps, batch_size, length, hard_weight, seed=0, workers=2, log=print):

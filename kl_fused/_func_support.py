@@ -38,12 +38,12 @@ def _has_tangent(x):
 
 
 def apply(op_name, args):
-    """The loss of the op through its autograd.Function, each input with a tangent asking for its gradient."""
+    """The op's outputs through its autograd.Function, each input with a tangent asking for its gradient."""
     function = _FUNCTIONS[op_name]
     args = list(args)
     for position, flag in zip(function.grad_inputs, function.grad_flags):
         args[flag] = bool(args[flag]) or _has_tangent(args[position])
-    return function.apply(*args)[0]
+    return function.apply(*args)
 
 
 class _FirstOrderOnly(torch.autograd.Function):

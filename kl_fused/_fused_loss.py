@@ -36,22 +36,28 @@ def scale_by_upstream(grad, upstream):
     return grad
 
 
-def fused_loss(op_name, *args):
-    """The loss of the fused op `op_name` ("kl_fused::kl_div_logits") called with args; its other
-    outputs are the gradients that autograd takes over. Under torch.func transforms and forward-mode
-    AD the call goes through _func_support's autograd.Function instead of torch.library's autograd."""
+def fused_loss(op_name, *args, outputs=1):
+    """The loss of the fused op `op_name` ("kl_fused::kl_div_logits") called with args (with outputs=n,
+    its first n outputs: the loss, then the op's trailing non-gradient outputs, e.g. the distillation
+    step's parts); the gradients among its outputs are the ones autograd takes over. Under torch.func
+    transforms and forward-mode AD the call goes through _func_support's autograd.Function instead of
+    torch.library's autograd."""
     if not torch.compiler.is_compiling() and _func_support.transforms_active():
-        return _func_support.apply(op_name, args)
-    return getattr(torch.ops.kl_fused, op_name.split("::")[-1])(*args)[0]
+        result = _func_support.apply(op_name, args)
+    else:
+        result = getattr(torch.ops.kl_fused, op_name.split("::")[-1])(*args)
+    return result[0] if outputs == 1 else (result[0],) + tuple(result[len(result) - outputs + 1:])
 
 
-def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_arg=None, public_name=None):
-    """Registers autograd for a fused loss op ``op(*args) -> (loss, *grads)``.
+def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_arg=None, public_name=None,
+                                 extra_outputs=0):
+    """Registers autograd for a fused loss op ``op(*args) -> (loss, *grads, *extras)``.
 
     grad_inputs[i] is the position in args of the input that grads[i] belongs to, grad_flags[i]
     the position of the bool argument that asks the op for it. Every other argument is treated as
     non-differentiable (masks, indices, options). public_name(args) names the public function that
-    calls the op, for messages (default: the op's name).
+    calls the op, for messages (default: the op's name). `extra_outputs` trailing outputs (the
+    distillation step's unweighted parts, for logging) are non-differentiable results, not gradients.
 
     Gradients of logits scale per row, so a per-row upstream gradient (reduction "none") scales the
     forward's rows. Gradients that mix rows (a weight's, in the fused linear losses) do not: such an
@@ -65,9 +71,11 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_a
     op = getattr(torch.ops.kl_fused, name)
     public_name = public_name or (lambda args: name)
 
+    n_grads = len(grad_inputs)
+
     def setup_context(ctx, inputs, output):
-        grads = output[1:]
-        ctx.mark_non_differentiable(*grads)
+        grads = output[1 : 1 + n_grads]
+        ctx.mark_non_differentiable(*output[1:])
         # Otherwise autograd hands backward (rows x V) zero tensors for those outputs.
         ctx.set_materialize_grads(False)
         # Kept as attributes, not saved tensors: the first backward takes them over and scales
@@ -97,7 +105,7 @@ def register_fused_loss_autograd(op_name, grad_inputs, grad_flags, row_weights_a
             if weighted_rows:
                 args[row_weights_arg] = grad_loss.reshape(-1)
             with torch.no_grad():  # constants of the graph (a second derivative raises instead)
-                grads = op(*args)[1:]
+                grads = op(*args)[1 : 1 + n_grads]
         for position, need, grad in zip(grad_inputs, needed, grads):
             if need:
                 result[position] = grad if weighted_rows else scale_by_upstream(grad, grad_loss)

@@ -31,6 +31,8 @@ PUBLIC_OPS = {
     "linear_jsd": ("kl_fused::jsd_logits", "kl_fused::grad_scale_"),  # ... and this one
     "jsd_logits": ("kl_fused::jsd_logits", "kl_fused::grad_scale_"),
     "sparse_kl_div": ("kl_fused::sparse_kl_div", "kl_fused::grad_scale_"),
+    "distillation_loss": ("kl_fused::distillation_loss", "kl_fused::grad_scale_"),
+    "linear_distillation_loss": ("kl_fused::distillation_loss", "kl_fused::grad_scale_"),  # in the chunk loop
 }
 
 

@@ -45,29 +45,12 @@ def check_sparse_args(student_logits, teacher_indices, teacher_logprobs, tempera
     for name, x in (("student_logits", student_logits), ("teacher_logprobs", teacher_logprobs)):
         if not x.is_floating_point() or x.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} must be float32, float64, float16 or bfloat16, got {x.dtype}")
-    if teacher_indices.dtype not in INDEX_DTYPES:
-        raise TypeError(f"teacher_indices must be int64 or int32 token ids, got {teacher_indices.dtype}")
     if student_logits.dim() == 0:
         raise ValueError("student_logits must have shape (..., V) with at least one dimension, got a 0-dim tensor")
     if student_logits.shape[-1] == 0:
         raise ValueError(f"the vocabulary (last) dimension must be non-empty, got shape {tuple(student_logits.shape)}")
-    leading = tuple(student_logits.shape[:-1])
-    for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
-        if x.dim() != student_logits.dim() or tuple(x.shape[:-1]) != leading:
-            raise ValueError(
-                f"{name} must have shape (..., K) with the leading shape {leading} of student_logits, "
-                f"got {tuple(x.shape)}"
-            )
-    if teacher_indices.shape != teacher_logprobs.shape:
-        raise ValueError(
-            "teacher_indices and teacher_logprobs must have the same shape, got "
-            f"{tuple(teacher_indices.shape)} and {tuple(teacher_logprobs.shape)}"
-        )
-    if teacher_indices.shape[-1] == 0:
-        raise ValueError("the teacher support needs K >= 1 slots, got K = 0")
-    for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
-        if x.device != student_logits.device:
-            raise ValueError(f"{name} must be on the student_logits' device {student_logits.device}, got {x.device}")
+    check_topk_slots(teacher_indices, teacher_logprobs, tuple(student_logits.shape[:-1]), student_logits.device,
+                     "student_logits")
     check_temperature(temperature, student_logits.dtype)
     if tail not in TAILS:
         raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
@@ -76,6 +59,31 @@ def check_sparse_args(student_logits, teacher_indices, teacher_logprobs, tempera
     if not isinstance(validate, bool):
         raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     check_mask(mask, tuple(student_logits.shape[:-1]), student_logits.device, "the logits")
+
+
+def check_topk_slots(teacher_indices, teacher_logprobs, leading, device, of):
+    """(..., K) token ids and log-probs of a sparse teacher for rows of the leading shape `leading` on
+    `device` (`of` names the tensor whose rows they belong to)."""
+    for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        _check_tensor(name, x)
+    if not teacher_logprobs.is_floating_point() or teacher_logprobs.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"teacher_logprobs must be float32, float64, float16 or bfloat16, got {teacher_logprobs.dtype}")
+    if teacher_indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"teacher_indices must be int64 or int32 token ids, got {teacher_indices.dtype}")
+    for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        if x.dim() != len(leading) + 1 or tuple(x.shape[:-1]) != tuple(leading):
+            raise ValueError(f"{name} must have shape (..., K) with the leading shape {tuple(leading)} of {of}, "
+                             f"got {tuple(x.shape)}")
+    if teacher_indices.shape != teacher_logprobs.shape:
+        raise ValueError(
+            "teacher_indices and teacher_logprobs must have the same shape, got "
+            f"{tuple(teacher_indices.shape)} and {tuple(teacher_logprobs.shape)}"
+        )
+    if teacher_indices.shape[-1] == 0:
+        raise ValueError("the teacher support needs K >= 1 slots, got K = 0")
+    for name, x in (("teacher_indices", teacher_indices), ("teacher_logprobs", teacher_logprobs)):
+        if x.device != device:
+            raise ValueError(f"{name} must be on the {of}' device {device}, got {x.device}")
 
 
 def check_topk_args(teacher_logits, k, temperature):

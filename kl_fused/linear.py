@@ -6,9 +6,13 @@ import math
 import torch
 
 from kl_fused import _chunked_linear, reference
+from kl_fused._distill_args import check_labels, check_num_items, check_options, check_teacher_form, check_teacher_topk
 from kl_fused._fused_loss import fused_loss
 from kl_fused._ops import fused_path
+from kl_fused._sparse_args import check_topk_slots, support_mass_tolerance
+from kl_fused._teacher_topk import check_teacher_vocab
 from kl_fused._validate import SUPPORTED_DTYPES, check_beta, check_direction, check_mask, check_reduction, check_temperature
+from kl_fused.distill import LossParts
 
 # Bytes of one (chunk_rows x V) logits buffer that the default chunk size aims at, and the fewest rows
 # a chunk gets. CPU: a chunk's few buffers stay within ~100 MB, and from 256 rows on the chunk's matmuls
@@ -94,10 +98,10 @@ def linear_kl_div(
     """
     check_direction(direction)
     return _linear_loss(
-        "kl", 1.0 if direction == "reverse" else 0.0, reference.linear_kl_div, dict(direction=direction),
-        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias,
-        teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale,
-        student_softcap, teacher_softcap)
+        "linear_kl_div", "reverse_kl" if direction == "reverse" else "forward_kl", 0.5, reference.linear_kl_div,
+        dict(direction=direction), student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight,
+        student_bias, teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale,
+        teacher_logit_scale, student_softcap, teacher_softcap)
 
 
 def linear_jsd(
@@ -127,52 +131,141 @@ def linear_jsd(
     """
     check_beta(beta)
     return _linear_loss(
-        "jsd", float(beta), reference.linear_jsd, dict(beta=beta),
-        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias,
-        teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale,
-        student_softcap, teacher_softcap)
+        "linear_jsd", "jsd", float(beta), reference.linear_jsd, dict(beta=beta), student_hidden, student_weight,
+        teacher_logits, teacher_hidden, teacher_weight, student_bias, teacher_bias, temperature, reduction, mask,
+        chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
 
 
-def _linear_loss(loss, loss_param, reference_fn, reference_options, student_hidden, student_weight, teacher_logits,
-                 teacher_hidden, teacher_weight, student_bias, teacher_bias, temperature, reduction, mask, chunk_rows,
-                 student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap):
-    """Validates the arguments of a linear loss, then runs the shared chunk loop on devices whose row
-    kernels exist (else the materialising reference, with one warning)."""
+def _linear_loss(public_name, divergence, beta, reference_fn, reference_options, student_hidden, student_weight,
+                 teacher_logits, teacher_hidden, teacher_weight, student_bias, teacher_bias, temperature, reduction, mask,
+                 chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap):
+    """linear_kl_div and linear_jsd: validates their arguments, then runs the shared chunk loop on devices
+    whose row kernels exist (else the materialising reference, with one warning)."""
     compute_dtype = check_linear_args(
         student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias, teacher_bias,
         temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap,
         teacher_softcap)
-    device = student_hidden.device
-    public_name = "linear_kl_div" if loss == "kl" else "linear_jsd"
-    if not fused_path(public_name, device):
+    if not fused_path(public_name, student_hidden.device):
         return reference_fn(
             student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden,
             teacher_weight=teacher_weight, student_bias=student_bias, teacher_bias=teacher_bias,
             temperature=temperature, reduction=reduction, mask=mask, student_logit_scale=student_logit_scale,
             teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
             teacher_softcap=teacher_softcap, **reference_options)
-    tensors = (student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias)
+    return _chunked(compute_dtype, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                    teacher_weight, teacher_bias, None, None, mask, None, divergence, beta, "bucket", temperature, 1.0,
+                    0.0, -100, 0.0, reduction, True, chunk_rows, student_logit_scale, student_softcap,
+                    teacher_logit_scale, teacher_softcap)[0]
+
+
+def linear_distillation_loss(
+    student_hidden,
+    student_weight,
+    teacher_logits=None,
+    *,
+    teacher_hidden=None,
+    teacher_weight=None,
+    teacher_topk=None,
+    student_bias=None,
+    teacher_bias=None,
+    chunk_rows=None,
+    student_logit_scale=1.0,
+    teacher_logit_scale=1.0,
+    student_softcap=None,
+    teacher_softcap=None,
+    labels=None,
+    divergence="forward_kl",
+    beta=0.5,
+    tail="bucket",
+    temperature=1.0,
+    soft_weight=1.0,
+    hard_weight=0.0,
+    ignore_index=-100,
+    label_smoothing=0.0,
+    reduction="batchmean",
+    mask=None,
+    num_items_in_batch=None,
+    return_parts=False,
+    validate=True,
+):
+    r"""The distillation step of :func:`kl_fused.distillation_loss` from the student's hidden states and
+    output layer, without materialising its (rows x V) logits: ``soft_weight * D + hard_weight * CE`` per
+    counted row, the cross-entropy in the soft term's kernel, in the chunk loop of :func:`linear_kl_div`.
+
+    The teacher is one of: ``teacher_logits`` ``(..., V)``; ``teacher_hidden`` ``(..., H_t)`` with
+    ``teacher_weight`` ``(V, H_t)`` (and ``teacher_bias``), whose logits are built a chunk at a time too;
+    ``teacher_topk = (indices, logprobs)``, each ``(..., K)`` (offline distillation from a top-k cache:
+    no logits at all); or none, with labels and ``hard_weight > 0``:
+    ``linear_distillation_loss(h, W, labels=y, hard_weight=1)`` is a fused linear cross-entropy, equal to
+    ``F.cross_entropy(h @ W.T, y, ignore_index=-100)``.
+
+    The logits are ``post(hidden @ weight.T + bias)``, post the logit scale then the softcap (as in
+    :func:`linear_kl_div`); the teacher's scale and softcap apply to logits built from teacher_hidden
+    only (giving them with teacher_logits or teacher_topk is an error). The hard term is at temperature 1
+    after the student's scale and softcap. Every other keyword is :func:`kl_fused.distillation_loss`'s.
+    Rows that do not count (mask False, or labelled ignore_index) are never read and cost no matmul.
+
+    Gradients flow to every input tensor that requires grad: hidden states, weights, biases, teacher
+    logits or top-k log-probs, under any upstream gradient. Weight and bias gradients of 16-bit layers
+    accumulate in fp32. With a mask or labels, the call synchronises with the host once (the number of
+    counted rows sets the chunk shapes), and with ``validate`` once more on CUDA, after the last chunk
+    (not once per chunk: the chunks run unvalidated and a bad row, whose loss is then NaN, is rerun
+    validated to raise); with ``reduction="none"`` the forward computes the losses only and backward
+    runs the chunk loop again with the upstream weights.
+    """
+    check_options(divergence, beta, tail, temperature, soft_weight, hard_weight, ignore_index, label_smoothing,
+                  reduction, validate)
+    given_topk, teacher_topk = teacher_topk, check_teacher_topk(teacher_topk)
+    dense = any(x is not None for x in (teacher_logits, teacher_hidden, teacher_weight, teacher_bias))
+    check_teacher_form(dense, teacher_topk, divergence, labels, hard_weight)
+    compute_dtype = check_linear_args(
+        student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias, teacher_bias,
+        temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap,
+        teacher_softcap, teacher_required=False)
+    leading = tuple(student_hidden.shape[:-1])
+    if teacher_topk is not None:
+        check_topk_slots(*teacher_topk, leading, student_hidden.device, "student_hidden")
+        check_teacher_vocab(given_topk, student_weight.shape[0])  # a TeacherTopK of another vocabulary
+    check_labels(labels, leading, student_hidden.device)
+    num_items = check_num_items(num_items_in_batch, reduction, student_hidden.device)
+    if not fused_path("linear_distillation_loss", student_hidden.device):
+        return reference.linear_distillation_loss(
+            student_hidden, student_weight, teacher_logits, teacher_hidden=teacher_hidden, teacher_weight=teacher_weight,
+            teacher_topk=teacher_topk, student_bias=student_bias, teacher_bias=teacher_bias,
+            student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+            student_softcap=student_softcap, teacher_softcap=teacher_softcap, labels=labels, divergence=divergence,
+            beta=beta, tail=tail, temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+            ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction, mask=mask,
+            num_items_in_batch=num_items, return_parts=return_parts, validate=validate)
+    indices, logprobs = teacher_topk if teacher_topk is not None else (None, None)
+    result = _chunked(compute_dtype, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden,
+                      teacher_weight, teacher_bias, indices, logprobs, mask, labels, divergence, beta, tail, temperature,
+                      soft_weight, hard_weight, ignore_index, label_smoothing, reduction, validate, chunk_rows,
+                      student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, num_items)
+    return LossParts(result[0], result[-1][0], result[-1][1]) if return_parts else result[0]
+
+
+def _chunked(compute_dtype, student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight,
+             teacher_bias, teacher_indices, teacher_logprobs, mask, labels, divergence, beta, tail, temperature,
+             soft_weight, hard_weight, ignore_index, label_smoothing, reduction, validate, chunk_rows,
+             student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap, num_items=None):
+    """The shared chunk loop (_chunked_linear.py) on checked arguments: (loss, parts)."""
+    device = student_hidden.device
+    tensors = (student_hidden, student_weight, student_bias, teacher_logits, teacher_hidden, teacher_weight, teacher_bias,
+               teacher_logprobs)
     # reduction "none": the forward cannot know the per-row upstream weights, so it computes the loss
     # only and backward runs the loop again with them (_chunked_linear.py).
     wants = [torch.is_grad_enabled() and reduction != "none" and t is not None and t.requires_grad for t in tensors]
+    if chunk_rows is None:
+        hidden = max(w.shape[1] for w in (student_weight, teacher_weight) if w is not None)
+        chunk_rows = default_chunk_rows(student_weight.shape[0], device, compute_dtype, hidden)
+    tolerance = (support_mass_tolerance(teacher_logprobs.dtype, teacher_logprobs.shape[-1])
+                 if teacher_logprobs is not None else 0.0)
     return fused_loss(
-        _chunked_linear.OP_NAME,
-        *tensors,
-        mask,
-        None,
-        loss,
-        float(loss_param),
-        float(temperature),
-        float(student_logit_scale),
-        float(student_softcap or 0.0),
-        float(teacher_logit_scale),
-        float(teacher_softcap or 0.0),
-        compute_dtype,
-        reduction,
-        int(chunk_rows) if chunk_rows is not None else default_chunk_rows(
-            student_weight.shape[0], device, compute_dtype, max(w.shape[1] for w in (student_weight, teacher_weight) if w is not None)),
-        *wants,
-    )
+        _chunked_linear.OP_NAME, *tensors, teacher_indices, labels, mask, num_items, None, divergence, float(beta), tail == "renormalize",
+        float(temperature), float(soft_weight), float(hard_weight), int(ignore_index), float(label_smoothing),
+        tolerance, validate, float(student_logit_scale), float(student_softcap or 0.0), float(teacher_logit_scale),
+        float(teacher_softcap or 0.0), compute_dtype, reduction, int(chunk_rows), *wants, outputs=2)
 
 
 def _check_tensor(name, x, dims=None):
@@ -218,8 +311,10 @@ def _check_layer(side, hidden, weight, bias, autocast):
 
 def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hidden, teacher_weight, student_bias,
                       teacher_bias, temperature, reduction, mask, chunk_rows, student_logit_scale, teacher_logit_scale,
-                      student_softcap, teacher_softcap):
-    """Raises TypeError/ValueError naming the first problem; returns the dtype the matmuls run in."""
+                      student_softcap, teacher_softcap, teacher_required=True):
+    """Raises TypeError/ValueError naming the first problem; returns the dtype the matmuls run in. A dense
+    teacher (logits, or hidden states and a weight) is required unless `teacher_required` is False (the
+    caller checks its other forms)."""
     device_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     # Autocast exists for some device types only (not "meta"): elsewhere it is off.
     autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
@@ -230,7 +325,7 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     given_hidden = teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None
     if teacher_logits is not None and given_hidden:
         raise ValueError("give the teacher either as teacher_logits or as teacher_hidden and teacher_weight, not both")
-    if teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
+    if (teacher_required or given_hidden) and teacher_logits is None and (teacher_hidden is None or teacher_weight is None):
         raise ValueError(
             "the teacher is missing: give teacher_logits, or both teacher_hidden and teacher_weight "
             f"(got teacher_hidden={'a tensor' if teacher_hidden is not None else None}, "
@@ -246,7 +341,7 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
             raise TypeError(
                 f"teacher_logits must have the dtype of the student's logits, {compute_dtype}, got {teacher_logits.dtype}")
         tensors.append(("teacher_logits", teacher_logits))
-    else:
+    elif teacher_hidden is not None:
         _check_layer("teacher", teacher_hidden, teacher_weight, teacher_bias, autocast)
         if tuple(teacher_hidden.shape[:-1]) != leading:
             raise ValueError(
@@ -268,6 +363,11 @@ def check_linear_args(student_hidden, student_weight, teacher_logits, teacher_hi
     check_reduction(reduction)
     check_mask(mask, leading, student_hidden.device, "the hidden states")
     check_linear_options(chunk_rows, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
+    if teacher_hidden is None and (teacher_logit_scale != 1.0 or teacher_softcap is not None):
+        raise ValueError(
+            f"teacher_logit_scale ({teacher_logit_scale}) and teacher_softcap ({teacher_softcap}) apply to logits built "
+            "from teacher_hidden and teacher_weight; teacher_logits (or a top-k teacher) are used as given: apply "
+            "them to those yourself")
     return compute_dtype
 
 

@@ -9,6 +9,7 @@ benchmark. They materialise several (rows x V) buffers, which is what the fused 
 import torch
 import torch.nn.functional as F
 
+from kl_fused._distill_reference import distillation_loss, linear_distillation_loss  # noqa: F401  (kl_fused.reference.*)
 from kl_fused._sparse_reference import sparse_kl_div  # noqa: F401  (kl_fused.reference.sparse_kl_div)
 from kl_fused._validate import check_jsd_args, check_kl_args
 

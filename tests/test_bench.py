@@ -151,6 +151,30 @@ def test_bench_sparse_mode(tmp_path):
         assert record["median_ms"] > 0 and record["torch_version"] == torch.__version__
 
 
+def test_bench_distill_mode_checks_and_times_every_provider(tmp_path):
+    """--distill on tiny logits and linear cases: every provider that runs here (torch.compile's are left
+    to the other modes' tests, for time) is checked against the float64 reference (a disagreement makes
+    the exit code 1) and timed; the linear memory probe's step runs in-process."""
+    from kl_fused.bench import distill
+
+    out = tmp_path / "distill.json"
+    providers = "eager,two-pass,fused,soft,materialized-eager,materialized-two-pass,linear,linear-soft,liger,trl"
+    code = bench.main(["--distill", "--cases", "24x300:float32", "--distill-linear-cases", "24x8x300",
+                       "--teachers", "dense,topk", "--topk-slots", "8", "--temperatures", "2", "--reps", "2",
+                       "--warmup", "1", "--providers", providers, "--no-memory", "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    logits = {(r["provider"], r["teacher"]) for r in records if r["input"] == "logits"}
+    assert logits == {(p, t) for p in ("eager", "two-pass", "fused", "soft") for t in ("dense", "topk")}
+    linear = {(r["provider"], r["teacher"]) for r in records if r["input"] == "hidden"}
+    assert {(p, "dense") for p in ("materialized-eager", "liger", "trl", "linear", "linear-soft")} <= linear
+    assert {(p, "topk") for p in ("materialized-two-pass", "linear", "linear-soft")} <= linear
+    fused = next(r for r in records if r["provider"] == "fused" and r["teacher"] == "dense")
+    assert fused["x_vs_soft"] > 0 and fused["x_vs_two-pass"] > 0 and fused["hard_weight"] == 0.5
+    step, tensors = distill.memory_probe_step("linear", 16, 8, 200, "float32", "topk", 2.0, 0.5, 8, "cpu")
+    assert step().isfinite() and tensors[0].grad is not None and tensors[1].grad is not None
+
+
 def test_bench_cache_mode_writes_reads_and_sizes_both_encodings(tmp_path):
     import pytest
 

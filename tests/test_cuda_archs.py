@@ -71,7 +71,8 @@ def test_built_is_not_runnable_without_a_gpu(cuda_build, monkeypatch):
     assert not kl_fused.will_run_fused(torch.zeros(1, device="meta"))
 
 
-@pytest.mark.parametrize("op", ["kl_div_logits", "jsd_logits", "sparse_kl_div", "linear_kl_div", "linear_jsd"])
+@pytest.mark.parametrize("op", ["kl_div_logits", "jsd_logits", "sparse_kl_div", "linear_kl_div", "linear_jsd",
+                                "distillation_loss", "linear_distillation_loss"])
 def test_a_gpu_without_a_kernel_image_takes_the_reference_and_says_why_once(cuda_build, monkeypatch, op):
     fake_gpu(monkeypatch, (7, 5), count=2)
     device = torch.device("cuda", 1)

@@ -24,11 +24,12 @@ def test_every_architecture_built_and_every_source_are_audited(records):
 
 
 # Blackwell's ptxas (sm_100, sm_120) needs a few more registers than sm_80/sm_90's for the same code: at
-# 64 registers (1024 threads) and 128 (512, fp64) the kl, jsd and sparse bucket row kernels spill up to
-# 536 bytes of stores and 688 of loads per thread, to L1-resident local memory. Until their launch bounds
-# are tuned per architecture, that is the allowance (bytes of spill stores, and of spill loads, per
-# kernel); every other architecture spills nothing, and the recorded table shows each spill.
-SPILL_ALLOWANCE = {"sm_100": 768, "sm_120": 768}
+# 64 registers (1024 threads) and 128 (512, fp64) the kl, jsd and sparse bucket row kernels spill, most of
+# them under 400 bytes per thread, the fp64 KL kernel with the hard term 1160 bytes of stores and 1296 of
+# loads, to L1-resident local memory. Until their launch bounds are tuned per architecture, that is the
+# allowance (bytes of spill stores, and of spill loads, per kernel); every other architecture spills
+# nothing, and the recorded table shows each spill.
+SPILL_ALLOWANCE = {"sm_100": 1536, "sm_120": 1536}
 
 
 def test_no_kernel_spills(records):

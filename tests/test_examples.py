@@ -19,13 +19,26 @@ def load_example(name):
     return module
 
 
+@pytest.fixture(scope="module")
+def distill_hf():
+    """examples/distill_hf.py and its teacher, fitted once for both losses' tests (it is never trained
+    further: the Trainer trains the student only)."""
+    module = load_example("distill_hf")
+    return module, module.fitted_teacher(seed=0, teacher_steps=20)
+
+
 @pytest.mark.parametrize("loss", ["kl", "jsd"])
-def test_distillation_with_the_hf_trainer_lowers_the_loss_and_trains_head_and_body(loss):
-    distill_hf = load_example("distill_hf")
-    row_op = torch.ops.kl_fused.jsd_logits.default if loss == "jsd" else torch.ops.kl_fused.kl_div_logits.default
-    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, row_op):
-        losses, grad_norms = distill_hf.distil(steps=8, loss=loss, teacher_steps=20, quiet=True)
+def test_distillation_with_the_hf_trainer_lowers_the_loss_and_trains_head_and_body(distill_hf, loss):
+    distill_hf, teacher = distill_hf
+    before = [p.detach().clone() for p in teacher.parameters()]
+    record = {}
+    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.distillation_loss.default):
+        losses, grad_norms = distill_hf.distil(steps=8, loss=loss, quiet=True, record=record, teacher=teacher)
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters())), "the teacher changed"
     assert len(losses) == 8 and len(grad_norms) == 8
+    # The Trainer counted the batch's labels and passed the count on: the loss's batchmean used it.
+    counts = record["num_items_in_batch"]
+    assert len(counts) == 8 and all(count is not None and int(count) > 0 for count in counts), counts
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) < sum(losses[:2]), f"the loss did not fall: {losses}"
     for step, norms in enumerate(grad_norms):
@@ -82,7 +95,7 @@ def test_offline_distillation_builds_a_store_and_the_student_learns_from_it(tmp_
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: a second thread only waits, and on a loaded machine it spins
     try:
-        with fused_op_must_run(torch.ops.kl_fused.sparse_kl_div.default):
+        with fused_op_must_run(torch.ops.kl_fused.distillation_loss.default):
             losses = offline.run(tmp_path, steps=14, lines=48, length=24, teacher_steps=20, packed=True, quiet=True)
     finally:
         torch.set_num_threads(threads)

@@ -15,7 +15,12 @@ OPS = {
     "sparse_kl_div": torch.ops.kl_fused.sparse_kl_div.default,
     "linear_kl_div": torch.ops.kl_fused.chunked_linear_loss.default,
     "linear_jsd": torch.ops.kl_fused.chunked_linear_loss.default,
+    "distillation_loss": torch.ops.kl_fused.distillation_loss.default,
+    "linear_distillation_loss": torch.ops.kl_fused.chunked_linear_loss.default,
 }
+# The distillation step's labels (row (0, 1) ignored) and hard-term options.
+LABELS = torch.tensor([[3, -100, 17], [0, 39, 8]])
+HARD = dict(labels=LABELS, hard_weight=0.4, label_smoothing=0.1)
 
 
 def problem(name, reduction):
@@ -35,6 +40,19 @@ def problem(name, reduction):
         primals = (student, lp)
         fused = lambda s, l, **o: kl_fused.sparse_kl_div(s, idx, l, **o)  # noqa: E731
         ref = lambda s, l, **o: kl_fused.reference.sparse_kl_div(s, idx, l, **o)  # noqa: E731
+    elif name == "distillation_loss":
+        student, teacher = make_logits((2, 3, 40), torch.float64, "cpu", seed=3)
+        options.update(temperature=1.7, divergence="reverse_kl", **HARD)
+        primals = (student, teacher)
+        fused, ref = kl_fused.distillation_loss, kl_fused.reference.distillation_loss
+    elif name == "linear_distillation_loss":
+        hidden = torch.randn(2, 3, 16, generator=gen, dtype=torch.float64)
+        weight = torch.randn(40, 16, generator=gen, dtype=torch.float64)
+        _, idx, lp = make_sparse((2, 3), 40, 6, torch.float64, seed=4, lp_dtype=torch.float64)
+        options.update(temperature=1.3, chunk_rows=2, **HARD)
+        primals = (hidden, weight, lp)
+        fused = lambda h, w, l, **o: kl_fused.linear_distillation_loss(h, w, teacher_topk=(idx, l), **o)  # noqa: E731
+        ref = lambda h, w, l, **o: kl_fused.reference.linear_distillation_loss(h, w, teacher_topk=(idx, l), **o)  # noqa: E731
     else:
         hidden = torch.randn(2, 3, 16, generator=gen, dtype=torch.float64)
         weight = torch.randn(40, 16, generator=gen, dtype=torch.float64)
@@ -68,7 +86,7 @@ def test_jvp_matches_the_reference(name, reduction):
                  1e-9, 1e-12, "tangent of the first input")
 
 
-@pytest.mark.parametrize("name", ["kl_div_logits", "sparse_kl_div", "linear_jsd"])
+@pytest.mark.parametrize("name", ["kl_div_logits", "sparse_kl_div", "linear_jsd", "distillation_loss"])
 def test_forward_ad_dual_tensors(name):
     fused, ref, primals, tangents = problem(name, "sum")
     results = []
@@ -100,7 +118,8 @@ def test_grad_and_vjp_match_the_reference(name, reduction):
         assert_close(got, want, 1e-9, 1e-12, "grad")
 
 
-@pytest.mark.parametrize("name", ["kl_div_logits", "jsd_logits", "sparse_kl_div", "linear_kl_div"])
+@pytest.mark.parametrize("name", ["kl_div_logits", "jsd_logits", "sparse_kl_div", "linear_kl_div", "distillation_loss",
+                                  "linear_distillation_loss"])
 def test_second_derivatives_raise(name):
     fused, _, primals, _ = problem(name, "sum")
     first = lambda x: torch.func.grad(lambda y: fused(y, *primals[1:]))(x).sum()  # noqa: E731

@@ -103,6 +103,7 @@ def _meta_calls():
     meta = lambda *shape, dtype=torch.bfloat16: torch.empty(shape, device="meta", dtype=dtype)  # noqa: E731
     mask = torch.empty(2, 3, device="meta", dtype=torch.bool)
     idx = torch.empty(2, 3, 4, device="meta", dtype=torch.int64)
+    labels = torch.empty(2, 3, device="meta", dtype=torch.int64)
     s, t = meta(2, 3, 50).requires_grad_(), meta(2, 3, 50).requires_grad_()
     h, w = meta(2, 3, 16).requires_grad_(), meta(50, 16).requires_grad_()
     return [
@@ -115,6 +116,11 @@ def _meta_calls():
         ("linear_kl_div", lambda: kl_fused.linear_kl_div(h, w, meta(2, 3, 50), mask=mask), (), (h, w)),
         ("linear_jsd", lambda: kl_fused.linear_jsd(h, w, teacher_hidden=meta(2, 3, 16), teacher_weight=meta(50, 16),
                                                    reduction="none"), (2, 3), (h, w)),
+        ("distillation_loss", lambda: kl_fused.distillation_loss(s, t, labels=labels, hard_weight=0.5, mask=mask,
+                                                                 return_parts=True).loss, (), (s, t)),
+        ("linear_distillation_loss",
+         lambda: kl_fused.linear_distillation_loss(h, w, teacher_topk=(idx, meta(2, 3, 4, dtype=torch.float32)),
+                                                   labels=labels, hard_weight=0.5, reduction="none"), (2, 3), (h, w)),
     ]
 
 

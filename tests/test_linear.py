@@ -122,7 +122,8 @@ def assert_layer_grad_close(actual, expected, dtype, name):
 def test_values_and_every_gradient_match_the_materialised_path(device, chunk_rows, teacher, direction):
     """12 rows in 3-D: chunks of 7 do not divide them, 12 and 64 hold them whole."""
     tensors = make_problem((3, 4), 24, 301, torch.float64, device, seed=chunk_rows, teacher=teacher)
-    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.kl_div_logits.default):
+    # The chunk loop runs the distillation step's row op (kl_div_logits' kernels when there are no labels).
+    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.distillation_loss.default):
         check_against_reference(tensors, torch.float64, temperature=1.6, direction=direction, chunk_rows=chunk_rows)
 
 
@@ -218,7 +219,7 @@ def test_linear_jsd_matches_the_materialised_path(device, beta, teacher):
     tensors = make_problem((3, 5), 20, 257, torch.float64, device, seed=40, teacher=teacher)
     mask = torch.tensor([[1, 1, 0, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool, device=device)
     tensors["student_hidden"][~mask] = float("nan")
-    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.jsd_logits.default):
+    with fused_op_must_run(torch.ops.kl_fused.chunked_linear_loss.default, torch.ops.kl_fused.distillation_loss.default):
         check_against_reference(tensors, torch.float64, beta=beta, temperature=1.4, mask=mask, chunk_rows=4,
                                 student_softcap=5.0)
 
@@ -402,11 +403,13 @@ def test_compile_fullgraph_matches_eager(device):
 def test_opcheck(device):
     tensors = make_problem((6,), 8, 40, torch.float32, device, seed=19)
     args = [tensors[name].clone().requires_grad_() if tensors.get(name) is not None else None for name in NAMES]
+    args.append(None)  # teacher_logprobs
     mask = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool, device=device)
     for reduction in ("batchmean", "none"):
         wants = [t is not None and reduction != "none" for t in args]
         torch.library.opcheck(torch.ops.kl_fused.chunked_linear_loss.default,
-                              (*args, mask, None, "kl", 0.0, 1.3, 1.0, 0.0, 1.0, 2.0, torch.float32, reduction, 4, *wants))
+                              (*args, None, None, mask, None, None, "forward_kl", 0.5, False, 1.3, 1.0, 0.0, -100, 0.0,
+                               0.0, True, 1.0, 0.0, 1.0, 2.0, torch.float32, reduction, 4, *wants))
 
 
 def test_module(device):

@@ -178,3 +178,34 @@ def test_float64_inputs_take_temperatures_float32_cannot():
     rows = kl_fused.kl_div_logits(student, teacher, temperature=1e-39, reduction="none")
     ref, _, _ = reference64(student, teacher, temperature=1e-39, reduction="none")
     assert_close(rows, ref, 1e-10, 0.0, "float64 at T = 1e-39")
+
+
+DISTILL_OP = torch.ops.kl_fused.distillation_loss.default
+
+
+@pytest.mark.parametrize("teacher", ["forward_kl", "reverse_kl", "jsd", "topk"])
+@pytest.mark.parametrize("vocab", [50, 2100])
+def test_distillation_step_at_huge_logit_over_temperature(teacher, vocab):
+    """The distillation step's soft term at |logit| / T = 1e10 beside its hard term at T = 1 (the same
+    logits, of order 10): rows, parts and the student's gradient against the float64 reference."""
+    student, dense, temperature = logits_at_scale((3, vocab), torch.float32, 1e10, seed=vocab + 1)
+    labels = torch.tensor([5, vocab - 1, -100])
+    options = dict(labels=labels, hard_weight=0.5, label_smoothing=0.1, temperature=temperature, reduction="none",
+                   return_parts=True)
+    if teacher == "topk":
+        idx, lp = kl_fused.topk_teacher(dense.double(), 8, temperature=temperature)
+        fused_teacher, ref_teacher = dict(teacher_topk=(idx, lp.float())), dict(teacher_topk=(idx, lp.float().double()))
+    else:
+        options["divergence"] = teacher
+        fused_teacher, ref_teacher = dict(teacher_logits=dense), dict(teacher_logits=dense.double())
+    s = student.clone().requires_grad_()
+    with fused_op_must_run(DISTILL_OP):
+        parts = kl_fused.distillation_loss(s, **fused_teacher, **options)
+    parts.loss.sum().backward()
+    s64 = student.double().requires_grad_()
+    ref = kl_fused.reference.distillation_loss(s64, **ref_teacher, **options)
+    ref.loss.sum().backward()
+    tol = TOLERANCES[torch.float32]
+    for got, want, what in zip(parts, ref, ("loss", "soft", "hard")):
+        assert_close(got, want, tol["loss_rtol"], tol["loss_atol"], what)
+    assert_grad_close(s.grad, s64.grad, torch.float32, "student grad")

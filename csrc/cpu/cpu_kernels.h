@@ -8,6 +8,17 @@
 
 namespace kl_fused::cpu {
 
+// The hard term a row kernel adds in its own passes (distill_common.h): CE = LSE(s) - (1 - eps) s_y -
+// eps mean(s) per counted row, at temperature 1, and f_h (softmax(s) - (1 - eps) onehot(y) - eps / V)
+// added to the student's gradient. labels == nullptr: no hard term.
+struct HardTerm {
+  const int64_t* labels;      // (rows,) targets; only counted rows' are read
+  void* row_hard;             // (rows,) CE per row, float (double for float64 input)
+  int32_t* status;            // (rows,) kLabelOutOfRange where a counted row's label is outside [0, V)
+  double smoothing;           // eps in [0, 1]
+  double grad_factor;         // f_h = hard_weight * d(loss)/d(row loss), resolved on the host
+};
+
 struct KLRowsProblem {
   const void* student;        // (..., V) rows addressed through student_rows, unit stride along V
   const void* teacher;        // (..., V) rows addressed through teacher_rows
@@ -27,6 +38,7 @@ struct KLRowsProblem {
   void* row_states;           // row_states: (rows, 5) partial state m_a, m_b, Z_a, Z_b, W (acc type)
   const void* global_stats;   // grad_from_stats: (rows, 5) m_a, m_b, log Z_a, log Z_b, KL of full rows
   const void* row_factor;     // grad_from_stats: (rows,) d(loss)/d(row KL) / T
+  HardTerm hard;              // kl_rows, jsd_rows: the distillation step's cross-entropy, or none
 };
 
 struct GradScaleProblem {
@@ -56,6 +68,7 @@ struct SparseRowsProblem {
   double mass_tolerance;      // bucket: sum_S p may exceed 1 by this much (then p_r = 0)
   double student_factor;      // d(loss)/d(row loss) / T, resolved on the host
   double logprobs_factor;     // d(loss)/d(row loss)
+  HardTerm hard;              // the distillation step's cross-entropy, or none (slots may then be 0)
 };
 
 #define KL_FUSED_DECLARE_CPU_KERNELS(capability)                          \

@@ -37,9 +37,9 @@
 namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE {
 namespace {
 
-template <typename scalar_t>
+template <typename scalar_t, bool kHard>
 struct JSDRowSolver {
-  using Rows = RowSolver<scalar_t, /*kReverse=*/false>;
+  using Rows = RowSolver<scalar_t, /*kReverse=*/false, kHard>;
   using L = typename Rows::L;
   using acc_t = typename Rows::acc_t;
   using Vec = typename Rows::Vec;
@@ -84,9 +84,13 @@ struct JSDRowSolver {
     const int64_t V = pr.vocab;
     const scalar_t* s = static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row);
     const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
+    const int64_t y = rows.label_of(row);
+    if (y < 0) return rows.undefined(row);  // never read out of bounds
     const RowState<acc_t> st = rows.gather(s, t, /*keep=*/true);
     // A NaN or +inf logit, or every logit -inf on one side, leaves a softmax undefined.
     if (!st.defined || st.m_a == Rows::kNegInf || st.m_b == Rows::kNegInf) return rows.undefined(row);
+    HardGradient<acc_t> hard{};
+    if constexpr (kHard) hard = rows.hard_term(row, s, y, st);
     const int64_t n_chunks = (V + kChunk - 1) / kChunk;
 
     // Pass 3: K_p, K_q.
@@ -118,29 +122,39 @@ struct JSDRowSolver {
     const Vec vk_p(k_p), vk_q(k_q);
     // Written once, never read back here: streamed past the caches where the row is aligned.
     const bool streaming_s = L::streaming_ok(ds), streaming_t = L::streaming_ok(dt);
+    // out = e scale (ratio - kl), plus the hard term's share where it is the student's (h_lo, h_hi).
     const auto gradient = [&](scalar_t* out, const acc_t* e, const acc_t* ratio, const Vec& scale, const Vec& kl,
-                              int64_t begin, int64_t j, auto n, bool streaming) {
+                              int64_t begin, int64_t j, auto n, bool streaming, const Vec& h_lo, const Vec& h_hi) {
       const int64_t i = begin + j;
-      const Vec lo = Vec::loadu(e + i) * scale * (Vec::loadu(ratio + i) - kl);
-      const Vec hi = Vec::loadu(e + i + kVec) * scale * (Vec::loadu(ratio + i + kVec) - kl);
+      const Vec lo = at::vec::fmadd(Vec::loadu(e + i) * scale, Vec::loadu(ratio + i) - kl, h_lo);
+      const Vec hi = at::vec::fmadd(Vec::loadu(e + i + kVec) * scale, Vec::loadu(ratio + i + kVec) - kl, h_hi);
       L::store_step(out + j, n, lo, hi, streaming);
     };
+    const Vec zero(acc_t(0));
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
       const Vec scale_q((acc_t(1) - beta) * f * rows.chunk_scales[2 * k + 1] / st.z_b);
       const Vec scale_p(beta * f * rows.chunk_scales[2 * k] / st.z_a);
+      const Vec q1_f(kHard ? rows.hard_factor(k, st) : acc_t(0));
       Rows::for_each_step(len, [&](int64_t j, auto n) {
-        if (ds != nullptr) gradient(ds + begin, rows.scratch_b, log_ratio_q, scale_q, vk_q, begin, j, n, streaming_s);
-        if (dt != nullptr) gradient(dt + begin, rows.scratch_a, log_ratio_p, scale_p, vk_p, begin, j, n, streaming_t);
+        if (ds != nullptr) {
+          Vec h_lo(zero), h_hi(zero);
+          if constexpr (kHard) {
+            const int64_t i = begin + j;
+            rows.hard_step(hard, s, i, n, q1_f, h_lo, h_hi);
+          }
+          gradient(ds + begin, rows.scratch_b, log_ratio_q, scale_q, vk_q, begin, j, n, streaming_s, h_lo, h_hi);
+        }
+        if (dt != nullptr) gradient(dt + begin, rows.scratch_a, log_ratio_p, scale_p, vk_p, begin, j, n, streaming_t, zero, zero);
       });
     }
     if (streaming_s || streaming_t) stream_fence();
   }
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kHard>
 void jsd_rows_typed(const KLRowsProblem& pr) {
-  using Solver = JSDRowSolver<scalar_t>;
+  using Solver = JSDRowSolver<scalar_t, kHard>;
   using acc_t = typename Solver::acc_t;
   const bool student_grad = pr.grad_student != nullptr, teacher_grad = pr.grad_teacher != nullptr;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
@@ -148,7 +162,9 @@ void jsd_rows_typed(const KLRowsProblem& pr) {
   // Per task: exp(a'), exp(b') and the log ratios of one row, then the chunk scales. A ratio takes
   // the place of the exponential its gradient does not need (the teacher's for ds); with both
   // gradients wanted, both exponentials are needed and the ratios get rows of their own.
-  const int64_t row_arrays = student_grad && teacher_grad ? 4 : 2;
+  // The hard term's exponentials at T != 1 get one more (RowSolver::scratch_1).
+  const bool keep_1 = keep_hard_exponentials<kHard>(pr, student_grad || teacher_grad);
+  const int64_t row_arrays = (student_grad && teacher_grad ? 4 : 2) + (keep_1 ? 1 : 0);
   parallel_rows<acc_t>(pr.rows, pr.vocab, row_arrays * padded + 2 * n_chunks,
                        [&](acc_t* scratch, int64_t begin, int64_t end) {
     std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
@@ -156,7 +172,8 @@ void jsd_rows_typed(const KLRowsProblem& pr) {
     acc_t* const exp_b = scratch + padded;
     acc_t* const ratio_q = !student_grad ? nullptr : (teacher_grad ? scratch + 2 * padded : exp_a);
     acc_t* const ratio_p = !teacher_grad ? nullptr : (student_grad ? scratch + 3 * padded : exp_b);
-    const Solver solver{{pr, exp_a, exp_b, chunks.get(), scratch + row_arrays * padded},
+    acc_t* const exp_1 = keep_1 ? scratch + (row_arrays - 1) * padded : nullptr;
+    const Solver solver{{pr, exp_a, exp_b, chunks.get(), scratch + row_arrays * padded, exp_1},
                         static_cast<acc_t>(pr.beta), ratio_q, ratio_p};
     for (int64_t row = begin; row < end; ++row) {
       if (pr.mask != nullptr && !pr.mask[row]) solver.rows.skip(row);
@@ -168,8 +185,9 @@ void jsd_rows_typed(const KLRowsProblem& pr) {
 }  // namespace
 
 void jsd_rows(c10::ScalarType dtype, const KLRowsProblem& problem) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_jsd_rows",
-                                  [&] { jsd_rows_typed<scalar_t>(problem); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_jsd_rows", [&] {
+    with_flag(problem.hard.labels != nullptr, [&](auto hard) { jsd_rows_typed<scalar_t, decltype(hard)::value>(problem); });
+  });
 }
 
 }  // namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE

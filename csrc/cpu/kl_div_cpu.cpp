@@ -58,27 +58,32 @@ KLRowsProblem rows_problem(const PreparedRows& in, double temperature, bool reve
   return problem;
 }
 
+RowLossOutputs run_rows_kernel(const PreparedRows& in, KLRowsProblem problem, bool student_grad, bool teacher_grad,
+                               double grad_factor, const RowsKernels& kernels) {
+  RowLossOutputs out{at::empty({in.rows}, in.student.options().dtype(in.acc_dtype)),
+                     empty_row_gradient(in.student, student_grad), empty_row_gradient(in.teacher, teacher_grad)};
+  advise_huge_pages(out.grad_student);
+  advise_huge_pages(out.grad_teacher);
+  if (in.rows > 0) {
+    problem.row_loss = out.row_loss.mutable_data_ptr();
+    problem.grad_student = student_grad ? out.grad_student.mutable_data_ptr() : nullptr;
+    problem.grad_teacher = teacher_grad ? out.grad_teacher.mutable_data_ptr() : nullptr;
+    problem.grad_factor = grad_factor;
+    (cpu_has_avx2() ? kernels.avx2 : kernels.generic)(in.student.scalar_type(), problem);
+  }
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_loss_cpu(const PreparedRows& in, c10::string_view reduction_name,
                                                          double temperature, KLRowsProblem problem,
                                                          bool student_grad, bool teacher_grad,
                                                          const RowsKernels& kernels) {
   const Reduction reduction = parse_reduction(reduction_name);
-  at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(in.acc_dtype));
-  at::Tensor grad_student = empty_row_gradient(in.student, student_grad);
-  at::Tensor grad_teacher = empty_row_gradient(in.teacher, teacher_grad);
-  advise_huge_pages(grad_student);
-  advise_huge_pages(grad_teacher);
   const std::optional<at::Tensor> counted = counted_rows(in.mask);
-
-  if (in.rows > 0) {
-    problem.row_loss = row_loss.mutable_data_ptr();
-    problem.grad_student = student_grad ? grad_student.mutable_data_ptr() : nullptr;
-    problem.grad_teacher = teacher_grad ? grad_teacher.mutable_data_ptr() : nullptr;
-    problem.grad_factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted).value();
-    (cpu_has_avx2() ? kernels.avx2 : kernels.generic)(in.student.scalar_type(), problem);
-  }
-  return {reduce_row_losses(row_loss, counted, reduction, in.leading(), in.vocab), grad_student,
-          grad_teacher};
+  const double factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted).value();
+  RowLossOutputs out = run_rows_kernel(in, problem, student_grad, teacher_grad, factor, kernels);
+  return {reduce_row_losses(out.row_loss, counted, reduction, in.leading(), in.vocab), out.grad_student,
+          out.grad_teacher};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cpu(

@@ -15,7 +15,13 @@
 //                    reverse direction swaps the roles: ds = q (log q - log p - KL) f, dt = (p - q) f
 // with f = d(loss)/d(row loss) / T. The gradients are written with non-temporal stores where a row is
 // 32-byte aligned (Lanes::store_step): no read-for-ownership of lines never read back.
-// Two exponentials per element in all (the floor on a CPU);
+// The hard term (kHard, HardTerm in cpu_kernels.h) rides in the same passes: at T = 1 its log-sum-exp
+// is the student's Z_b (nothing more per element); at T != 1 pass 2 adds Z_1 = sum exp(s - m_s) (one
+// exponential, m_s = m_b the raw student maximum), keeping exp(s - chunk shift) in a third scratch row
+// when ds is wanted, and with label smoothing sum (s - m_s); pass 3 adds f_h (q_1 - eps / V) to ds
+// (q_1 from the kept exponentials: q at T = 1, the third row at T != 1) and -f_h (1 - eps) at the label,
+// in the same store. Two exponentials per element in all (the floor on a CPU), three with the hard
+// term at T != 1;
 // memory traffic is the 2e of the inputs plus e per gradient written. Rows run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -29,6 +35,7 @@
 #include <memory>
 
 #include "cpu_kernels.h"
+#include "hard_term_lanes.h"
 #include "row_loop.h"
 #include "vec_lanes.h"
 
@@ -39,23 +46,29 @@ using at::vec::Vectorized;
 
 // One chunk's partial state: its shifts (the chunk's maxima of the raw logits t and s, or 0 for a
 // side that is all -inf there) and, relative to them, Z_a = sum exp(a'), Z_b = sum exp(b'),
-// W = sum exp(x')(x' - y'), with a' = (t - shift_a) / T, b' = (s - shift_b) / T.
+// W = sum exp(x')(x' - y'), with a' = (t - shift_a) / T, b' = (s - shift_b) / T. With the hard term
+// also, relative to the same raw student shift, Z_1 = sum exp(s - shift_b) (T != 1 only) and
+// sum (s - shift_b) (label smoothing only).
 template <typename acc_t>
 struct ChunkState {
   acc_t shift_a, shift_b, z_a, z_b, w;
+  acc_t z_1, sum_s;
 };
 
 // A row's (or a shard of a row's) merged partial state; see RowSolver::gather. m_a, m_b are maxima
-// of the raw logits (t, s), not of a = t / T and b = s / T.
+// of the raw logits (t, s), not of a = t / T and b = s / T. z_1, sum_s: the hard term's statistics
+// of the raw student logits relative to m_b (kHard only).
 template <typename acc_t>
 struct RowState {
   acc_t m_a, m_b, z_a, z_b, w;
   bool defined;
+  acc_t z_1, sum_s;
 };
 
+
 // One row's solution. kReverse picks the direction at compile time: the expectation is over
-// x = a (teacher) for forward KL and x = b (student) for reverse KL.
-template <typename scalar_t, bool kReverse>
+// x = a (teacher) for forward KL and x = b (student) for reverse KL. kHard adds the hard term.
+template <typename scalar_t, bool kReverse, bool kHard = false>
 struct RowSolver {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
@@ -74,6 +87,9 @@ struct RowSolver {
   acc_t* scratch_b;              // exp(b - chunk shift)
   ChunkState<acc_t>* chunks;     // one per chunk of the current row
   acc_t* chunk_scales;           // two per chunk: e^((shift_a - m_a) / T), e^((shift_b - m_b) / T)
+  // kHard at T != 1 with a student gradient: exp(s - chunk shift_b), the hard term's exponentials,
+  // kept by pass 2 so that pass 3 needs none of its own (3 exponentials per element, not 4).
+  acc_t* scratch_1 = nullptr;
 
   static Vec max_reduce(Vec x, Vec y) { return at::vec::maximum(x, y); }
 
@@ -95,17 +111,68 @@ struct RowSolver {
     if (pr.grad_teacher) std::fill_n(static_cast<scalar_t*>(pr.grad_teacher) + row * V, V, value);
   }
 
-  // A row that does not count: loss 0, gradient 0, logits never read.
+  // A row that does not count: loss 0, gradient 0, logits (and label) never read.
   void skip(int64_t row) const {
     static_cast<acc_t*>(pr.row_loss)[row] = acc_t(0);
+    if constexpr (kHard) {
+      static_cast<acc_t*>(pr.hard.row_hard)[row] = acc_t(0);
+      pr.hard.status[row] = 0;
+    }
     fill_gradients(row, scalar_t(0));
   }
 
-  // A row whose softmax is undefined (a NaN logit, a +inf one, or every logit -inf): the row's
-  // loss and gradient are NaN, as the reference's are.
+  // A row whose softmax is undefined (a NaN logit, a +inf one, or every logit -inf), or whose label
+  // is out of range: the row's loss and gradient are NaN, as the reference's are.
   void undefined(int64_t row) const {
     static_cast<acc_t*>(pr.row_loss)[row] = std::numeric_limits<acc_t>::quiet_NaN();
+    if constexpr (kHard) static_cast<acc_t*>(pr.hard.row_hard)[row] = std::numeric_limits<acc_t>::quiet_NaN();
     fill_gradients(row, std::numeric_limits<scalar_t>::quiet_NaN());
+  }
+
+  // The hard term's label of a counted row, or -1 (status kLabelOutOfRange, the row undefined) when
+  // it lies outside [0, V). Rows of a kernel without the hard term have no label (0).
+  int64_t label_of(int64_t row) const {
+    if constexpr (!kHard) {
+      return 0;
+    } else {
+      const int64_t y = pr.hard.labels[row];
+      const bool inside = y >= 0 && y < pr.vocab;
+      pr.hard.status[row] = inside ? 0 : kLabelOutOfRange;
+      return inside ? y : -1;
+    }
+  }
+
+  // The hard term of a defined row from its merged state: writes CE and returns what the gradient
+  // pass adds. CE = log Z_1 + (1 - eps)(m_s - s_y) + eps (m_s - mean s), each difference taken
+  // before the sum, so that logits of +-1e4 keep their digits.
+  HardGradient<acc_t> hard_term(int64_t row, const scalar_t* s, int64_t y, const RowState<acc_t>& st) const {
+    const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
+    const bool unit = inv_t == acc_t(1);
+    const acc_t eps = static_cast<acc_t>(pr.hard.smoothing), V = static_cast<acc_t>(pr.vocab);
+    // m_s = m_b, the raw student maximum; at T = 1 the student's Z_b is the hard term's Z_1.
+    const acc_t m_s = st.m_b, z_1 = unit ? st.z_b : st.z_1;
+    acc_t ce = std::log(z_1) + (acc_t(1) - eps) * (m_s - static_cast<acc_t>(s[y]));
+    if (eps != acc_t(0)) ce -= eps * st.sum_s / V;  // sum_s = sum (s - m_s)
+    static_cast<acc_t*>(pr.hard.row_hard)[row] = ce;
+    const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
+    return {f_h / z_1, m_s, f_h * eps / V, f_h * (acc_t(1) - eps), y, unit || scratch_1 != nullptr};
+  }
+
+  // f_h q_1 per kept exponential in chunk k (kHard): f_h / Z_b times the chunk's scale (T = 1, where
+  // q_1 = q and the exponentials are scratch_b's), or f_h / Z_1 e^(shift_b - m_b) (scratch_1's).
+  acc_t hard_factor(int64_t k, const RowState<acc_t>& st) const {
+    const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
+    if (scratch_1 == nullptr) return f_h / st.z_b * chunk_scales[2 * k + 1];
+    const ChunkState<acc_t>& c = chunks[k];
+    return c.z_1 > 0 ? f_h / st.z_1 * std::exp(c.shift_b - shift_of(st.m_b)) : acc_t(0);
+  }
+
+  // The hard term's share of ds over the step at row element i (hard_term_lanes.h), from the kept
+  // exponentials (scratch_1, else scratch_b) times `factor` = hard_factor(k) of the step's chunk.
+  C10_ALWAYS_INLINE void hard_step(const HardGradient<acc_t>& hard, const scalar_t* s, int64_t i, int64_t n,
+                                   const Vec& factor, Vec& lo, Vec& hi) const {
+    const acc_t* kept = scratch_1 != nullptr ? scratch_1 : scratch_b;
+    hard_gradient_step(hard, s, i, n, Vec::loadu(kept + i), Vec::loadu(kept + i + kVec), factor, lo, hi);
   }
 
   // Pass 2 over one chunk [begin, begin + len): the sums of one ChunkState, with shifts that are
@@ -119,10 +186,15 @@ struct RowSolver {
                                                  acc_t shift_a, acc_t shift_b, bool keep, Vec& nan_probe) const {
     const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vshift_a(shift_a), vshift_b(shift_b);
     Vec za(0), zb(0), w(0);
+    // The hard term's sums (kHard): Z_1 at T != 1, sum (s - shift_b) with label smoothing.
+    const bool hard_z1 = kHard && pr.inv_temperature != 1.0, hard_sum = kHard && pr.hard.smoothing != 0.0;
+    const Vec vneg_s(-shift_b);
+    Vec z1(0), sum_s(0);
     s += begin;
     t += begin;
     acc_t* ka = keep ? scratch_a + begin : nullptr;
     acc_t* kb = keep ? scratch_b + begin : nullptr;
+    acc_t* k1 = keep && scratch_1 != nullptr ? scratch_1 + begin : nullptr;
     for_each_step(len, [&](int64_t i, auto n) {
       __builtin_prefetch(s + i + kChunk);
       __builtin_prefetch(t + i + kChunk);
@@ -148,9 +220,29 @@ struct RowSolver {
         eb_lo.store(kb + i);
         eb_hi.store(kb + i + kVec);
       }
+      if constexpr (kHard) {
+        if (hard_z1) {
+          Vec live_lo, live_hi;
+          const Vec e1_lo = Exp::exp(s_lo + vneg_s, live_lo), e1_hi = Exp::exp(s_hi + vneg_s, live_hi);
+          z1 += e1_lo + e1_hi;
+          if (k1 != nullptr) {
+            e1_lo.store(k1 + i);
+            e1_hi.store(k1 + i + kVec);
+          }
+        }
+        if (hard_sum) {
+          if (n == kStep) {
+            sum_s += (s_lo + vneg_s) + (s_hi + vneg_s);
+          } else {  // the tail, whose padding lanes must add 0, not -inf
+            Vec r_lo, r_hi;
+            L::load(s + i, n, shift_b, r_lo, r_hi);
+            sum_s += (r_lo + vneg_s) + (r_hi + vneg_s);
+          }
+        }
+      }
     });
-    return {shift_a, shift_b, at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), za),
-            at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), zb), at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), w)};
+    const auto total = [](const Vec& x) { return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), x); };
+    return {shift_a, shift_b, total(za), total(zb), total(w), total(z1), total(sum_s)};
   }
 
   // Passes 1 and 2 and the merge over row elements [0, V): the row's partial state. m_a, m_b are
@@ -162,7 +254,7 @@ struct RowSolver {
     const int64_t V = pr.vocab;
     const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
     constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, false};
+    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, false, 0, 0};
 
     // Chunk by chunk: the chunk's maxima of the raw logits (multiplying by 1/T > 0 keeps the
     // order), then its sums. nan_probe sums a' + b' over the row: <= 0 or -inf, and NaN exactly
@@ -213,6 +305,10 @@ struct RowSolver {
       }
       chunk_scales[2 * k] = scale_a;
       chunk_scales[2 * k + 1] = scale_b;
+      if constexpr (kHard) {  // the hard term's sums, to the row's student shift likewise
+        if (c.z_1 > 0) st.z_1 += c.z_1 * std::exp(c.shift_b - sb);
+        st.sum_s += c.sum_s + (c.shift_b - sb) * static_cast<acc_t>(std::min(kChunk, V - k * kChunk));
+      }
     }
     st.defined = true;
     return st;
@@ -223,14 +319,14 @@ struct RowSolver {
   // an undefined one (-inf, -inf, NaN, NaN, NaN), which poisons any merge it enters.
   void write_state(int64_t row) const {
     acc_t* out = static_cast<acc_t*>(pr.row_states) + 5 * row;
-    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, true};
+    RowState<acc_t> st{kNegInf, kNegInf, 0, 0, 0, true, 0, 0};
     if (pr.mask == nullptr || pr.mask[row]) {
       st = gather(static_cast<const scalar_t*>(pr.student) + pr.student_rows.offset(row),
                   static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row), false);
     }
     if (!st.defined) {
       constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
-      st = {kNegInf, kNegInf, kNaN, kNaN, kNaN, false};
+      st = {kNegInf, kNegInf, kNaN, kNaN, kNaN, false, 0, 0};
     }
     out[0] = st.m_a;
     out[1] = st.m_b;
@@ -245,9 +341,13 @@ struct RowSolver {
     const scalar_t* t = static_cast<const scalar_t*>(pr.teacher) + pr.teacher_rows.offset(row);
     const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
     const acc_t inv_t = static_cast<acc_t>(pr.inv_temperature);
+    const int64_t y = label_of(row);
+    if (y < 0) return undefined(row);  // never read out of bounds
     const RowState<acc_t> st = gather(s, t, keep);
     // A NaN or +inf logit, or every logit -inf on one side, leaves the softmax undefined.
     if (!st.defined || st.m_a == kNegInf || st.m_b == kNegInf) return undefined(row);
+    HardGradient<acc_t> hard{};
+    if constexpr (kHard) hard = hard_term(row, s, y, st);
     const acc_t m_a = st.m_a, m_b = st.m_b, Z_a = st.z_a, Z_b = st.z_b, W = st.w;
     const int64_t n_chunks = (V + kChunk - 1) / kChunk;
     const acc_t log_za = std::log(Z_a), log_zb = std::log(Z_b);
@@ -273,15 +373,21 @@ struct RowSolver {
     for (int64_t k = 0; k < n_chunks; ++k) {
       const int64_t begin = k * kChunk, len = std::min(kChunk, V - begin);
       const Vec fp(f / Z_a * chunk_scales[2 * k]), fq(f / Z_b * chunk_scales[2 * k + 1]);
+      const Vec q1_f(kHard ? hard_factor(k, st) : acc_t(0));
       for_each_step(len, [&](int64_t j, auto n) {
         const int64_t i = begin + j;
         const Vec ea_lo = Vec::loadu(scratch_a + i), ea_hi = Vec::loadu(scratch_a + i + kVec);
         const Vec eb_lo = Vec::loadu(scratch_b + i), eb_hi = Vec::loadu(scratch_b + i + kVec);
         const Vec p_lo = ea_lo * fp, p_hi = ea_hi * fp;   // p * f
         const Vec q_lo = eb_lo * fq, q_hi = eb_hi * fq;   // q * f
+        // The hard term's share of ds (kHard), added to the soft term's before the one store.
+        Vec h_lo(acc_t(0)), h_hi(acc_t(0));
+        if constexpr (kHard) {
+          if (ds) hard_step(hard, s, i, n, q1_f, h_lo, h_hi);
+        }
         if (diff_grad) {
           if constexpr (kReverse) L::store_step(diff_grad + i, n, p_lo - q_lo, p_hi - q_hi, diff_streaming);
-          else L::store_step(diff_grad + i, n, q_lo - p_lo, q_hi - p_hi, diff_streaming);
+          else L::store_step(diff_grad + i, n, q_lo - p_lo + h_lo, q_hi - p_hi + h_hi, diff_streaming);
         }
         if (weighted_grad) {
           Vec s_lo, s_hi, t_lo, t_hi;
@@ -291,8 +397,8 @@ struct RowSolver {
           const Vec b_lo = (s_lo - vm_b) * vinv_t, b_hi = (s_hi - vm_b) * vinv_t;
           Vec g_lo, g_hi;
           if constexpr (kReverse) {  // q (b' - a' + c), zero where q = 0
-            g_lo = Vec::blendv(zero, q_lo * (b_lo - a_lo + c), eb_lo > zero);
-            g_hi = Vec::blendv(zero, q_hi * (b_hi - a_hi + c), eb_hi > zero);
+            g_lo = Vec::blendv(zero, q_lo * (b_lo - a_lo + c), eb_lo > zero) + h_lo;
+            g_hi = Vec::blendv(zero, q_hi * (b_hi - a_hi + c), eb_hi > zero) + h_hi;
           } else {                   // p (a' - b' + c), zero where p = 0
             g_lo = Vec::blendv(zero, p_lo * (a_lo - b_lo + c), ea_lo > zero);
             g_hi = Vec::blendv(zero, p_hi * (a_hi - b_hi + c), ea_hi > zero);
@@ -354,18 +460,27 @@ struct RowSolver {
   }
 };
 
+// Whether a row solver keeps the hard term's exponentials exp(s - shift) in a scratch row of its own
+// (RowSolver::scratch_1): with the hard term at T != 1 when the student's gradient is written.
+template <bool kHard>
+bool keep_hard_exponentials(const KLRowsProblem& pr, bool keep) {
+  return kHard && keep && pr.inv_temperature != 1.0 && pr.grad_student != nullptr;
+}
+
 // Runs visit(solver, row) over every row in parallel, each task with its own solver and scratch
 // (the exponentials of one row when `keep`, and the chunk states).
-template <typename scalar_t, bool kReverse, typename Visit>
+template <typename scalar_t, bool kReverse, typename Visit, bool kHard = false>
 void for_each_row(const KLRowsProblem& pr, bool keep, const Visit& visit) {
-  using Solver = RowSolver<scalar_t, kReverse>;
+  using Solver = RowSolver<scalar_t, kReverse, kHard>;
   using acc_t = typename Solver::acc_t;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
   const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
-  const int64_t rows_scratch = keep ? 2 * padded : 0;
+  const bool keep_1 = keep_hard_exponentials<kHard>(pr, keep);
+  const int64_t rows_scratch = keep ? (keep_1 ? 3 : 2) * padded : 0;
   parallel_rows<acc_t>(pr.rows, pr.vocab, rows_scratch + 2 * n_chunks, [&](acc_t* scratch, int64_t begin, int64_t end) {
     std::unique_ptr<ChunkState<acc_t>[]> chunks(new ChunkState<acc_t>[n_chunks]);
-    const Solver solver{pr, scratch, scratch + (keep ? padded : 0), chunks.get(), scratch + rows_scratch};
+    const Solver solver{pr, scratch, scratch + (keep ? padded : 0), chunks.get(), scratch + rows_scratch,
+                        keep_1 ? scratch + 2 * padded : nullptr};
     for (int64_t row = begin; row < end; ++row) visit(solver, row);
   });
 }
@@ -379,10 +494,13 @@ void with_direction(const KLRowsProblem& pr, const Run& run) {
 template <typename scalar_t>
 void kl_rows_typed(const KLRowsProblem& pr) {
   const bool keep = pr.grad_student != nullptr || pr.grad_teacher != nullptr;
+  const auto visit = [&](const auto& solver, int64_t row) {
+    if (pr.mask != nullptr && !pr.mask[row]) solver.skip(row);
+    else solver.solve(row);
+  };
   with_direction(pr, [&](auto reverse) {
-    for_each_row<scalar_t, decltype(reverse)::value>(pr, keep, [&](const auto& solver, int64_t row) {
-      if (pr.mask != nullptr && !pr.mask[row]) solver.skip(row);
-      else solver.solve(row);
+    with_flag(pr.hard.labels != nullptr, [&](auto hard) {
+      for_each_row<scalar_t, decltype(reverse)::value, decltype(visit), decltype(hard)::value>(pr, keep, visit);
     });
   });
 }

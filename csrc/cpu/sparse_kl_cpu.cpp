@@ -5,8 +5,35 @@
 
 #include "../sparse_kl_common.h"
 #include "cpu_kernels.h"
+#include "cpu_ops.h"
 
 namespace kl_fused::cpu {
+
+SparseRowsProblem sparse_rows_problem(const PreparedSparseRows& in, SparseOutputs& out, double temperature,
+                                      bool renormalize, double mass_tolerance) {
+  SparseRowsProblem problem{};
+  problem.student = in.student.const_data_ptr();
+  problem.student_rows = in.student_rows;
+  problem.indices = in.indices.const_data_ptr<int64_t>();
+  problem.logprobs = in.logprobs.const_data_ptr();
+  problem.mask = in.mask.has_value() ? in.mask->const_data_ptr<bool>() : nullptr;
+  problem.row_loss = out.row_loss.mutable_data_ptr();
+  problem.status = out.status.mutable_data_ptr<int32_t>();
+  problem.grad_student = out.grad_student.numel() > 0 ? out.grad_student.mutable_data_ptr() : nullptr;
+  problem.grad_logprobs = out.grad_logprobs_acc.numel() > 0 ? out.grad_logprobs_acc.mutable_data_ptr() : nullptr;
+  problem.rows = in.rows;
+  problem.vocab = in.vocab;
+  problem.slots = in.slots;
+  problem.inv_temperature = 1.0 / temperature;
+  problem.renormalize = renormalize;
+  problem.mass_tolerance = mass_tolerance;
+  return problem;
+}
+
+void run_sparse_rows(c10::ScalarType dtype, const SparseRowsProblem& problem) {
+  (cpu_has_avx2() ? avx2::sparse_kl_rows : generic::sparse_kl_rows)(dtype, problem);
+}
+
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_div_cpu(
@@ -20,25 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_div_cpu(
   advise_huge_pages(out.grad_student);
   const std::optional<at::Tensor> counted = counted_rows(in.mask);
   if (in.rows > 0) {
-    SparseRowsProblem problem{};
-    problem.student = in.student.const_data_ptr();
-    problem.student_rows = in.student_rows;
-    problem.indices = in.indices.const_data_ptr<int64_t>();
-    problem.logprobs = in.logprobs.const_data_ptr();
-    problem.mask = in.mask.has_value() ? in.mask->const_data_ptr<bool>() : nullptr;
-    problem.row_loss = out.row_loss.mutable_data_ptr();
-    problem.status = out.status.mutable_data_ptr<int32_t>();
-    problem.grad_student = student_grad ? out.grad_student.mutable_data_ptr() : nullptr;
-    problem.grad_logprobs = logprobs_grad ? out.grad_logprobs_acc.mutable_data_ptr() : nullptr;
-    problem.rows = in.rows;
-    problem.vocab = in.vocab;
-    problem.slots = in.slots;
-    problem.inv_temperature = 1.0 / temperature;
-    problem.renormalize = renormalize;
-    problem.mass_tolerance = mass_tolerance;
+    SparseRowsProblem problem = sparse_rows_problem(in, out, temperature, renormalize, mass_tolerance);
     problem.student_factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted).value();
     problem.logprobs_factor = make_grad_factor(reduction, 1.0, in.vocab, in.rows, counted).value();
-    (cpu_has_avx2() ? avx2::sparse_kl_rows : generic::sparse_kl_rows)(in.student.scalar_type(), problem);
+    run_sparse_rows(in.student.scalar_type(), problem);
     if (validate) raise_on_bad_support(in, out.status, mass_tolerance);
   }
   return finish_sparse_outputs(in, out, counted, reduction);

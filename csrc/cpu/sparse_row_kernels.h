@@ -20,6 +20,13 @@
 //   renormalize: the support alone: KL(p~ || q~) from the K gathers; ds is 0 off the support and
 //            f (q~_k - p~_k) on it; dl_k = f_l p~_k (log p~_k - log q~_k - KL).   O(K) reads, e written
 // One exponential per element, the student read once and its gradient written once: the byte floor.
+// The hard term (kHard, HardTerm in cpu_kernels.h; hard_term_lanes.h) rides in the bucket's passes:
+// the chunk sums add Z_1 = sum exp(s - m_1) over the whole row at T != 1 (at T = 1, log Z is its
+// log-sum-exp) and sum (s - m_1) with label smoothing; the gradient sweep adds f_h (q_1 - eps / V)
+// (from the kept exponentials at T = 1) and the label's pull. With the hard term, renormalize runs
+// the bucket's passes too (the cross-entropy needs the whole row), and with no teacher at all
+// (K = 0, the support empty) the bucket's soft term is exactly 0: the kernel is then a fused
+// cross-entropy.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -32,6 +39,7 @@
 
 #include "../sparse_kl_common.h"
 #include "cpu_kernels.h"
+#include "hard_term_lanes.h"
 #include "row_loop.h"
 #include "vec_lanes.h"
 
@@ -49,14 +57,23 @@ struct SupportMarks {
 // The complement's online softmax: b_j relative to the shift m (in units of b = s / T, in double:
 // the log of the complement's largest chunk sum, or 0 when the complement is empty),
 // Z = sum exp(b_j - m). `defined` is false for a NaN or +inf logit.
+// With the hard term also m_1, the raw maximum of the whole row (support included), Z_1 = sum exp(s - m_1)
+// (T != 1) and sum (s - m_1) (label smoothing).
 template <typename acc_t>
 struct RestState {
   double m;
   acc_t z;
   bool defined;
+  acc_t m_1, z_1, sum_s;
 };
 
-template <typename scalar_t>
+// One chunk's hard-term sums relative to its raw maximum `shift`.
+template <typename acc_t>
+struct HardChunk {
+  acc_t shift, z_1, sum_s;
+};
+
+template <typename scalar_t, bool kHard>
 struct SparseRowSolver {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
@@ -118,6 +135,7 @@ struct SparseRowSolver {
   // slots unless `all_slots`).
   void fill_row(int64_t row, double value, const acc_t* lp, bool all_slots) const {
     static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(value);
+    if constexpr (kHard) static_cast<acc_t*>(pr.hard.row_hard)[row] = static_cast<acc_t>(value);
     if (scalar_t* ds = grad_row(row)) std::fill_n(ds, pr.vocab, static_cast<scalar_t>(value));
     if (acc_t* dl = grad_logprobs_row(row)) {
       for (int64_t k = 0; k < pr.slots; ++k) dl[k] = all_slots || used(lp[k]) ? static_cast<acc_t>(value) : acc_t(0);
@@ -147,10 +165,14 @@ struct SparseRowSolver {
   // sum exp((s - shift) / T + outside) over a chunk (the support's terms are exp(-inf) = 0), the
   // exponentials kept when `keep`; NaN when the chunk holds a NaN logit. The shift is a raw logit,
   // subtracted before scaling, so that the maximum's term is exactly exp(0) however large |s| / T is.
+  // kHard: also the hard term's sums of the chunk relative to hard.shift (its raw maximum).
   C10_ALWAYS_INLINE acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,
-                                     bool keep) const {
+                                     bool keep, HardChunk<acc_t>& hard) const {
     const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vshift(shift);
     Vec z_lo(0), z_hi(0), nan_probe(0);  // nan_probe sums the arguments, <= 0 or -inf unless one is NaN
+    const bool hard_z1 = kHard && pr.inv_temperature != 1.0, hard_sum = kHard && pr.hard.smoothing != 0.0;
+    const Vec vneg_s(-hard.shift);
+    Vec z1(0), sum_s(0);
     for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
       __builtin_prefetch(sc + i + kChunk);
       Vec lo, hi;
@@ -166,7 +188,18 @@ struct SparseRowSolver {
         e_lo.store(kc + i);
         e_hi.store(kc + i + L::kVec);
       }
+      if constexpr (kHard) {
+        if (hard_z1) z1 += Exp::exp(lo + vneg_s, live_lo) + Exp::exp(hi + vneg_s, live_hi);
+        if (hard_sum) {
+          if (n != kStep) L::load(sc + i, n, hard.shift, lo, hi);  // the tail's padding adds 0, not -inf
+          sum_s += (lo + vneg_s) + (hi + vneg_s);
+        }
+      }
     });
+    if constexpr (kHard) {
+      hard.z_1 = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z1);
+      hard.sum_s = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), sum_s);
+    }
     const acc_t z = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z_lo + z_hi);
     return std::isnan(at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), nan_probe)) ? std::numeric_limits<acc_t>::quiet_NaN() : z;
   }
@@ -183,7 +216,7 @@ struct SparseRowSolver {
     const double inv_t = static_cast<double>(static_cast<acc_t>(pr.inv_temperature));
     constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
     const acc_t kTiny = std::exp(acc_t(-60));
-    RestState<acc_t> st{-INFINITY, acc_t(0), false};
+    RestState<acc_t> st{-INFINITY, acc_t(0), false, acc_t(0), acc_t(0), acc_t(0)};
     const int64_t n_chunks = (V + kChunk - 1) / kChunk;
     double row_log = -INFINITY;
     for (int64_t c = 0; c < n_chunks; ++c) {
@@ -192,15 +225,18 @@ struct SparseRowSolver {
       const acc_t* oc = outside + begin;
       acc_t* kc = keep ? exps + begin : nullptr;
       // Past the check every b + outside - shift lies in [-inf, 0] (or is NaN), NonPositiveExp's range.
-      acc_t cm = chunk_max<false>(sc, oc, len);
+      const acc_t raw_max = chunk_max<false>(sc, oc, len);  // support included: the hard term's shift
+      acc_t cm = raw_max;
       if (!(cm < kInf)) return st;  // +inf
-      acc_t z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
+      HardChunk<acc_t> hard{shift_of(raw_max), acc_t(0), acc_t(0)};
+      acc_t z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep, hard);
       if (z < kTiny) {
         cm = chunk_max<true>(sc, oc, len);
         if (!(cm < kInf)) return st;
-        z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep);
+        z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep, hard);
       }
       if (std::isnan(z)) return st;
+      if constexpr (kHard) merge_hard_chunk(st, hard, c == 0, begin, len);
       chunk_shift[c] = shift_of(cm);
       chunk_z[c] = z;
       if (z > 0) row_log = std::max(row_log, static_cast<double>(chunk_shift[c]) * inv_t + std::log(static_cast<double>(z)));
@@ -217,20 +253,48 @@ struct SparseRowSolver {
     return st;
   }
 
+  // Folds one chunk's hard-term sums into the row's, relative to the largest chunk maximum so far
+  // (`begin` elements came before the chunk).
+  static void merge_hard_chunk(RestState<acc_t>& st, const HardChunk<acc_t>& c, bool first, int64_t begin,
+                               int64_t len) {
+    if (first) {
+      st.m_1 = c.shift;
+      st.z_1 = c.z_1;
+      st.sum_s = c.sum_s;
+      return;
+    }
+    if (c.shift > st.m_1) {
+      st.z_1 *= std::exp(st.m_1 - c.shift);
+      st.sum_s += (st.m_1 - c.shift) * static_cast<acc_t>(begin);
+      st.m_1 = c.shift;
+    }
+    st.z_1 += c.z_1 * std::exp(c.shift - st.m_1);
+    st.sum_s += c.sum_s + (c.shift - st.m_1) * static_cast<acc_t>(len);
+  }
+
   void solve(int64_t row) const {
     const int64_t K = pr.slots;
     const int64_t* idx = pr.indices + row * K;
     const acc_t* lp = static_cast<const acc_t*>(pr.logprobs) + row * K;
     pr.status[row] = 0;
     if (pr.mask != nullptr && !pr.mask[row]) return fill_row(row, 0.0, lp, true);
+    int64_t label = -1;
+    if constexpr (kHard) {
+      label = pr.hard.labels[row];
+      if (label < 0 || label >= pr.vocab) {  // never read out of bounds
+        pr.status[row] = kLabelOutOfRange;
+        return fill_row(row, kNaN, lp, true);
+      }
+    }
     const SupportMarks marks = mark(idx, lp);
     pr.status[row] = marks.status;
     if (marks.status != 0) {
       unmark(idx, lp);
       return fill_row(row, kNaN, lp, true);
     }
-    if (pr.renormalize) solve_renormalized(row, idx, lp, marks);
-    else solve_bucket(row, idx, lp, marks);
+    // Renormalized, the soft term reads the support alone; the hard term needs the whole row.
+    if (pr.renormalize && !kHard) solve_renormalized(row, idx, lp, marks);
+    else solve_bucket(row, idx, lp, marks, label);
     unmark(idx, lp);
   }
 
@@ -257,7 +321,53 @@ struct SparseRowSolver {
     }
   }
 
-  void solve_bucket(int64_t row, const int64_t* idx, const acc_t* lp, const SupportMarks& marks) const {
+  // The hard term of a defined row: writes CE, returns what the gradient needs (with q_1 in double at
+  // the support's slots: exp(b_k - log_z1) at T = 1, exp(s_k - log_z1) otherwise).
+  // CE = (log Z_1 - m_1) + (1 - eps)(m_1 - s_y) + eps (m_1 - mean s), differences before sums.
+  HardGradient<acc_t> hard_term(int64_t row, const scalar_t* s, int64_t y, const RestState<acc_t>& rest,
+                                double log_z, double& log_z1) const {
+    const bool unit = pr.inv_temperature == 1.0;
+    const double eps = pr.hard.smoothing, V = static_cast<double>(pr.vocab), m_1 = rest.m_1;
+    log_z1 = unit ? log_z : m_1 + std::log(static_cast<double>(rest.z_1));
+    double ce = (log_z1 - m_1) + (1.0 - eps) * (m_1 - static_cast<double>(static_cast<acc_t>(s[y])));
+    if (eps != 0.0) ce -= eps * static_cast<double>(rest.sum_s) / V;
+    static_cast<acc_t*>(pr.hard.row_hard)[row] = static_cast<acc_t>(ce);
+    const double f_h = pr.hard.grad_factor;
+    return {static_cast<acc_t>(unit ? 0.0 : f_h / static_cast<double>(rest.z_1)), rest.m_1,
+            static_cast<acc_t>(f_h * eps / V), static_cast<acc_t>(f_h * (1.0 - eps)), y, unit};
+  }
+
+  // The renormalized soft term's statistics from the support: lse of b_k and of l_k, and KL(p~ || q~).
+  struct Renormalized {
+    double lse_q, lse_p, kl;
+  };
+
+  Renormalized renormalized(const double* b, const double* l, const acc_t* lp) const {
+    Renormalized r{support_lse(b, lp), support_lse(l, lp), 0.0};
+    if (!std::isfinite(r.lse_q) || !std::isfinite(r.lse_p)) {
+      r.kl = kNaN;
+      return r;
+    }
+    for (int64_t k = 0; k < pr.slots; ++k) {
+      if (!used(lp[k])) continue;
+      const double log_pt = l[k] - r.lse_p, pt = std::exp(log_pt);
+      if (pt != 0.0) r.kl += pt * (log_pt - (b[k] - r.lse_q));
+    }
+    return r;
+  }
+
+  // ds_{i_k} = f (q~_k - p~_k) and dl_k = f_l p~_k (log p~_k - log q~_k - KL) of the renormalized term.
+  double renormalized_ds(const Renormalized& r, double b, double l) const {
+    return pr.student_factor * (std::exp(b - r.lse_q) - std::exp(l - r.lse_p));
+  }
+  double renormalized_dl(const Renormalized& r, double b, double l, bool live) const {
+    const double log_pt = l - r.lse_p, pt = live ? std::exp(log_pt) : 0.0;
+    return pt != 0.0 ? pr.logprobs_factor * pt * (log_pt - (b - r.lse_q) - r.kl) : 0.0;
+  }
+
+  // The bucket, and with the hard term any soft term (bucket, renormalized, or none: K = 0): the
+  // complement's streaming pass, then the loss, the gradient sweep and the support's slots.
+  void solve_bucket(int64_t row, const int64_t* idx, const acc_t* lp, const SupportMarks& marks, int64_t label) const {
     const int64_t K = pr.slots;
     const scalar_t* s = student_row(row);
     scalar_t* ds = grad_row(row);
@@ -275,39 +385,69 @@ struct SparseRowSolver {
     // No bucket when the support covers the vocabulary (its mass deficit is rounding) or holds all
     // of the teacher's mass (up to the tolerance that mark() enforced).
     const double p_r = marks.used == pr.vocab ? 0.0 : std::max(1.0 - marks.mass, 0.0);
-    const double* p = support_scratch + K;  // exp(l_k) of the used slots, from mark()
-    double loss = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      if (used(lp[k]) && p[k] != 0.0) loss += p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z));
+    // exp(l_k) of the used slots (bucket), or l_k (renormalized), from mark(); the renormalized stats.
+    double* p = support_scratch + K;
+    Renormalized renorm{};
+    if (pr.renormalize) {
+      for (int64_t k = 0; k < K; ++k) p[k] = static_cast<double>(lp[k]);
+      renorm = renormalized(b, p, lp);
+      if (marks.used != 0 && std::isnan(renorm.kl)) return fill_row(row, kNaN, lp, false);
+      static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(marks.used == 0 ? 0.0 : renorm.kl);
+    } else {
+      double loss = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        if (used(lp[k]) && p[k] != 0.0) loss += p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z));
+      }
+      if (p_r != 0.0) loss += p_r * (std::log(p_r) - log_qr);
+      static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(loss);
     }
-    if (p_r != 0.0) loss += p_r * (std::log(p_r) - log_qr);
-    static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(loss);
+    HardGradient<acc_t> hard{};
+    double log_z1 = log_z;
+    if constexpr (kHard) hard = hard_term(row, s, label, rest, log_z, log_z1);
 
     const double total = marks.mass + p_r;  // P
     if (ds != nullptr) {
       const double f = pr.student_factor;
-      // Off the support ds_j = f (P q_r - p_r) q_j / q_r, and q_j / q_r = exp(b_j - m_r) / Z_r.
-      const double rest_coef = rest.z > 0 ? f * (total * std::exp(log_qr) - p_r) / static_cast<double>(rest.z) : 0.0;
+      // Off the support ds_j = f (P q_r - p_r) q_j / q_r, and q_j / q_r = exp(b_j - m_r) / Z_r
+      // (renormalized: 0); with the hard term f_h q_1_j = f_h exp(b_j - m_r) e^(m_r - log Z) at T = 1.
+      const double rest_coef =
+          rest.z > 0 && !pr.renormalize ? f * (total * std::exp(log_qr) - p_r) / static_cast<double>(rest.z) : 0.0;
+      const double q1_coef = kHard ? pr.hard.grad_factor * std::exp(static_cast<double>(rest.m) - log_z) : 0.0;
       const int64_t n_chunks = (pr.vocab + kChunk - 1) / kChunk;
       const bool streaming = L::streaming_ok(ds);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t begin = c * kChunk, len = std::min(kChunk, pr.vocab - begin);
         const Vec coef(static_cast<acc_t>(rest_coef * chunk_shift[c]));
+        const Vec q1_f(static_cast<acc_t>(q1_coef * chunk_shift[c]));
         const acc_t* kc = exps + begin;
         for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
-          L::store_step(ds + begin + i, n, Vec::loadu(kc + i) * coef, Vec::loadu(kc + i + L::kVec) * coef, streaming);
+          const Vec e_lo = Vec::loadu(kc + i), e_hi = Vec::loadu(kc + i + L::kVec);
+          Vec h_lo(acc_t(0)), h_hi(acc_t(0));
+          if constexpr (kHard) hard_gradient_step(hard, s, begin + i, n, e_lo, e_hi, q1_f, h_lo, h_hi);
+          L::store_step(ds + begin + i, n, at::vec::fmadd(e_lo, coef, h_lo), at::vec::fmadd(e_hi, coef, h_hi), streaming);
         });
       }
       if (streaming) stream_fence();
       for (int64_t k = 0; k < K; ++k) {
-        if (used(lp[k])) ds[idx[k]] = static_cast<scalar_t>(f * (total * std::exp(b[k] - log_z) - p[k]));
+        if (!used(lp[k])) continue;
+        double g = pr.renormalize ? renormalized_ds(renorm, b[k], p[k]) : f * (total * std::exp(b[k] - log_z) - p[k]);
+        if constexpr (kHard) {
+          const double x = pr.inv_temperature == 1.0 ? b[k] : static_cast<double>(static_cast<acc_t>(s[idx[k]]));
+          g += pr.hard.grad_factor * (std::exp(x - log_z1) - pr.hard.smoothing / static_cast<double>(pr.vocab));
+          if (idx[k] == label) g -= pr.hard.grad_factor * (1.0 - pr.hard.smoothing);
+        }
+        ds[idx[k]] = static_cast<scalar_t>(g);
       }
     }
     if (acc_t* dl = grad_logprobs_row(row)) {
       const double c_tail = p_r != 0.0 ? log_qr - std::log(p_r) : 1.0;
       for (int64_t k = 0; k < K; ++k) {
         const bool live = used(lp[k]) && p[k] != 0.0;
-        dl[k] = static_cast<acc_t>(live ? pr.logprobs_factor * p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z) + c_tail) : 0.0);
+        if (pr.renormalize) {
+          dl[k] = static_cast<acc_t>(renormalized_dl(renorm, b[k], p[k], used(lp[k])));
+        } else {
+          dl[k] = static_cast<acc_t>(live ? pr.logprobs_factor * p[k] * (static_cast<double>(lp[k]) - (b[k] - log_z) + c_tail) : 0.0);
+        }
       }
     }
   }
@@ -322,38 +462,29 @@ struct SparseRowSolver {
     double* l = support_scratch + K;
     gather_support(s, idx, lp, b);
     for (int64_t k = 0; k < K; ++k) l[k] = static_cast<double>(lp[k]);
-    const double lse_q = support_lse(b, lp), lse_p = support_lse(l, lp);
-    if (!std::isfinite(lse_q) || !std::isfinite(lse_p)) return fill_row(row, kNaN, lp, false);
-    double kl = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
-      if (!used(lp[k])) continue;
-      const double log_pt = l[k] - lse_p, pt = std::exp(log_pt);
-      if (pt != 0.0) kl += pt * (log_pt - (b[k] - lse_q));
-    }
-    static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(kl);
+    const Renormalized r = renormalized(b, l, lp);
+    if (std::isnan(r.kl)) return fill_row(row, kNaN, lp, false);  // +inf is a true value
+    static_cast<acc_t*>(pr.row_loss)[row] = static_cast<acc_t>(r.kl);
     if (ds != nullptr) {
       for (int64_t k = 0; k < K; ++k) {
-        if (used(lp[k])) ds[idx[k]] = static_cast<scalar_t>(pr.student_factor * (std::exp(b[k] - lse_q) - std::exp(l[k] - lse_p)));
+        if (used(lp[k])) ds[idx[k]] = static_cast<scalar_t>(renormalized_ds(r, b[k], l[k]));
       }
     }
     if (acc_t* dl = grad_logprobs_row(row)) {
-      for (int64_t k = 0; k < K; ++k) {
-        const double log_pt = l[k] - lse_p, pt = used(lp[k]) ? std::exp(log_pt) : 0.0;
-        dl[k] = static_cast<acc_t>(pt != 0.0 ? pr.logprobs_factor * pt * (log_pt - (b[k] - lse_q) - kl) : 0.0);
-      }
+      for (int64_t k = 0; k < K; ++k) dl[k] = static_cast<acc_t>(renormalized_dl(r, b[k], l[k], used(lp[k])));
     }
   }
 
   double* support_scratch;  // 2 K doubles: the support's b_k, then exp(l_k) (bucket) or l_k (renormalize)
 };
 
-template <typename scalar_t>
+template <typename scalar_t, bool kHard>
 void sparse_kl_rows_typed(const SparseRowsProblem& pr) {
-  using Solver = SparseRowSolver<scalar_t>;
+  using Solver = SparseRowSolver<scalar_t, kHard>;
   using acc_t = typename Solver::acc_t;
   const int64_t padded = (pr.vocab + Solver::kStep - 1) / Solver::kStep * Solver::kStep;
   const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
-  const bool keep = pr.grad_student != nullptr && !pr.renormalize;
+  const bool keep = pr.grad_student != nullptr && (!pr.renormalize || kHard);
   // Per task: outside (padded V), the kept exponentials (padded V when a gradient is wanted), two
   // values per chunk, and 2 K doubles (as 4 K acc_t at most) for the support.
   const int64_t rows_scratch = padded + (keep ? padded : 0);
@@ -373,8 +504,10 @@ void sparse_kl_rows_typed(const SparseRowsProblem& pr) {
 }  // namespace
 
 void sparse_kl_rows(c10::ScalarType dtype, const SparseRowsProblem& problem) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_sparse_kl_rows",
-                                  [&] { sparse_kl_rows_typed<scalar_t>(problem); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "kl_fused_cpu_sparse_kl_rows", [&] {
+    with_flag(problem.hard.labels != nullptr,
+              [&](auto hard) { sparse_kl_rows_typed<scalar_t, decltype(hard)::value>(problem); });
+  });
 }
 
 }  // namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE

@@ -14,6 +14,7 @@
 #include "../jsd_common.h"
 #include "../kl_div_common.h"
 #include "block_reduce.cuh"
+#include "distill_cuda.h"
 #include "kl_div_cuda.h"
 #include "kl_row_math.cuh"
 #include "launch.cuh"
@@ -85,8 +86,10 @@ struct JSDDivergencePass {
 };
 
 // Pass 3, one step at a time: grad_x = beta f p (ln p - ln m - KL(p || m)) and grad_y =
-// (1 - beta) f q (ln q - ln m - KL(q || m)), in log2 units times ln 2 (folded into the scales).
-template <bool kNeedX, bool kNeedY, typename P, typename acc_t>
+// (1 - beta) f q (ln q - ln m - KL(q || m)), in log2 units times ln 2 (folded into the scales), plus the
+// hard term's share of the student's (y) gradient (Hard: NoHardTerm or HardTermShare, whose q1_f
+// multiplies q itself).
+template <bool kNeedX, bool kNeedY, typename P, typename acc_t, typename Hard = NoHardTerm>
 struct JSDGradientPass {
   P* grad_x;
   P* grad_y;
@@ -94,13 +97,17 @@ struct JSDGradientPass {
   Divergences<acc_t> k2;  // the row's K_p, K_q in log2 units
   acc_t scale_x;          // beta f ln 2
   acc_t scale_y;          // (1 - beta) f ln 2
+  Hard hard;
+  __device__ __forceinline__ void element(acc_t x, acc_t y, acc_t& gx, acc_t& gy) const {
+    const JSDTerms<acc_t> e = jsd_terms(x, y, c);
+    if constexpr (kNeedX) gx = (e.p * scale_x) * (e.ratio_p - k2.kp);
+    if constexpr (kNeedY) gy = (e.q * scale_y) * (e.ratio_q - k2.kq);
+    hard.template add<kNeedX, kNeedY>(x, y, e.p, e.q, gx, gy);
+  }
   template <int U>
   __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t first) const {
-    store_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, [&](acc_t x, acc_t y, acc_t& gx, acc_t& gy) {
-      const JSDTerms<acc_t> e = jsd_terms(x, y, c);
-      if constexpr (kNeedX) gx = (e.p * scale_x) * (e.ratio_p - k2.kp);
-      if constexpr (kNeedY) gy = (e.q * scale_y) * (e.ratio_q - k2.kq);
-    });
+    store_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y,
+                                        [&](acc_t x, acc_t y, acc_t& gx, acc_t& gy) { element(x, y, gx, gy); });
   }
 };
 
@@ -109,6 +116,10 @@ struct JSDGradientPass {
 // kernel on sm_90, so the gradient kernels run at most 512 threads per block (128 registers).
 template <typename scalar_t, bool kGrad>
 constexpr int kMaxJSDThreads = kGrad ? 512 : kMaxRowThreads<scalar_t>;
+// With the hard term (jsd_hard_rows_kernel) at most 512 threads as well: its sums and constants add to both;
+// fp64 at most 256 (at 512 threads, 128 registers, ptxas spilled the fp64 kernels on sm_90).
+template <typename scalar_t, bool kGrad, bool kHard>
+constexpr int kMaxJSDRowThreads = kHard ? (sizeof(scalar_t) == 8 ? 256 : 512) : kMaxJSDThreads<scalar_t, kGrad>;
 
 // Per-row generalized JSD of p = softmax(x/T) (teacher) and q = softmax(y/T) (student), m =
 // beta p + (1 - beta) q, 0 < beta < 1, and with kGrad its gradients:
@@ -123,17 +134,20 @@ constexpr int kMaxJSDThreads = kGrad ? 512 : kMaxRowThreads<scalar_t>;
 // read again by each later pass, from L2 when the rows in flight fit there.
 // Masked rows: loss 0, gradients 0, inputs never read. Undefined rows (a NaN or +inf logit, a side
 // all -inf): loss and gradients NaN.
-template <typename scalar_t, int N, bool kGrad>
-__global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocksPerSM)
-    jsd_rows_kernel(const KLRowsArgs<scalar_t> args, const at::opmath_type<scalar_t> beta) {
+// kHard (jsd_hard_rows_kernel): the distillation step's cross-entropy rides along as in kl_div_cuda.cu's
+// kl_rows (hard_term.cuh): its sums in pass 1, CE per row, its share of grad_y in pass 3, the label's
+// element rewritten once. At T = 1 no exponential more (q_1 is q), else one ex2 per element per pass.
+template <typename scalar_t, int N, bool kGrad, bool kHard>
+__device__ __forceinline__ void jsd_rows(const KLRowsArgs<scalar_t>& args, const at::opmath_type<scalar_t> beta) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
+  using State = std::conditional_t<kHard, RowHardState<acc_t>, RowState<acc_t>>;
   KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
   // Two reductions per row, each with its own per-warp scratch: a warp may still read the merge's
   // states while a faster one writes its share of K (no barrier between the two reductions). The
   // sums come first, at offsets that are multiples of their size (16 bytes for double).
   auto* sum_scratch = reinterpret_cast<Divergences<acc_t>*>(shared);
-  auto* merge_scratch = reinterpret_cast<RowState<acc_t>*>(sum_scratch + blockDim.x / 32);
+  auto* merge_scratch = reinterpret_cast<State*>(sum_scratch + blockDim.x / 32);
   P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
                        reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
   const int64_t units = args.vocab / N;
@@ -151,24 +165,55 @@ __global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocks
     }
   };
 
+  const bool unit_t = args.inv_temperature == acc_t(1);
+
   for (const int64_t row : block_rows(args.rows)) {
-    if (row_masked(args.mask, row)) {  // block-uniform; touches no shared memory
-      if (threadIdx.x == 0) args.row_loss[row] = acc_t(0);
-      fill_gradients(row, scalar_t(0));
-      continue;
-    }
+    int64_t label;
+    if (row_skipped<kHard>(args, row, label, fill_gradients)) continue;
     const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
                             reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
-    KLStatistics<acc_t> statistics{empty_row_state<acc_t>(), k};
-    first_pass<kUnroll<N>>(in, cache, cached, units, statistics);
-    // The merge's barrier also orders the row-cache writes before the later passes read them.
-    const RowState<acc_t> st = block_merge(statistics.st, k, merge_scratch);
+    RowState<acc_t> st;
+    HardSums<acc_t> hs{};
+    if constexpr (kHard) {
+      KLHardStatistics<acc_t> statistics{empty_row_state<acc_t>(), k, empty_hard_sums<acc_t>(), false, !unit_t,
+                                         args.hard.smoothing != acc_t(0)};
+      first_pass<kUnroll<N>>(in, cache, cached, units, statistics);
+      // The merge's barrier also orders the row-cache writes before the later passes read them.
+      const RowHardState<acc_t> merged =
+          block_reduce(RowHardState<acc_t>{statistics.st, statistics.h}, MergeRowHardStates<acc_t>{k},
+                       RowHardState<acc_t>{empty_row_state<acc_t>(), empty_hard_sums<acc_t>()}, merge_scratch);
+      st = merged.st;
+      hs = merged.h;
+    } else {
+      KLStatistics<acc_t> statistics{empty_row_state<acc_t>(), k};
+      first_pass<kUnroll<N>>(in, cache, cached, units, statistics);
+      // The merge's barrier also orders the row-cache writes before the later passes read them.
+      st = block_merge(statistics.st, k, merge_scratch);
+    }
     // A NaN logit makes its side's Z NaN, and so does a +inf one (inf - inf); a side all -inf has
     // no distribution. Block-uniform: block_reduce gives every thread the same bits of the state.
     if (st.zx != st.zx || st.zy != st.zy || st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) {
-      if (threadIdx.x == 0) args.row_loss[row] = static_cast<acc_t>(NAN);
+      if (threadIdx.x == 0) {
+        args.row_loss[row] = static_cast<acc_t>(NAN);
+        if constexpr (kHard) args.hard.row_hard[row] = static_cast<acc_t>(NAN);
+      }
       fill_gradients(row, static_cast<scalar_t>(NAN));
       continue;
+    }
+    HardRow<acc_t> hard{};
+    if constexpr (kHard) {  // the student is y: at T = 1 its soft statistics are the hard term's
+      const acc_t m_s = unit_t ? st.my : hs.m;
+      const acc_t log2_z1 = unit_t ? log2_acc(st.zy) : log2_acc(hs.z1);
+      if (threadIdx.x == 0) {
+        args.hard.row_hard[row] = cross_entropy(m_s, log2_z1 * static_cast<acc_t>(kLn2), hs.sum,
+                                                to_acc(args.y[args.y_rows.offset(row) + label]), args.hard.smoothing,
+                                                args.vocab);
+      }
+      if constexpr (kGrad) {
+        const acc_t f_h = static_cast<acc_t>(args.hard.factor.value());
+        hard = {f_h, f_h / hs.z1, m_s, f_h * args.hard.smoothing / static_cast<acc_t>(args.vocab),
+                f_h * (acc_t(1) - args.hard.smoothing), unit_t, f_h};
+      }
     }
     const JSDRowConstants<acc_t> c{st.mx, st.my, k, acc_t(1) / st.zx, acc_t(1) / st.zy,
                                    log2_acc(st.zx), log2_acc(st.zy), beta};
@@ -186,15 +231,48 @@ __global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocks
       P* const gx = grad_row(args.grad_x, row);
       P* const gy = grad_row(args.grad_y, row);
       constexpr int U = kGradUnroll<N>;
+      // The third pass reads the tail forward again: the divergence pass ended at the tail's start.
+      const auto pass = [&](auto need_x, auto need_y) {
+        constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
+        if constexpr (kHard) {
+          const JSDGradientPass<kX, kY, P, acc_t, HardTermShare<acc_t>> step{
+              gx, gy, c, k2, scale_x, scale_y, HardTermShare<acc_t>{hard, false}};
+          later_pass<U, true, false>(in, cache, cached, units, step);
+          // The label's element of the student's gradient, rewritten once with its pull -f_h (1 - eps).
+          if (gy != nullptr) {
+            __syncthreads();  // the pass's write of that element comes first
+            if (threadIdx.x == 0) {
+              acc_t dx = acc_t(0), dy = acc_t(0);
+              step.element(to_acc(args.x[args.x_rows.offset(row) + label]),
+                           to_acc(args.y[args.y_rows.offset(row) + label]), dx, dy);
+              reinterpret_cast<scalar_t*>(gy)[label] = static_cast<scalar_t>(dy - hard.pull);
+            }
+          }
+        } else {
+          later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<kX, kY, P, acc_t>{gx, gy, c, k2, scale_x, scale_y, {}});
+        }
+      };
       if (gx != nullptr && gy != nullptr) {
-        later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<true, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+        pass(std::true_type{}, std::true_type{});
       } else if (gx != nullptr) {
-        later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<true, false, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+        pass(std::true_type{}, std::false_type{});
       } else {
-        later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<false, true, P, acc_t>{gx, gy, c, k2, scale_x, scale_y});
+        pass(std::false_type{}, std::true_type{});
       }
     }
   }
+}
+
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxJSDThreads<scalar_t, kGrad>, kMinRowBlocksPerSM)
+    jsd_rows_kernel(const KLRowsArgs<scalar_t> args, const at::opmath_type<scalar_t> beta) {
+  jsd_rows<scalar_t, N, kGrad, false>(args, beta);
+}
+
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxJSDRowThreads<scalar_t, kGrad, true>, kMinRowBlocksPerSM)
+    jsd_hard_rows_kernel(const KLRowsArgs<scalar_t> args, const at::opmath_type<scalar_t> beta) {
+  jsd_rows<scalar_t, N, kGrad, true>(args, beta);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -205,19 +283,42 @@ template <int N, typename scalar_t>
 void launch_jsd_rows(KLRowsArgs<scalar_t> args, at::opmath_type<scalar_t> beta, bool any_grad,
                      const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
+  const bool hard = args.hard.labels != nullptr;
   const auto launch = [&](auto grad) {
     constexpr bool kGrad = decltype(grad)::value;
-    const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxJSDThreads<scalar_t, kGrad>,
-                                             sizeof(RowState<acc_t>) + sizeof(Divergences<acc_t>),
-                                             sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
+    const RowsLaunch plan = plan_rows_launch(
+        args.rows, args.vocab / N, 2 * kUnroll<N>,
+        hard ? kMaxJSDRowThreads<scalar_t, kGrad, true> : kMaxJSDThreads<scalar_t, kGrad>,
+        (hard ? sizeof(RowHardState<acc_t>) : sizeof(RowState<acc_t>)) + sizeof(Divergences<acc_t>),
+        sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
     args.scratch_bytes = plan.scratch_bytes;
     args.cached_units = plan.cached_units;
+    if (hard) {
+      if (plan.opt_in) allow_dynamic_shared<jsd_hard_rows_kernel<scalar_t, N, kGrad>>(limits.max_shared_optin);
+      launch_kernel<jsd_hard_rows_kernel<scalar_t, N, kGrad>>(plan.grid, plan.threads, plan.shared_bytes, stream, args,
+                                                              beta);
+      return;
+    }
     if (plan.opt_in) allow_dynamic_shared<jsd_rows_kernel<scalar_t, N, kGrad>>(limits.max_shared_optin);
     launch_kernel<jsd_rows_kernel<scalar_t, N, kGrad>>(plan.grid, plan.threads, plan.shared_bytes, stream, args, beta);
   };
   if (any_grad) launch(std::true_type{});
   else launch(std::false_type{});
 }
+
+}  // namespace
+
+RowLossOutputs jsd_rows_cuda(const PreparedRows& in, double beta, double temperature, bool student_grad,
+                             bool teacher_grad, const GradFactor& factor, const HardTermInputs& hard) {
+  // x = teacher, y = student: the roles of forward KL.
+  return run_rows_cuda(in, temperature, /*reverse=*/false, student_grad, teacher_grad, factor, hard,
+                       [&](auto args, auto pack, bool any_grad, const DeviceLimits& limits, Stream stream) {
+                         using acc_t = typename decltype(args)::acc_t;
+                         launch_jsd_rows<decltype(pack)::value>(args, static_cast<acc_t>(beta), any_grad, limits, stream);
+                       });
+}
+
+namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> jsd_logits_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& mask,

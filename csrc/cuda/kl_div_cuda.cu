@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "../kl_div_common.h"
+#include "distill_cuda.h"
 #include "kl_div_cuda.h"
 #include "launch.cuh"
 #include "kl_row_math.cuh"
@@ -34,13 +35,17 @@ namespace {
 //   loss only 2e; with one gradient 3e; with both 4e. Packs beyond the shared-memory row cache
 //   are read a second time by the gradient pass, from L2 when the rows in flight fit there.
 // Masked rows: loss 0, gradients 0, inputs never read.
-template <typename scalar_t, int N, bool kGrad>
-__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
-    kl_rows_kernel(const KLRowsArgs<scalar_t> args) {
+// kHard (kl_hard_rows_kernel): the distillation step's cross-entropy rides along (hard_term.cuh):
+// row_hard[r] = CE, and the student's gradient gains f_h (q_1 - eps / V - (1 - eps) onehot(y)); at
+// T = 1 no exponential more, else one ex2 per element in each pass. A label outside [0, V): loss, CE and
+// gradients NaN, status kLabelOutOfRange, the row never read. The same bytes.
+template <typename scalar_t, int N, bool kGrad, bool kHard>
+__device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
+  using State = std::conditional_t<kHard, RowHardState<acc_t>, RowState<acc_t>>;
   KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
-  auto* scratch = reinterpret_cast<RowState<acc_t>*>(shared);
+  auto* scratch = reinterpret_cast<State*>(shared);
   P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
                        reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
   const int64_t units = args.vocab / N;
@@ -51,53 +56,137 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
   const auto grad_row = [&](scalar_t* grad, int64_t row) {
     return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) : nullptr;
   };
+  const auto fill_gradients = [&](int64_t row, scalar_t value) {
+    if constexpr (kGrad) {
+      if (P* g = grad_row(args.grad_x, row)) fill_row(g, units, value);
+      if (P* g = grad_row(args.grad_y, row)) fill_row(g, units, value);
+    }
+  };
+  // The hard term's constants (kHard).
+  const bool unit_t = args.inv_temperature == acc_t(1);
+  const bool student_x = args.reverse;
 
   for (const int64_t row : block_rows(args.rows)) {
-    if (row_masked(args.mask, row)) {  // block-uniform; touches no shared memory
-      if (threadIdx.x == 0) args.row_loss[row] = acc_t(0);
-      if constexpr (kGrad) {
-        if (P* g = grad_row(args.grad_x, row)) fill_row(g, units, scalar_t(0));
-        if (P* g = grad_row(args.grad_y, row)) fill_row(g, units, scalar_t(0));
-      }
-      continue;
-    }
+    int64_t label;
+    if (row_skipped<kHard>(args, row, label, fill_gradients)) continue;
     const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
                             reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
-    KLStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k};
-    if constexpr (kGrad) {
-      first_pass<kUnroll<N>>(in, cache, cached, units, accumulate);
+    State st;
+    if constexpr (kHard) {
+      KLHardStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k, empty_hard_sums<acc_t>(), student_x, !unit_t,
+                                         args.hard.smoothing != acc_t(0)};
+      if constexpr (kGrad) {
+        first_pass<kUnroll<N>>(in, cache, cached, units, accumulate);
+      } else {
+        only_pass<kUnroll<N>>(in, units, accumulate);
+      }
+      // The merge's barrier also orders the row-cache writes before the gradient pass reads them.
+      st = block_reduce(RowHardState<acc_t>{accumulate.st, accumulate.h}, MergeRowHardStates<acc_t>{k},
+                        RowHardState<acc_t>{empty_row_state<acc_t>(), empty_hard_sums<acc_t>()}, scratch);
     } else {
-      only_pass<kUnroll<N>>(in, units, accumulate);
+      KLStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k};
+      if constexpr (kGrad) {
+        first_pass<kUnroll<N>>(in, cache, cached, units, accumulate);
+      } else {
+        only_pass<kUnroll<N>>(in, units, accumulate);
+      }
+      st = block_merge(accumulate.st, k, scratch);
     }
-    // The merge's barrier also orders the row-cache writes before the gradient pass reads them.
-    const RowState<acc_t> st = block_merge(accumulate.st, k, scratch);
+    const RowState<acc_t>& rs = [&]() -> const RowState<acc_t>& {
+      if constexpr (kHard) return st.st;
+      else return st;
+    }();
 
-    const acc_t log_zx = log2_acc(st.zx), log_zy = log2_acc(st.zy);
-    acc_t kl2 = st.w / st.zx - log_zx + log_zy;  // KL / ln2
+    const acc_t log_zx = log2_acc(rs.zx), log_zy = log2_acc(rs.zy);
+    acc_t kl2 = rs.w / rs.zx - log_zx + log_zy;  // KL / ln2
     // A row whose x or y logits are all -inf has no distribution: NaN, as on the CPU.
-    if (st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) kl2 = static_cast<acc_t>(NAN);
+    const bool undefined = rs.mx == neg_inf<acc_t>() || rs.my == neg_inf<acc_t>();
+    if (undefined) kl2 = static_cast<acc_t>(NAN);
     if (threadIdx.x == 0) args.row_loss[row] = kl2 * static_cast<acc_t>(kLn2);
+
+    HardRow<acc_t> hard{};
+    if constexpr (kHard) {
+      // The student's raw maximum and log Z_1: at T = 1 its soft statistics, else the hard sums'.
+      const acc_t m_s = unit_t ? (student_x ? rs.mx : rs.my) : st.h.m;
+      const acc_t log2_z1 = unit_t ? (student_x ? log_zx : log_zy) : log2_acc(st.h.z1);
+      const scalar_t* student = student_x ? args.x + args.x_rows.offset(row) : args.y + args.y_rows.offset(row);
+      if (threadIdx.x == 0) {
+        const acc_t ce = cross_entropy(m_s, log2_z1 * static_cast<acc_t>(kLn2), st.h.sum, to_acc(student[label]),
+                                       args.hard.smoothing, args.vocab);
+        args.hard.row_hard[row] = undefined ? static_cast<acc_t>(NAN) : ce;
+      }
+      if constexpr (kGrad) {
+        const acc_t f_h = static_cast<acc_t>(args.hard.factor.value());
+        hard.q1_f = f_h / (student_x ? rs.zx : rs.zy);
+        hard.q1_scale = f_h / st.h.z1;
+        hard.m = m_s;
+        hard.uniform = f_h * args.hard.smoothing / static_cast<acc_t>(args.vocab);
+        hard.pull = f_h * (acc_t(1) - args.hard.smoothing);
+        hard.unit = unit_t;
+        hard.f = f_h;
+      }
+    }
 
     if constexpr (kGrad) {
       KLGradConstants<acc_t> c;
-      c.mx = st.mx;
-      c.my = st.my;
+      c.mx = rs.mx;
+      c.my = rs.my;
       c.k = k;
-      c.px_f = f / st.zx;
-      c.py_f = f / st.zy;
+      c.px_f = f / rs.zx;
+      c.py_f = f / rs.zy;
       c.wx = c.px_f * static_cast<acc_t>(kLn2);
       c.c2 = log_zy - log_zx - kl2;
       P* const gx = grad_row(args.grad_x, row);
       P* const gy = grad_row(args.grad_y, row);
+      const auto pass = [&](auto need_x, auto need_y) {
+        constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
+        if constexpr (kHard) {
+          const HardTermShare<acc_t> share{hard, student_x};
+          later_pass<kGradUnroll<N>, true>(in, cache, cached, units,
+                                           KLGradient<kX, kY, P, acc_t, HardTermShare<acc_t>>{gx, gy, c, share});
+          // The label's element of the student's gradient, rewritten once with its pull -f_h (1 - eps).
+          P* const g_student = student_x ? gx : gy;
+          if (g_student != nullptr) {
+            __syncthreads();  // the pass's write of that element comes first
+            if (threadIdx.x == 0) {
+              const acc_t xv = to_acc(args.x[args.x_rows.offset(row) + label]);
+              const acc_t yv = to_acc(args.y[args.y_rows.offset(row) + label]);
+              acc_t dx = acc_t(0), dy = acc_t(0);
+              kl_gradient_element<kX, kY>(xv, yv, c, share, dx, dy);
+              reinterpret_cast<scalar_t*>(g_student)[label] =
+                  static_cast<scalar_t>((student_x ? dx : dy) - hard.pull);
+            }
+          }
+        } else {
+          later_pass<kGradUnroll<N>, true>(in, cache, cached, units, KLGradient<kX, kY, P, acc_t>{gx, gy, c, {}});
+        }
+      };
       if (gx != nullptr && gy != nullptr) {
-        later_pass<kGradUnroll<N>, true>(in, cache, cached, units, KLGradient<true, true, P, acc_t>{gx, gy, c});
+        pass(std::true_type{}, std::true_type{});
       } else if (gx != nullptr) {
-        later_pass<kGradUnroll<N>, true>(in, cache, cached, units, KLGradient<true, false, P, acc_t>{gx, gy, c});
+        pass(std::true_type{}, std::false_type{});
       } else {
-        later_pass<kGradUnroll<N>, true>(in, cache, cached, units, KLGradient<false, true, P, acc_t>{gx, gy, c});
+        pass(std::false_type{}, std::true_type{});
       }
     }
   }
+}
+
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
+    kl_rows_kernel(const KLRowsArgs<scalar_t> args) {
+  kl_rows<scalar_t, N, kGrad, false>(args);
+}
+
+// The hard term holds more per element (its sums, the label's constants): at most 512 threads per
+// block (128 registers), as the JSD gradient kernel.
+template <typename scalar_t>
+constexpr int kMaxHardRowThreads = 512;
+
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxHardRowThreads<scalar_t>, kMinRowBlocksPerSM)
+    kl_hard_rows_kernel(const KLRowsArgs<scalar_t> args) {
+  kl_rows<scalar_t, N, kGrad, true>(args);
 }
 
 // grad[row, :] *= factors[row] (or factors[0]), in place, in acc_t. Rows whose factor is exactly 1
@@ -144,10 +233,22 @@ __global__ void __launch_bounds__(kMaxThreads)
 template <int N, typename scalar_t>
 void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxRowThreads<scalar_t>,
-                                           sizeof(RowState<acc_t>), sizeof(Pack<scalar_t, N>), any_grad, limits);
+  const bool hard = args.hard.labels != nullptr;
+  const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>,
+                                           hard ? kMaxHardRowThreads<scalar_t> : kMaxRowThreads<scalar_t>,
+                                           hard ? sizeof(RowHardState<acc_t>) : sizeof(RowState<acc_t>),
+                                           sizeof(Pack<scalar_t, N>), any_grad, limits);
   args.scratch_bytes = plan.scratch_bytes;
   args.cached_units = plan.cached_units;
+  if (hard) {
+    if (!any_grad) {
+      launch_kernel<kl_hard_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
+      return;
+    }
+    if (plan.opt_in) allow_dynamic_shared<kl_hard_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);
+    launch_kernel<kl_hard_rows_kernel<scalar_t, N, true>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
+    return;
+  }
   if (!any_grad) {
     launch_kernel<kl_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
     return;
@@ -157,6 +258,14 @@ void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits
 }
 
 }  // namespace
+
+RowLossOutputs kl_rows_cuda(const PreparedRows& in, double temperature, bool reverse, bool student_grad,
+                            bool teacher_grad, const GradFactor& factor, const HardTermInputs& hard) {
+  return run_rows_cuda(in, temperature, reverse, student_grad, teacher_grad, factor, hard,
+                       [](auto args, auto pack, bool any_grad, const DeviceLimits& limits, Stream stream) {
+                         launch_kl_rows<decltype(pack)::value>(args, any_grad, limits, stream);
+                       });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> kl_div_logits_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& mask,

@@ -12,6 +12,7 @@
 
 #include "../kl_div_common.h"
 #include "device_math.cuh"
+#include "hard_term.cuh"
 #include "launch_plan.h"
 #include "packs.cuh"
 #include "row_pipeline.cuh"
@@ -46,6 +47,8 @@ struct KLRowsArgs {
   // d(loss)/d(row KL) / T
   const acc_t* stats;
   const acc_t* row_factor;
+  // distillation_loss: the hard term riding in the row kernels' passes (hard_term.cuh), or none
+  HardTermArgs<acc_t> hard;
 };
 
 // The arguments every KL row kernel shares, from checked rows: x is the distribution the
@@ -127,6 +130,29 @@ struct KLGradConstants {
   acc_t c2;       // (log p_x - log p_y - KL) - (x' - y') ln2, divided by ln2
 };
 
+// No hard term: what a gradient step adds to the student's gradient when the distillation step's
+// cross-entropy does not ride along.
+struct NoHardTerm {
+  template <bool kNeedX, bool kNeedY, typename acc_t>
+  __device__ __forceinline__ void add(acc_t, acc_t, acc_t, acc_t, acc_t&, acc_t&) const {}
+};
+
+// The hard term's share of the student's gradient (hard_term.cuh): the student is x (reverse KL) or y.
+// kept_x, kept_y: the elements' q numerators at temperature T (2^x', 2^y').
+template <typename acc_t>
+struct HardTermShare {
+  HardRow<acc_t> h;
+  bool student_x;
+  template <bool kNeedX, bool kNeedY>
+  __device__ __forceinline__ void add(acc_t x, acc_t y, acc_t kept_x, acc_t kept_y, acc_t& gx, acc_t& gy) const {
+    if (student_x) {
+      if constexpr (kNeedX) gx += hard_element(h, kept_x, x);
+    } else {
+      if constexpr (kNeedY) gy += hard_element(h, kept_y, y);
+    }
+  }
+};
+
 // One step of a gradient pass, for every row kernel: element(x, y, gx, gy) sets the gradients of
 // one element from its logits (acc_t), and the packs of the wanted gradients are stored whole.
 // kNeedX/kNeedY: which gradients are written (compile-time, so that each output pack is built in
@@ -152,18 +178,29 @@ __device__ __forceinline__ void store_gradient_step(const P (&packs)[2][U], cons
   }
 }
 
+// KL's gradients of one element, plus the hard term's share of the student's (Hard: NoHardTerm or
+// HardTermShare).
+template <bool kNeedX, bool kNeedY, typename acc_t, typename Hard>
+__device__ __forceinline__ void kl_gradient_element(acc_t x, acc_t y, const KLGradConstants<acc_t>& c, const Hard& hard,
+                                                    acc_t& gx, acc_t& gy) {
+  const acc_t xs = (x - c.mx) * c.k;
+  const acc_t ys = (y - c.my) * c.k;
+  const acc_t ex = exp2_acc(xs);
+  const acc_t ey = exp2_acc(ys);
+  // grad_x = p_x (log p_x - log p_y - KL) f, zero where p_x = 0.
+  if constexpr (kNeedX) gx = ex > acc_t(0) ? (ex * c.wx) * (xs - ys + c.c2) : acc_t(0);
+  // grad_y = (p_y - p_x) f.
+  if constexpr (kNeedY) gy = ey * c.py_f - ex * c.px_f;
+  hard.template add<kNeedX, kNeedY>(x, y, ex, ey, gx, gy);
+}
+
 // One step of KL's gradient pass.
-template <bool kNeedX, bool kNeedY, typename P, int U, typename acc_t>
+template <bool kNeedX, bool kNeedY, typename P, int U, typename acc_t, typename Hard = NoHardTerm>
 __device__ __forceinline__ void kl_gradient_step(const P (&packs)[2][U], const bool (&valid)[U], int64_t first,
-                                              P* grad_x, P* grad_y, const KLGradConstants<acc_t>& c) {
+                                              P* grad_x, P* grad_y, const KLGradConstants<acc_t>& c,
+                                              const Hard& hard = {}) {
   store_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, [&](acc_t x, acc_t y, acc_t& gx, acc_t& gy) {
-    const acc_t xs = (x - c.mx) * c.k;
-    const acc_t ys = (y - c.my) * c.k;
-    const acc_t ex = exp2_acc(xs);
-    // grad_x = p_x (log p_x - log p_y - KL) f, zero where p_x = 0.
-    if constexpr (kNeedX) gx = ex > acc_t(0) ? (ex * c.wx) * (xs - ys + c.c2) : acc_t(0);
-    // grad_y = (p_y - p_x) f.
-    if constexpr (kNeedY) gy = exp2_acc(ys) * c.py_f - ex * c.px_f;
+    kl_gradient_element<kNeedX, kNeedY>(x, y, c, hard, gx, gy);
   });
 }
 
@@ -178,14 +215,46 @@ struct KLStatistics {
   }
 };
 
-template <bool kNeedX, bool kNeedY, typename P, typename acc_t>
+template <bool kNeedX, bool kNeedY, typename P, typename acc_t, typename Hard = NoHardTerm>
 struct KLGradient {
   P* grad_x;
   P* grad_y;
   KLGradConstants<acc_t> c;
+  Hard hard;
   template <int U>
   __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t first) const {
-    kl_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, c);
+    kl_gradient_step<kNeedX, kNeedY>(packs, valid, first, grad_x, grad_y, c, hard);
+  }
+};
+
+// The statistics pass with the hard term: KL's statistics and the student's hard-term sums.
+template <typename acc_t>
+struct KLHardStatistics {
+  RowState<acc_t> st;
+  acc_t k;
+  HardSums<acc_t> h;
+  bool student_x, need_z1, need_sum;
+  template <typename P, int U>
+  __device__ __forceinline__ void operator()(const P (&packs)[2][U], const bool (&valid)[U], int64_t) {
+    kl_statistics_step(st, packs, valid, k);
+    if (student_x) hard_sums_step(h, packs[0], valid, need_z1, need_sum);
+    else hard_sums_step(h, packs[1], valid, need_z1, need_sum);
+  }
+};
+
+// A row state with the hard term's sums, as a block reduction merges it.
+template <typename acc_t>
+struct RowHardState {
+  RowState<acc_t> st;
+  HardSums<acc_t> h;
+};
+
+template <typename acc_t>
+struct MergeRowHardStates {
+  acc_t k;
+  __device__ __forceinline__ RowHardState<acc_t> operator()(RowHardState<acc_t> a, const RowHardState<acc_t>& b) const {
+    merge_hard_sums(a.h, b.h);
+    return {merge(a.st, b.st, k), a.h};
   }
 };
 

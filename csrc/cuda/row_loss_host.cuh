@@ -13,18 +13,54 @@
 #include <type_traits>
 
 #include "../kl_div_common.h"
+#include "hard_term.cuh"
 #include "kl_row_math.cuh"
 #include "launch.cuh"
 
 namespace kl_fused::cuda {
 
-// (loss, grad_student, grad_teacher) of (..., V) logits: checks and prepares the rows, allocates
-// the per-row losses and the wanted gradients, and calls
+// The per-row losses and the wanted gradients of checked rows: allocates them and calls
 //   launch(args, pack, any_grad, limits, stream)
 // with the rows' KLRowsArgs<scalar_t> (x is the side the expectation is over: the teacher unless
-// `reverse`; row_loss and the gradient factor set, the factor's count left on the device) and
-// pack = std::integral_constant<int, N>, the elements per access that every row allows (a 16-byte
-// pack, or 1). Then reduces the per-row losses as `reduction` says.
+// `reverse`; row_loss, the gradient factor and the hard term set) and pack =
+// std::integral_constant<int, N>, the elements per access that every row allows (a 16-byte pack, or 1).
+struct RowLossOutputs {
+  at::Tensor row_loss;
+  at::Tensor grad_student;
+  at::Tensor grad_teacher;
+};
+
+template <typename Launch>
+RowLossOutputs run_rows_cuda(const PreparedRows& in, double temperature, bool reverse, bool student_grad,
+                             bool teacher_grad, const GradFactor& factor, const HardTermInputs& hard,
+                             const Launch& launch) {
+  RowLossOutputs out{at::empty({in.rows}, in.student.options().dtype(in.acc_dtype)),
+                     empty_row_gradient(in.student, student_grad), empty_row_gradient(in.teacher, teacher_grad)};
+  if (in.rows == 0) return out;
+  const int device = in.student.get_device();
+  const Stream stream = current_stream(device);
+  const DeviceLimits limits = device_limits(device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student.scalar_type(), "kl_fused_cuda_row_loss", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* ds = student_grad ? out.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dt = teacher_grad ? out.grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
+    KLRowsArgs<scalar_t> args = kl_rows_args(in, temperature, reverse, ds, dt);
+    args.row_loss = out.row_loss.mutable_data_ptr<acc_t>();
+    args.factor = factor;
+    args.hard = hard_term_args<acc_t>(hard);
+    constexpr int kPack = 16 / sizeof(scalar_t);
+    const bool any_grad = ds != nullptr || dt != nullptr;
+    if (kl_rows_vectorizable(args, kPack)) {
+      launch(args, std::integral_constant<int, kPack>{}, any_grad, limits, stream);
+    } else {
+      launch(args, std::integral_constant<int, 1>{}, any_grad, limits, stream);
+    }
+  });
+  return out;
+}
+
+// (loss, grad_student, grad_teacher) of (..., V) logits: checks and prepares the rows, runs them
+// (run_rows_cuda, at the reduction's factor, the count left on the device), reduces the per-row losses.
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> row_loss_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_logits, const std::optional<at::Tensor>& mask,
@@ -33,33 +69,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_loss_cuda(
   const DeviceGuard guard(student_logits.device());
   const PreparedRows in = prepare_rows(student_logits, teacher_logits, mask, temperature, reduction_name);
   const Reduction reduction = parse_reduction(reduction_name);
-  at::Tensor row_loss = at::empty({in.rows}, in.student.options().dtype(in.acc_dtype));
-  at::Tensor grad_student = empty_row_gradient(in.student, student_grad);
-  at::Tensor grad_teacher = empty_row_gradient(in.teacher, teacher_grad);
   const std::optional<at::Tensor> counted = counted_rows(in.mask);  // stays on the device
-
-  if (in.rows > 0) {
-    const GradFactor factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted);
-    const int device = in.student.get_device();
-    const Stream stream = current_stream(device);
-    const DeviceLimits limits = device_limits(device);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student.scalar_type(), "kl_fused_cuda_row_loss", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      scalar_t* ds = student_grad ? grad_student.mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* dt = teacher_grad ? grad_teacher.mutable_data_ptr<scalar_t>() : nullptr;
-      KLRowsArgs<scalar_t> args = kl_rows_args(in, temperature, reverse, ds, dt);
-      args.row_loss = row_loss.mutable_data_ptr<acc_t>();
-      args.factor = factor;
-      constexpr int kPack = 16 / sizeof(scalar_t);
-      const bool any_grad = ds != nullptr || dt != nullptr;
-      if (kl_rows_vectorizable(args, kPack)) {
-        launch(args, std::integral_constant<int, kPack>{}, any_grad, limits, stream);
-      } else {
-        launch(args, std::integral_constant<int, 1>{}, any_grad, limits, stream);
-      }
-    });
-  }
-  return {reduce_row_losses(row_loss, counted, reduction, in.leading(), in.vocab), grad_student, grad_teacher};
+  const GradFactor factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted);
+  RowLossOutputs out = run_rows_cuda(in, temperature, reverse, student_grad, teacher_grad, factor, {}, launch);
+  return {reduce_row_losses(out.row_loss, counted, reduction, in.leading(), in.vocab), out.grad_student,
+          out.grad_teacher};
 }
 
 }  // namespace kl_fused::cuda

@@ -15,7 +15,9 @@
 
 #include "../sparse_kl_common.h"
 #include "block_reduce.cuh"
+#include "distill_cuda.h"
 #include "device_math.cuh"
+#include "hard_term.cuh"
 #include "kl_row_math.cuh"
 #include "launch.cuh"
 #include "packs.cuh"
@@ -50,6 +52,11 @@ struct SparseRowsArgs {
   int scratch_bytes;            // per-warp states, then the bitmap (bitmap_offset)
   int bitmap_offset;
   int64_t bitmap_words;         // ceil(V / 32)
+  // distillation_loss: the hard term riding in the bucket kernel's passes (hard_term.cuh), or none; with
+  // it the bucket kernel serves renormalize too (the cross-entropy needs the whole row) and K may be 0
+  // (no teacher: the bucket's soft term is then exactly 0).
+  HardTermArgs<acc_t> hard;
+  bool renormalize;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -107,17 +114,6 @@ __device__ __forceinline__ void write_skipped_row(int64_t row, acc_t* row_loss, 
   }
 }
 
-// The online softmax of a set of values (raw maximum m, z = sum 2^((x - m) k)): a thread's, then the
-// block's. Merging is symmetric in exact arithmetic; block_reduce gives every thread the same bits.
-template <typename acc_t>
-__device__ __forceinline__ void merge_softmax(acc_t& m, acc_t& z, acc_t m2, acc_t z2, acc_t k) {
-  const acc_t mm = max_acc(m, m2);
-  const acc_t r1 = m == mm ? acc_t(1) : exp2_acc((m - mm) * k);
-  const acc_t r2 = m2 == mm ? acc_t(1) : exp2_acc((m2 - mm) * k);
-  z = z * r1 + z2 * r2;
-  m = mm;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Bucket.
 //
@@ -134,6 +130,19 @@ __device__ __forceinline__ void merge_softmax(acc_t& m, acc_t& z, acc_t m2, acc_
 // Bytes per row: the student read once (V e, the uncached packs once more from L2 with a gradient),
 // ds written once (V e), O(K) for the slots: the floor of the design notes, against dense KL's 3 V e.
 // One exponential per element in the pass and one in the gradient pass.
+// The hard term on a support slot: f_h (q_1 - eps / V), less f_h (1 - eps) on the label's; q_1 from the
+// raw logit x and log Z_1 (in double: both may be ~1e4).
+template <typename acc_t>
+__device__ __forceinline__ acc_t hard_on_slot(const HardRow<acc_t>& h, acc_t x, double log_z1, bool is_label) {
+  return h.f * static_cast<acc_t>(::exp(static_cast<double>(x) - log_z1)) - h.uniform - (is_label ? h.pull : acc_t(0));
+}
+
+// The label's element of a student gradient row, written once more with its final value.
+template <typename P, typename acc_t>
+__device__ __forceinline__ void ds_label_fixup(P* ds, int64_t label, acc_t value) {
+  reinterpret_cast<typename P::value_type*>(ds)[label] = static_cast<typename P::value_type>(value);
+}
+
 template <typename acc_t>
 struct BucketState {
   acc_t m_rest, z_rest;         // the complement
@@ -195,22 +204,33 @@ __device__ __forceinline__ void rest_statistics_step(acc_t& m, acc_t& z, const P
   }
 }
 
-template <typename acc_t>
+template <typename acc_t, bool kHard = false>
 struct RestStatistics {
   acc_t m, z;
   const uint32_t* bitmap;
   acc_t k;
+  HardSums<acc_t> h;         // kHard: the hard term's sums over the whole row, support included
+  bool need_z1, need_sum;
   template <typename P, int U>
   __device__ __forceinline__ void operator()(const P (&packs)[1][U], const bool (&valid)[U], int64_t first) {
     rest_statistics_step(m, z, packs, valid, first, bitmap, k);
+    if constexpr (kHard) hard_sums_step(h, packs[0], valid, need_z1, need_sum);
   }
 };
 
-// The gradient pass: coef 2^((s - shift) k) on every element (the support's are overwritten later).
-template <typename P, typename acc_t>
+// The gradient pass: coef 2^((s - shift) k) on every element (the support's are overwritten later),
+// plus the hard term's f_h (q_1 - eps / V) (Hard: NoHardTerm or HardTermShare with the student as y).
+template <typename P, typename acc_t, typename Hard = NoHardTerm>
 struct RestGradient {
   P* grad;
   acc_t shift, k, coef;
+  Hard hard;
+  __device__ __forceinline__ acc_t element(acc_t s) const {
+    const acc_t e = exp2_acc((s - shift) * k);
+    acc_t g = coef * e, unused = acc_t(0);
+    hard.template add<false, true>(acc_t(0), s, acc_t(0), e, unused, g);
+    return g;
+  }
   template <int U>
   __device__ __forceinline__ void operator()(const P (&packs)[1][U], const bool (&valid)[U], int64_t first) const {
     using scalar_t = typename P::value_type;
@@ -219,21 +239,41 @@ struct RestGradient {
       if (!valid[i]) continue;
       P g;
 #pragma unroll
-      for (int j = 0; j < P::kSize; ++j) {
-        g.v[j] = static_cast<scalar_t>(coef * exp2_acc((to_acc(packs[0][i].v[j]) - shift) * k));
-      }
+      for (int j = 0; j < P::kSize; ++j) g.v[j] = static_cast<scalar_t>(element(to_acc(packs[0][i].v[j])));
       store_pack(grad, step_unit(first, i), g);
     }
   }
 };
 
-template <typename scalar_t, int N, bool kGrad>
-__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
-    sparse_bucket_kernel(const SparseRowsArgs<scalar_t> args) {
+// The bucket kernel's merged state with the hard term's sums (kHard).
+template <typename acc_t>
+struct BucketHardState {
+  BucketState<acc_t> b;
+  HardSums<acc_t> h;
+};
+
+template <typename acc_t>
+struct MergeBucketHardStates {
+  acc_t k;
+  __device__ __forceinline__ BucketHardState<acc_t> operator()(BucketHardState<acc_t> a,
+                                                               const BucketHardState<acc_t>& b) const {
+    merge_hard_sums(a.h, b.h);
+    return {MergeBucketStates<acc_t>{k}(a.b, b.b), a.h};
+  }
+};
+
+// kHard (sparse_bucket_hard_kernel): the distillation step's cross-entropy rides along (hard_term.cuh):
+// its sums over the whole row in the pass, CE per row, f_h (q_1 - eps / V) in the gradient sweep and on
+// the support's slots, the label's pull on its slot or (off the support) rewritten once by thread 0.
+// There the kernel also serves renormalize (args.renormalize: the soft term from the support's sums,
+// nothing off the support) and K = 0 (no teacher: the bucket term is exactly 0).
+template <typename scalar_t, int N, bool kGrad, bool kHard>
+__device__ __forceinline__ void sparse_bucket_rows(const SparseRowsArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
+  using State = std::conditional_t<kHard, BucketHardState<acc_t>, BucketState<acc_t>>;
   KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
-  auto* scratch = reinterpret_cast<BucketState<acc_t>*>(shared);
+  auto* scratch = reinterpret_cast<State*>(shared);
   auto* bitmap = reinterpret_cast<uint32_t*>(shared + args.bitmap_offset);
   P* const cache[1] = {reinterpret_cast<P*>(shared + args.scratch_bytes)};
   const int64_t units = args.vocab / N, K = args.slots, V = args.vocab;
@@ -252,7 +292,25 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
       write_skipped_row(row, args.row_loss, args.status, dl, K, [&] {
         if (ds != nullptr) fill_row(ds, units, scalar_t(0));
       });
+      if constexpr (kHard) {
+        if (threadIdx.x == 0) args.hard.row_hard[row] = acc_t(0);
+      }
       continue;
+    }
+    int64_t label = 0;
+    if constexpr (kHard) {
+      label = args.hard.labels[row];
+      if (label < 0 || label >= V) {  // block-uniform: the row is undefined and never read
+        if (threadIdx.x == 0) {
+          args.row_loss[row] = args.hard.row_hard[row] = static_cast<acc_t>(NAN);
+          args.status[row] = kLabelOutOfRange;
+        }
+        if (ds != nullptr) fill_row(ds, units, static_cast<scalar_t>(NAN));
+        if (dl != nullptr) {
+          for (int64_t s = threadIdx.x; s < K; s += blockDim.x) dl[s] = static_cast<acc_t>(NAN);
+        }
+        continue;
+      }
     }
     const P* const in[1] = {reinterpret_cast<const P*>(args.student + args.student_rows.offset(row))};
     const scalar_t* srow = args.student + args.student_rows.offset(row);
@@ -266,7 +324,9 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     }
     __syncthreads();  // the bitmap is complete before the pass reads it
 
-    RestStatistics<acc_t> rest{neg_inf<acc_t>(), acc_t(0), bitmap, k};
+    const bool unit_t = args.inv_temperature == 1.0;
+    RestStatistics<acc_t, kHard> rest{neg_inf<acc_t>(), acc_t(0), bitmap, k, empty_hard_sums<acc_t>(), !unit_t,
+                                      kHard && args.hard.smoothing != acc_t(0)};
     if constexpr (kGrad) {
       first_pass<kUnroll<N>>(in, cache, cached, units, rest);
     } else {
@@ -274,6 +334,9 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     }
     mine.m_rest = rest.m;
     mine.z_rest = rest.z;
+    // Whether the label's token is on the support (then the support's step writes its gradient);
+    // block-uniform, read while the bitmap is stable.
+    const bool label_on_support = kHard && (bitmap[label >> 5] & token_bit(label)) != 0;
     // The support's slots, gathered from global memory (L2: the block has just streamed the row; the
     // row cache may not be read before a barrier).
     for (int64_t s = threadIdx.x; s < K; s += blockDim.x) {
@@ -291,7 +354,17 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     }
     // The reduction's barrier also ends every read of the bitmap and orders the cache's writes
     // before the gradient pass reads them.
-    const BucketState<acc_t> st = block_reduce(mine, MergeBucketStates<acc_t>{k}, empty_bucket_state<acc_t>(), scratch);
+    BucketState<acc_t> st;
+    HardSums<acc_t> hs{};
+    if constexpr (kHard) {
+      const BucketHardState<acc_t> merged =
+          block_reduce(BucketHardState<acc_t>{mine, rest.h}, MergeBucketHardStates<acc_t>{k},
+                       BucketHardState<acc_t>{empty_bucket_state<acc_t>(), empty_hard_sums<acc_t>()}, scratch);
+      st = merged.b;
+      hs = merged.h;
+    } else {
+      st = block_reduce(mine, MergeBucketStates<acc_t>{k}, empty_bucket_state<acc_t>(), scratch);
+    }
 
     const double log_rest = st.z_rest > acc_t(0)
                                 ? static_cast<double>(st.m_rest) * inv_t + kLn2 * static_cast<double>(log2_acc(st.z_rest))
@@ -313,11 +386,38 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     // of the teacher's mass (up to the tolerance); a NaN mass stays NaN.
     const double p_r = st.used == V ? 0.0 : (st.mass != st.mass ? st.mass : ::fmax(1.0 - st.mass, 0.0));
     const double total = st.mass + p_r;
+    // Renormalized (kHard only): KL(p~ || q~) = sum p~ (l - log P) - sum p~ b + lse_S b, P = sum_S p;
+    // no support: 0; a support whose logits are all -inf leaves q~ undefined.
+    const bool renormalize = kHard && args.renormalize;
+    const double renorm_kl = st.used == 0 ? 0.0 : (st.pl - st.pb) / st.mass - ::log(st.mass) + lse_support;
+    const bool soft_defined = defined && (!renormalize || st.used == 0 || lse_support - lse_support == 0.0);
+    double log_z1 = log_z;
     if (threadIdx.x == 0) {
       double loss = st.pl - st.pb + st.mass * log_z;
       if (p_r != 0.0) loss += p_r * (::log(p_r) - log_qr);
-      args.row_loss[row] = static_cast<acc_t>(bad || !defined ? NAN : loss);
+      if (renormalize) loss = renorm_kl;
+      args.row_loss[row] = static_cast<acc_t>(bad || !soft_defined ? NAN : loss);
       args.status[row] = status;
+    }
+    HardRow<acc_t> hard{};
+    if constexpr (kHard) {
+      // log Z_1 of the student at T = 1: the soft term's log Z at T = 1, else the hard sums'.
+      log_z1 = unit_t ? log_z : static_cast<double>(hs.m) + kLn2 * static_cast<double>(log2_acc(hs.z1));
+      if (threadIdx.x == 0) {
+        const double s_y = static_cast<double>(to_acc(srow[label]));
+        double ce = log_z1 - (1.0 - static_cast<double>(args.hard.smoothing)) * s_y;
+        if (args.hard.smoothing != acc_t(0)) {
+          ce -= static_cast<double>(args.hard.smoothing) * static_cast<double>(hs.sum) / static_cast<double>(V);
+        }
+        args.hard.row_hard[row] = static_cast<acc_t>(bad || !soft_defined ? NAN : ce);
+      }
+      if constexpr (kGrad) {
+        const acc_t f_h = static_cast<acc_t>(args.hard.factor.value());
+        // Off the support at T = 1: f_h q_j = f_h 2^((s_j - m_r) k) q_r / Z_r.
+        hard = {static_cast<acc_t>(st.z_rest > acc_t(0) ? f_h * ::exp(log_qr) / static_cast<double>(st.z_rest) : 0.0),
+                f_h / hs.z1, hs.m, f_h * args.hard.smoothing / static_cast<acc_t>(V),
+                f_h * (acc_t(1) - args.hard.smoothing), unit_t, f_h};
+      }
     }
 
     if constexpr (kGrad) {
@@ -325,14 +425,27 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
       const double f = args.student_factor.value();
       const acc_t total_f = static_cast<acc_t>(total);
       const acc_t c_tail = static_cast<acc_t>(p_r != 0.0 ? log_qr - ::log(p_r) : 1.0);
-      const int row_state = bad ? 2 : (defined ? 0 : 1);  // 2: NaN everywhere, 1: NaN on used slots
+      const int row_state = bad ? 2 : (soft_defined ? 0 : 1);  // 2: NaN everywhere, 1: NaN on used slots
+      const double coef = st.z_rest > acc_t(0) && !renormalize
+                              ? f * (total * ::exp(log_qr) - p_r) / static_cast<double>(st.z_rest)
+                              : 0.0;
+      const acc_t shift = finite_shift(st.m_rest);
       if (ds != nullptr) {
         if (row_state != 0) {
           fill_row(ds, units, static_cast<scalar_t>(NAN));
+        } else if constexpr (kHard) {
+          const RestGradient<P, acc_t, HardTermShare<acc_t>> sweep{ds, shift, k, static_cast<acc_t>(coef),
+                                                                   HardTermShare<acc_t>{hard, false}};
+          later_pass<kGradUnroll<N>, true>(in, cache, cached, units, sweep);
+          if (!label_on_support) {
+            __syncthreads();  // the sweep's write of the label's element comes first
+            if (threadIdx.x == 0) {
+              ds_label_fixup(ds, label, sweep.element(to_acc(student_at(in[0], cache[0], cached, label))) - hard.pull);
+            }
+          }
         } else {
-          const double coef = st.z_rest > acc_t(0) ? f * (total * ::exp(log_qr) - p_r) / static_cast<double>(st.z_rest) : 0.0;
           later_pass<kGradUnroll<N>, true>(in, cache, cached, units,
-                                           RestGradient<P, acc_t>{ds, finite_shift(st.m_rest), k, static_cast<acc_t>(coef)});
+                                           RestGradient<P, acc_t>{ds, shift, k, static_cast<acc_t>(coef), {}});
         }
       }
       __syncthreads();  // the pass's writes before the support's overwrite them
@@ -353,9 +466,25 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
           continue;
         }
         // log q_k = b_k - log Z, exact in double (both may be ~1e4), then the rest in acc_t.
-        const acc_t log_q = static_cast<acc_t>(static_cast<double>(to_acc(student_at(in[0], cache[0], cached, i))) * inv_t - log_z);
+        const acc_t x = to_acc(student_at(in[0], cache[0], cached, i));
+        const acc_t log_q = static_cast<acc_t>(static_cast<double>(x) * inv_t - log_z);
         const acc_t p = exp2_acc(l * static_cast<acc_t>(kLog2E));
-        if (ds_row != nullptr) ds_row[i] = static_cast<scalar_t>(f_s * (total_f * exp2_acc(log_q * static_cast<acc_t>(kLog2E)) - p));
+        if (renormalize) {  // p~ = p / P, log q~ = b - lse_S
+          const acc_t log_pt = l - static_cast<acc_t>(::log(st.mass));
+          const acc_t log_qt = static_cast<acc_t>(static_cast<double>(x) * inv_t - lse_support);
+          const acc_t pt = exp2_acc(log_pt * static_cast<acc_t>(kLog2E));
+          if (ds_row != nullptr) {
+            ds_row[i] = static_cast<scalar_t>(f_s * (exp2_acc(log_qt * static_cast<acc_t>(kLog2E)) - pt) +
+                                              hard_on_slot(hard, x, log_z1, i == label));
+          }
+          if (dl != nullptr) dl[s] = pt > acc_t(0) ? f_l * pt * (log_pt - log_qt - static_cast<acc_t>(renorm_kl)) : acc_t(0);
+          continue;
+        }
+        if (ds_row != nullptr) {
+          acc_t g = f_s * (total_f * exp2_acc(log_q * static_cast<acc_t>(kLog2E)) - p);
+          if constexpr (kHard) g += hard_on_slot(hard, x, log_z1, i == label);
+          ds_row[i] = static_cast<scalar_t>(g);
+        }
         if (dl != nullptr) dl[s] = p > acc_t(0) ? f_l * p * (l - log_q + c_tail) : acc_t(0);
       }
     } else {
@@ -364,6 +493,19 @@ __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
       }
     }
   }
+}
+
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
+    sparse_bucket_kernel(const SparseRowsArgs<scalar_t> args) {
+  sparse_bucket_rows<scalar_t, N, kGrad, false>(args);
+}
+
+// The hard term's sums and constants: at most 512 threads per block (128 registers).
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(512, kMinRowBlocksPerSM)
+    sparse_bucket_hard_kernel(const SparseRowsArgs<scalar_t> args) {
+  sparse_bucket_rows<scalar_t, N, kGrad, true>(args);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,17 +630,31 @@ template <typename scalar_t, int N>
 void launch_bucket(SparseRowsArgs<scalar_t> args, bool grad, const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t words = bitmap_words(args);
+  const bool hard = args.hard.labels != nullptr;
+  const int state_bytes = hard ? sizeof(BucketHardState<acc_t>) : sizeof(BucketState<acc_t>);
   const RowsLaunch plan =
-      plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxRowThreads<scalar_t>, sizeof(BucketState<acc_t>),
+      plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, hard ? 512 : kMaxRowThreads<scalar_t>, state_bytes,
                        sizeof(Pack<scalar_t, N>), args.grad_student != nullptr, limits, /*inputs=*/1,
                        static_cast<int>(4 * words));
   TORCH_CHECK_VALUE(plan.shared_bytes <= limits.max_shared_optin,
                     "sparse_kl_div on CUDA keeps a bit per vocabulary entry in shared memory; V = ", args.vocab,
                     " needs ", plan.shared_bytes, " bytes, above the device's ", limits.max_shared_optin);
   args.scratch_bytes = plan.scratch_bytes;
-  args.bitmap_offset = (plan.threads / 32 * static_cast<int>(sizeof(BucketState<acc_t>)) + 15) / 16 * 16;
+  args.bitmap_offset = (plan.threads / 32 * state_bytes + 15) / 16 * 16;
   args.bitmap_words = words;
   args.cached_units = plan.cached_units;
+  if (hard) {
+    if (grad) {
+      if (plan.opt_in) allow_dynamic_shared<sparse_bucket_hard_kernel<scalar_t, N, true>>(limits.max_shared_optin);
+      launch_kernel<sparse_bucket_hard_kernel<scalar_t, N, true>>(plan.grid, plan.threads, plan.shared_bytes, stream,
+                                                                  args);
+    } else {
+      if (plan.opt_in) allow_dynamic_shared<sparse_bucket_hard_kernel<scalar_t, N, false>>(limits.max_shared_optin);
+      launch_kernel<sparse_bucket_hard_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream,
+                                                                   args);
+    }
+    return;
+  }
   if (grad) {
     if (plan.opt_in) allow_dynamic_shared<sparse_bucket_kernel<scalar_t, N, true>>(limits.max_shared_optin);
     launch_kernel<sparse_bucket_kernel<scalar_t, N, true>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
@@ -534,6 +690,54 @@ void launch_renorm(SparseRowsArgs<scalar_t> args, bool grad, const DeviceLimits&
   }
 }
 
+}  // namespace
+
+void sparse_rows_cuda(const PreparedSparseRows& in, SparseOutputs& out, double temperature, bool renormalize,
+                      double mass_tolerance, const GradFactor& student_factor, const GradFactor& logprobs_factor,
+                      const HardTermInputs& hard) {
+  if (in.rows == 0) return;
+  const int device = in.student.get_device();
+  const Stream stream = current_stream(device);
+  const DeviceLimits limits = device_limits(device);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student.scalar_type(), "kl_fused_cuda_sparse_kl", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    SparseRowsArgs<scalar_t> args{};
+    args.student = in.student.const_data_ptr<scalar_t>();
+    args.student_rows = in.student_rows;
+    args.indices = in.indices.const_data_ptr<int64_t>();
+    args.logprobs = in.logprobs.const_data_ptr<acc_t>();
+    args.mask = in.mask.has_value() ? in.mask->const_data_ptr<bool>() : nullptr;
+    args.row_loss = out.row_loss.mutable_data_ptr<acc_t>();
+    args.status = out.status.mutable_data_ptr<int32_t>();
+    args.grad_student = out.grad_student.numel() > 0 ? out.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
+    args.grad_logprobs = out.grad_logprobs_acc.numel() > 0 ? out.grad_logprobs_acc.mutable_data_ptr<acc_t>() : nullptr;
+    args.rows = in.rows;
+    args.vocab = in.vocab;
+    args.slots = in.slots;
+    args.k = static_cast<acc_t>(kLog2E / temperature);
+    args.inv_temperature = 1.0 / temperature;
+    args.temperature = temperature;
+    args.mass_tolerance = renormalize ? INFINITY : mass_tolerance;
+    args.student_factor = student_factor;
+    args.logprobs_factor = logprobs_factor;
+    args.hard = hard_term_args<acc_t>(hard);
+    args.renormalize = renormalize;
+    const bool grad = args.grad_student != nullptr || args.grad_logprobs != nullptr;
+    // Renormalized, the soft term reads the support alone; the hard term needs the whole row.
+    if (renormalize && hard.labels == nullptr) {
+      launch_renorm<scalar_t>(args, grad, limits, stream);
+      return;
+    }
+    constexpr int kPack = 16 / sizeof(scalar_t);
+    const bool vectorized = rows_vectorizable(args.student, args.student_rows, in.vocab, kPack) &&
+                            (args.grad_student == nullptr || aligned16(args.grad_student));
+    if (vectorized) launch_bucket<scalar_t, kPack>(args, grad, limits, stream);
+    else launch_bucket<scalar_t, 1>(args, grad, limits, stream);
+  });
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_div_cuda(
     const at::Tensor& student_logits, const at::Tensor& teacher_indices, const at::Tensor& teacher_logprobs,
     const std::optional<at::Tensor>& mask, double temperature, bool renormalize, c10::string_view reduction_name,
@@ -544,44 +748,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_kl_div_cuda(
   const Reduction reduction = parse_reduction(reduction_name);
   SparseOutputs out = allocate_sparse_outputs(in, student_grad, logprobs_grad);
   const std::optional<at::Tensor> counted = counted_rows(in.mask);  // stays on the device
-  if (in.rows > 0) {
-    const int device = in.student.get_device();
-    const Stream stream = current_stream(device);
-    const DeviceLimits limits = device_limits(device);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.student.scalar_type(), "kl_fused_cuda_sparse_kl", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      SparseRowsArgs<scalar_t> args{};
-      args.student = in.student.const_data_ptr<scalar_t>();
-      args.student_rows = in.student_rows;
-      args.indices = in.indices.const_data_ptr<int64_t>();
-      args.logprobs = in.logprobs.const_data_ptr<acc_t>();
-      args.mask = in.mask.has_value() ? in.mask->const_data_ptr<bool>() : nullptr;
-      args.row_loss = out.row_loss.mutable_data_ptr<acc_t>();
-      args.status = out.status.mutable_data_ptr<int32_t>();
-      args.grad_student = student_grad ? out.grad_student.mutable_data_ptr<scalar_t>() : nullptr;
-      args.grad_logprobs = logprobs_grad ? out.grad_logprobs_acc.mutable_data_ptr<acc_t>() : nullptr;
-      args.rows = in.rows;
-      args.vocab = in.vocab;
-      args.slots = in.slots;
-      args.k = static_cast<acc_t>(kLog2E / temperature);
-      args.inv_temperature = 1.0 / temperature;
-      args.temperature = temperature;
-      args.mass_tolerance = renormalize ? INFINITY : mass_tolerance;
-      args.student_factor = make_grad_factor(reduction, temperature, in.vocab, in.rows, counted);
-      args.logprobs_factor = make_grad_factor(reduction, 1.0, in.vocab, in.rows, counted);
-      const bool grad = student_grad || logprobs_grad;
-      if (renormalize) {
-        launch_renorm<scalar_t>(args, grad, limits, stream);
-        return;
-      }
-      constexpr int kPack = 16 / sizeof(scalar_t);
-      const bool vectorized = rows_vectorizable(args.student, args.student_rows, in.vocab, kPack) &&
-                              (args.grad_student == nullptr || aligned16(args.grad_student));
-      if (vectorized) launch_bucket<scalar_t, kPack>(args, grad, limits, stream);
-      else launch_bucket<scalar_t, 1>(args, grad, limits, stream);
-    });
-    if (validate) raise_on_bad_support(in, out.status, mass_tolerance);
-  }
+  sparse_rows_cuda(in, out, temperature, renormalize, mass_tolerance,
+                   make_grad_factor(reduction, temperature, in.vocab, in.rows, counted),
+                   make_grad_factor(reduction, 1.0, in.vocab, in.rows, counted), {});
+  if (validate && in.rows > 0) raise_on_bad_support(in, out.status, mass_tolerance);
   return finish_sparse_outputs(in, out, counted, reduction);
 }
 

@@ -10,13 +10,13 @@ import sys
 
 import torch
 
-from kl_fused.bench import cache, jsd, kl, linear, sparse, vocab_parallel
+from kl_fused.bench import cache, distill, jsd, kl, linear, sparse, vocab_parallel
 from kl_fused.bench.allocator import keeps_freed_memory, rerun_keeping_freed_memory
 from kl_fused.bench.environment import describe_environment
 from kl_fused.bench.options import DEFAULT_REPS, DTYPES, check_output_path, resolve_device
 
 # The default mode last: it is selected whenever no other mode's flag is given.
-MODES = (vocab_parallel.MODE, jsd.MODE, linear.MODE, sparse.MODE, cache.MODE, kl.MODE)
+MODES = (vocab_parallel.MODE, jsd.MODE, linear.MODE, sparse.MODE, distill.MODE, cache.MODE, kl.MODE)
 
 
 def _providers_help():

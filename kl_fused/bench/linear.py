@@ -27,6 +27,7 @@ import kl_fused
 from kl_fused import reference
 from kl_fused.bench.agreement import ErrorTracker, disagreements, row_blocks
 from kl_fused.bench.environment import record_environment
+from kl_fused.bench.linear_inputs import make_linear_inputs, memory_method as _memory_method
 from kl_fused.bench.memory import cuda_peak_mib, measure_cpu_peak
 from kl_fused.bench.options import DTYPES, Mode, choices, comma_list, positive_int
 from kl_fused.bench.report import format_optional, format_table, report_failures, write_json
@@ -62,31 +63,6 @@ class LinearCase:
 
 
 # ---------------------------------------------------------------------------- inputs and providers
-
-
-def make_linear_inputs(rows, hidden, vocab, dtype_name, teacher, device, seed=0):
-    """{student_hidden, student_weight (both require grad), teacher_hidden + teacher_weight, or
-    teacher_logits}: weights scaled so that logits have a std of about 3, never zeros."""
-    dtype = DTYPES[dtype_name]
-    device = torch.device(device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sample = torch.float64 if dtype == torch.float64 else torch.float32
-
-    def randn(*shape, scale=1.0):
-        return torch.randn(shape, generator=generator, device=device, dtype=sample).mul_(scale).to(dtype)
-
-    inputs = {
-        "student_hidden": randn(rows, hidden).requires_grad_(),
-        "student_weight": randn(vocab, hidden, scale=3.0 / hidden**0.5).requires_grad_(),
-    }
-    teacher_hidden = randn(rows, hidden)
-    teacher_weight = randn(vocab, hidden, scale=3.0 / hidden**0.5)
-    if teacher == "hidden":
-        inputs.update(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight)
-    else:
-        with torch.no_grad():
-            inputs["teacher_logits"] = teacher_hidden @ teacher_weight.t()
-    return inputs
 
 
 def _teacher_logits(inputs):
@@ -276,12 +252,6 @@ def bench_case(case, args, environment):
         for baseline in ("materialized-eager", "materialized-fused", "compile", "trl", "liger"):
             record[f"speedup_vs_{baseline}"] = medians[baseline] / record["median_ms"] if baseline in medians else None
     return records, failures, skipped
-
-
-def _memory_method(device):
-    if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated during one step, minus what was allocated before it"
-    return "peak RSS (VmHWM) of a fresh process during one step, minus its RSS before the step"
 
 
 def _peak_mib(name, step, case, args):

@@ -37,6 +37,9 @@ KERNEL_OWNERS = {
     "jsd_rows_kernel": "test_cuda_emulated_jsd.py",
     "sparse_bucket_kernel": "test_cuda_emulated_sparse.py",
     "sparse_renorm_kernel": "test_cuda_emulated_sparse.py",
+    "kl_hard_rows_kernel": "test_cuda_emulated_distill.py",
+    "jsd_hard_rows_kernel": "test_cuda_emulated_distill.py",
+    "sparse_bucket_hard_kernel": "test_cuda_emulated_distill.py",
 }
 # The schedules a call runs under unless SIMT_SCHEDULES says otherwise.
 DEFAULT_SCHEDULES = "forward,random:1"

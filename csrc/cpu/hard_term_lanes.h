@@ -1,0 +1,56 @@
+// The hard term's share of a student gradient row, as every CPU row kernel adds it (row_kernels.h,
+// jsd_row_kernels.h, sparse_row_kernels.h): per element j, with q_1 = softmax(s) at temperature 1,
+//   f_h (q_1_j - eps / V) - f_h (1 - eps) [j = y]
+// added to the soft term's gradient before the one store. q_1 comes from an exponential the kernel
+// already kept (T = 1: it is the student's softmax of the soft term) or, at T != 1, from the logits
+// again (one exponential per element). Like vec_lanes.h this is compiled once per CPU capability.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "vec_lanes.h"
+
+namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE {
+namespace {
+
+// What a gradient pass needs of a row's hard term.
+template <typename acc_t>
+struct HardGradient {
+  acc_t q1_scale;         // T != 1: f_h q_1 = exp(s - m_s) q1_scale, i.e. f_h / Z_1
+  acc_t m_s;              // T != 1: the raw student logits' maximum
+  acc_t uniform;          // f_h eps / V
+  acc_t label_pull;       // f_h (1 - eps)
+  int64_t label;          // y
+  bool from_kept;         // q_1 from the kept exponentials (times the caller's per-chunk factor)
+};
+
+// The hard term over the step of n lanes at row element i: `kept` lo/hi are the exponentials the
+// kernel kept there and kept_factor turns them into f_h q_1 (used when h.from_kept); otherwise q_1
+// is recomputed from the student logits s. The label's lane also gets -f_h (1 - eps).
+template <typename scalar_t, typename Vec, typename acc_t>
+C10_ALWAYS_INLINE void hard_gradient_step(const HardGradient<acc_t>& h, const scalar_t* s, int64_t i, int64_t n,
+                                          const Vec& kept_lo, const Vec& kept_hi, const Vec& kept_factor, Vec& lo,
+                                          Vec& hi) {
+  using L = Lanes<scalar_t>;
+  const Vec uniform(h.uniform);
+  if (h.from_kept) {
+    lo = at::vec::fmsub(kept_lo, kept_factor, uniform);
+    hi = at::vec::fmsub(kept_hi, kept_factor, uniform);
+  } else {
+    Vec s_lo, s_hi, live_lo, live_hi;
+    L::load(s + i, n, -std::numeric_limits<acc_t>::infinity(), s_lo, s_hi);
+    const Vec neg_m(-h.m_s), scale(h.q1_scale);
+    lo = at::vec::fmsub(NonPositiveExp<acc_t>::exp(s_lo + neg_m, live_lo), scale, uniform);
+    hi = at::vec::fmsub(NonPositiveExp<acc_t>::exp(s_hi + neg_m, live_hi), scale, uniform);
+  }
+  if (h.label >= i && h.label < i + n) {  // once per row
+    alignas(64) acc_t pull[L::kStep] = {};
+    pull[h.label - i] = h.label_pull;
+    lo -= Vec::loadu(pull);
+    hi -= Vec::loadu(pull + L::kVec);
+  }
+}
+
+}  // namespace
+}  // namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE
