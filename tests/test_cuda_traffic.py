@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kl_fused
-from cuda_traffic import SCENARIOS, count, logits, sparse_support
+from cuda_traffic import SCENARIOS, count, distillation, hard_labels, logits, sparse_support
 from host_syncs import HostSyncs
 from simt.emulator import Emulator
 
@@ -187,15 +187,82 @@ def test_every_scenario_meets_its_documented_bytes_and_launches(emu, sc):
     """The table's scenarios at a cached width: the bytes moved on rows x V tensors (logits,
     gradients) equal the documented count of e per element, up to O(K) per row for the sparse
     support's slots written twice; everything else (row losses, statistics, factors, the support)
-    is O(rows) and O(threads)."""
+    is O(rows) and O(threads). The front door's rows run its op, then backward's grad_scale_ by the
+    upstream gradient (2e when it is not 1, nothing over rows x V when it is)."""
     e, E = 2, ROWS * VOCAB
     _, launches = sc.run(emu, ROWS, VOCAB, torch.bfloat16)
     assert len(launches) == sc.launches
     full = [x for k in launches for x in k.tensors if E * e in (x.distinct_loaded, x.distinct_stored)]
     moved = sum(x.loaded + x.stored for x in full)
-    assert sc.bytes_in_e * e * E <= moved <= sc.bytes_in_e * e * E + 2 * ROWS * 64 * e, (moved / E, sc.formula)
+    # O(K) per row: the sparse support's slots; O(rows): the hard term's label logit and gradient element.
+    assert sc.bytes_in_e * e * E <= moved <= sc.bytes_in_e * e * E + 2 * ROWS * 64 * e + 4 * ROWS * e, \
+        (moved / E, sc.formula)
     other = sum(x.loaded + x.stored for k in launches for x in k.tensors) - moved
     assert other <= ROWS * 64 * 12 * 4 + sum(8 * k.block * k.grid for k in launches), other
+
+
+# ------------------------------------------------------------------------------------- the front door's hard term
+
+
+DISTILL_FORMS = {"kl": ("kl_hard_rows_kernel", "kl_rows_kernel", 1, ("input 0", "input 1")),
+                 "jsd": ("jsd_hard_rows_kernel", "jsd_rows_kernel", 2, ("input 0", "input 1")),
+                 "topk": ("sparse_bucket_hard_kernel", "sparse_bucket_kernel", 1, ("input 0",))}
+
+
+@pytest.mark.parametrize("temperature,smoothing", [(1.0, 0.0), (2.0, 0.1)])
+@pytest.mark.parametrize("form", DISTILL_FORMS)
+@pytest.mark.parametrize("cache", ["whole row", "partial"])
+def test_hard_term_adds_only_bytes_per_row(emu, form, cache, temperature, smoothing):
+    """distillation_loss with labels (the hard kernel) against the same call without (the soft kernel):
+    the same launches, the same distinct bytes of every rows x V tensor, and beyond them only O(rows)
+    bytes: the label's logit read at most twice per row of each input (the row's cross-entropy; the
+    label's gradient element, rewritten once), the labels (8 bytes per thread and row). A row wider than
+    the cache also re-reads, per later pass, what the hard state's per-warp scratch (16 B a warp) takes
+    off the row cache: O(rows x warps). No pass over rows x V is added."""
+    hard_kernel, soft_kernel, later_passes, inputs = DISTILL_FORMS[form]
+    e, vocab = 2, 1024 if cache == "whole row" else 4096
+    limits = {} if cache == "whole row" else {"max_shared_optin": 4 * 1024 + 512}
+    with emu.limits(**limits):
+        runs = {labels: distillation(emu, ROWS, vocab, torch.bfloat16, form, labels=labels, temperature=temperature,
+                                     label_smoothing=smoothing)[1] for labels in (True, False)}
+    (hard,), (soft,) = runs[True], runs[False]
+    assert (hard.name, soft.name) == (hard_kernel, soft_kernel)
+    assert hard.grid == soft.grid and hard.block == soft.block
+    labels = hard.of("input 3" if form == "topk" else "input 2")
+    assert labels.distinct_loaded == 8 * ROWS and labels.loaded <= 8 * hard.block * ROWS
+    scratch = 0 if cache == "whole row" else later_passes * 16 * (hard.block // 32)
+    for name in inputs:
+        h, s = hard.of(name), soft.of(name)
+        assert h.distinct_loaded == s.distinct_loaded == ROWS * vocab * e, name
+        assert 0 <= h.loaded - s.loaded <= ROWS * (2 * e + scratch), (name, h.loaded - s.loaded)
+    if cache == "partial":
+        assert hard.of("input 0").loaded > ROWS * vocab * e, "the tail is re-read: the case the bound is about"
+    grad_h, grad_s = hard.of("output 1"), soft.of("output 1")
+    assert grad_h.distinct_stored == grad_s.distinct_stored == ROWS * vocab * e
+    assert grad_h.stored - grad_s.stored == ROWS * e, "the label's gradient element rewritten once per row"
+    # Everything else: the labels and the hard term's factor, read per thread and row; its row outputs.
+    def rest(k):
+        return k.loaded + k.stored - sum(k.of(n).loaded for n in inputs) - k.of("output 1").stored
+
+    assert 0 < rest(hard) - rest(soft) <= ROWS * 16 * hard.block, rest(hard) - rest(soft)
+
+
+@pytest.mark.parametrize("form", ["kl", "topk"])
+def test_front_door_host_code_never_synchronises(emu, form):
+    """validate=False (the capture-safe path): the CUDA host code of distillation_loss reads nothing on
+    the host, with labels, and neither does the Python front door's forward and backward."""
+    with HostSyncs() as syncs:
+        _, launches = distillation(emu, 3, 64, torch.float32, form, slots=8)
+    assert len(launches) == 1 and syncs.calls == []
+    s, t = logits(3, 64, torch.float32)
+    s.requires_grad_()
+    indices, logprobs = sparse_support(3, 64, 8)
+    teacher = {"teacher_logits": t} if form == "kl" else {"teacher_topk": (indices, logprobs)}
+    with HostSyncs() as syncs:
+        loss = kl_fused.distillation_loss(s, labels=hard_labels(3, 64), temperature=2.0, soft_weight=4.0,
+                                          hard_weight=0.5, validate=False, **teacher)
+        (loss * 0.3).backward()
+    assert syncs.calls == []
 
 
 # ------------------------------------------------------------------------------------- the linear chunk loop
