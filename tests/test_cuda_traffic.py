@@ -268,35 +268,41 @@ def test_front_door_host_code_never_synchronises(emu, form):
 # ------------------------------------------------------------------------------------- the linear chunk loop
 
 
-def test_linear_chunk_loop_launches_one_row_kernel_per_chunk_at_3e(emu, monkeypatch):
-    """kl_fused.linear's chunk loop with its row op emulated: one kl_rows_kernel launch per chunk,
-    3e per element of the chunk's logits, nothing else over rows x V from our kernels."""
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_linear_chunk_loop_launches_one_row_kernel_per_chunk_at_3e(emu, monkeypatch, with_labels):
+    """The linear forms' chunk loop (kl_fused.linear_kl_div; linear_distillation_loss with labels) with
+    its row op emulated: one row kernel launch per chunk (the hard kernel with labels), 3e per element
+    of the chunk's logits (plus, with labels, the label's logit and gradient element per row), nothing
+    else over rows x V from our kernels."""
     from kl_fused import _chunked_linear
     recorded = []
 
-    def emulated_row_loss(loss, loss_param):
-        def run(s, t, temperature, gs, gt):
-            result, launches = emu.traffic("kl_div_logits", s.contiguous(), t.contiguous(), None, temperature,
-                                           loss_param != 0.0, "none", gs, gt)
-            recorded.append((s.shape, launches))
-            return result
-        return run
+    def emulated_rows(*args):
+        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        result, launches = emu.traffic("distillation_loss", *args)
+        recorded.append((args[0].shape, launches))
+        return result
 
-    monkeypatch.setattr(_chunked_linear, "_row_loss", emulated_row_loss)
+    monkeypatch.setattr(_chunked_linear, "distillation_rows", emulated_rows)
     gen = torch.Generator().manual_seed(3)
     rows, hidden, vocab = 10, 16, 256
     h = torch.randn(rows, hidden, generator=gen, requires_grad=True)
     w = torch.randn(vocab, hidden, generator=gen, requires_grad=True)
     t = torch.randn(rows, vocab, generator=gen)
-    loss = kl_fused.linear_kl_div(h, w, t, chunk_rows=4)
+    if with_labels:
+        loss = kl_fused.linear_distillation_loss(h, w, t, labels=hard_labels(rows, vocab), temperature=2.0,
+                                                 hard_weight=0.5, chunk_rows=4, validate=False)
+    else:
+        loss = kl_fused.linear_kl_div(h, w, t, chunk_rows=4)
     loss.backward()
     assert [shape[0] for shape, _ in recorded] == [4, 4, 2]
     for shape, launches in recorded:
         (k,) = launches
-        assert k.name == "kl_rows_kernel"
+        assert k.name == ("kl_hard_rows_kernel" if with_labels else "kl_rows_kernel")
         elements = shape[0] * shape[1]
         moved = k.of("input 0").loaded + k.of("input 1").loaded + k.of("output 1").stored + k.of("output 2").stored
-        assert moved == 3 * 4 * elements
+        assert 3 * 4 * elements <= moved <= 3 * 4 * elements + (4 * 4 * shape[0] if with_labels else 0)
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
 
 
 # ------------------------------------------------------------------------------------- host synchronisations
