@@ -177,7 +177,7 @@ class Scenario:
     floor_in_e: int       # the design notes' floor for what the call delivers
 
 
-SCENARIOS = (
+_OP_SCENARIOS = (
     Scenario("kl_div_logits, loss only", _kl(False, False), "2e (read s, t)", 2, 1, 2),
     Scenario("kl_div_logits + student grad", _kl(True, False), "3e (read s, t; write ds)", 3, 1, 3),
     Scenario("kl_div_logits + both grads", _kl(True, True), "4e (read s, t; write ds, dt)", 4, 1, 4),
@@ -185,21 +185,25 @@ SCENARIOS = (
     Scenario("sparse_kl_div bucket + grad (K=64)", _sparse(False), "2e (read s; write ds) + O(K)", 2, 1, 2),
     Scenario("sparse_kl_div renormalize + grad (K=64)", _sparse(True), "1e (write ds) + O(K)", 1, 1, 1),
     Scenario("vocab-parallel shard: states + student grad", _shards, "5e (read s, t twice; write ds)", 5, 2, 3),
-    Scenario("distillation_loss kl + labels, upstream 1", _distill("kl", 1.0),
-             "3e (read s, t; write ds) + label logit per row", 3, 2, 3),
-    Scenario("distillation_loss kl + labels, upstream 0.5", _distill("kl", 0.5),
-             "5e (3e; grad_scale_ 2e) + label logit per row", 5, 2, 3),
-    Scenario("distillation_loss jsd + labels, upstream 1", _distill("jsd", 1.0),
-             "3e (3 passes, row cached) + label logit per row", 3, 2, 3),
-    Scenario("distillation_loss jsd + labels, upstream 0.5", _distill("jsd", 0.5),
-             "5e (3e; grad_scale_ 2e) + label logit per row", 5, 2, 3),
-    Scenario("distillation_loss top-k bucket (K=64) + labels, upstream 1", _distill("topk", 1.0),
-             "2e (read s; write ds) + O(K) + label logit per row", 2, 2, 2),
-    Scenario("distillation_loss top-k bucket (K=64) + labels, upstream 0.5", _distill("topk", 0.5),
-             "4e (2e; grad_scale_ 2e) + O(K) + label logit per row", 4, 2, 2),
+)
+_GRAD_SCALE_SCENARIOS = (
     Scenario("grad_scale_, factor 2 (backward, upstream != 1)", _grad_scale(2.0), "2e (read, write g)", 2, 1, 0),
     Scenario("grad_scale_, factor 1 (backward, upstream 1)", _grad_scale(1.0), "0 (factor read only)", 0, 1, 0),
 )
+
+
+def _distill_scenarios():
+    """The front door's rows: each form at upstream 1 (the op's bytes) and 0.5 (grad_scale_ adds 2e)."""
+    forms = (("kl", "kl", "3e (read s, t; write ds)", "", 3), ("jsd", "jsd", "3e (3 passes, row cached)", "", 3),
+             ("topk", "top-k bucket (K=64)", "2e (read s; write ds)", " + O(K)", 2))
+    for form, label, formula, slots, n in forms:
+        yield Scenario(f"distillation_loss {label} + labels, upstream 1", _distill(form, 1.0),
+                       f"{formula}{slots} + label logit per row", n, 2, n)
+        yield Scenario(f"distillation_loss {label} + labels, upstream 0.5", _distill(form, 0.5),
+                       f"{n + 2}e ({n}e; grad_scale_ 2e){slots} + label logit per row", n + 2, 2, n)
+
+
+SCENARIOS = (*_OP_SCENARIOS, *_distill_scenarios(), *_GRAD_SCALE_SCENARIOS)
 
 # Liger-Kernel (github:linkedin/Liger-Kernel, src/liger_kernel/ops/kl_div.py and jsd.py at
 # ead96b6) takes log-probabilities: the caller's torch.log_softmax of student and teacher is a pass
