@@ -94,8 +94,8 @@ def test_kl_reads_each_input_once_and_writes_each_gradient_once(emu, dtype, grad
 
 def test_partial_row_cache_rereads_only_the_tail_most_recently_read_first(emu):
     """A row wider than the cache: a later pass reads the uncached tail again (once per pass) and
-    nothing else. It reads it in the order opposite to the pass before (most recently read first):
-    JSD's second pass, whose loads are not evict-first, then keeps what a share of L2 smaller than
+    nothing else. JSD's second pass, whose loads are not evict-first, reads it in the order opposite
+    to the pass before (most recently read first), and then keeps what a share of L2 smaller than
     the tail still holds (in the model: 70% of re-reads served; in the first pass's order, 38%).
     KL's single re-read pass is evict-first, which protects the lines it has not reached yet in
     either order."""

@@ -231,13 +231,12 @@ __device__ __forceinline__ void jsd_rows(const KLRowsArgs<scalar_t>& args, const
       P* const gx = grad_row(args.grad_x, row);
       P* const gy = grad_row(args.grad_y, row);
       constexpr int U = kGradUnroll<N>;
-      // The third pass reads the tail forward again: the divergence pass ended at the tail's start.
       const auto pass = [&](auto need_x, auto need_y) {
         constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
         if constexpr (kHard) {
           const JSDGradientPass<kX, kY, P, acc_t, HardTermShare<acc_t>> step{
               gx, gy, c, k2, scale_x, scale_y, HardTermShare<acc_t>{hard, false}};
-          later_pass<U, true, false>(in, cache, cached, units, step);
+          later_pass<U, true>(in, cache, cached, units, step);
           // The label's element of the student's gradient, rewritten once with its pull -f_h (1 - eps).
           if (gy != nullptr) {
             __syncthreads();  // the pass's write of that element comes first
@@ -249,7 +248,7 @@ __device__ __forceinline__ void jsd_rows(const KLRowsArgs<scalar_t>& args, const
             }
           }
         } else {
-          later_pass<U, true, false>(in, cache, cached, units, JSDGradientPass<kX, kY, P, acc_t>{gx, gy, c, k2, scale_x, scale_y, {}});
+          later_pass<U, true>(in, cache, cached, units, JSDGradientPass<kX, kY, P, acc_t>{gx, gy, c, k2, scale_x, scale_y, {}});
         }
       };
       if (gx != nullptr && gy != nullptr) {

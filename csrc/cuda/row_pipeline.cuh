@@ -5,9 +5,10 @@
 // loaded before any is used so that several loads are in flight (stream_packs). A kernel whose math
 // needs the row more than once keeps a row cache in shared memory: its first pass parks the
 // leading `cached` packs of each input there (first_pass), and later passes read those on-chip and
-// only the rest from global memory, most of it from L2 (later_pass, which reads that rest in the
-// opposite order to the pass before it: most recently read first). Each thread handles the same
-// units in every pass, so a thread reads back only cache entries it wrote itself.
+// only the rest from global memory, most of it from L2 (later_pass; one followed by another pass
+// reads that rest in the opposite order to the pass before it: most recently read first). Each
+// thread handles the same units in every pass, so a thread reads back only cache entries it wrote
+// itself.
 //
 // Bytes: each input is read from global memory once when the row fits the cache (2 V e for two
 // inputs); packs beyond the cache are read once more per later pass, from L2 when the rows in
@@ -58,10 +59,13 @@ template <int U, Source kSource, bool kStore, bool kBackward = false, typename P
 __device__ __forceinline__ void stream_packs(const P* const (&in)[kIn], P* const (&cache)[kIn], int64_t begin,
                                              int64_t end, Fn&& fn) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * U;
-  const int64_t steps = end > begin ? (end - begin + stride - 1) / stride : 0;
-  for (int64_t k = 0; k < steps; ++k) {
-    const int64_t first = begin + (kBackward ? steps - 1 - k : k) * stride + threadIdx.x;
-    if (first >= end) continue;
+  // Backward: from this thread's unit in the block's last step down to its unit in the first (one
+  // induction variable, as forward: a step count beside it made the fp64 kernels spill on sm_90).
+  const int64_t start = !kBackward ? begin + threadIdx.x
+                        : end > begin ? begin + (end - begin - 1) / stride * stride + threadIdx.x
+                                      : begin - 1;
+  for (int64_t first = start; kBackward ? first >= begin : first < end; first += kBackward ? -stride : stride) {
+    if (kBackward && first >= end) continue;
     P packs[kIn][U];
     bool valid[U];
 #pragma unroll
@@ -108,12 +112,15 @@ __device__ __forceinline__ void first_pass(const P* const (&in)[kIn], P* const (
   stream_packs<U, Source::kGlobal, false>(in, cache, cached, units, fn);
 }
 
-// A later pass: the uncached packs first, then the cached ones. The uncached ones are read in the
-// order opposite to the previous pass's (kTailBackward: from the row's end after a forward pass),
-// so that the most recently read come first and are still in L2 when the share of L2 holds only
-// part of them (read in the same order, an LRU loses every one of them once the tail exceeds it).
-// Evict-first when kLast, no pass coming after. A third pass goes forward again.
-template <int U, bool kLast, bool kTailBackward = true, typename P, int kIn, typename Fn>
+// A later pass: the uncached packs first, then the cached ones. A pass with another after it (JSD's
+// second) reads the uncached ones in the order opposite to the previous pass's (kTailBackward: from
+// the row's end after a forward pass), so that the most recently read come first and are still in
+// L2 when the share of L2 holds only part of them (read in the same order, an LRU loses every one
+// of them once the tail exceeds it); a third pass goes forward again. The last pass (kLast) loads
+// evict-first, which in the L2 model keeps the lines it has not reached yet in either order, so it
+// reads forward by default: its backward loop cost two registers more, and spills on sm_90
+// (kl_rows_kernel<bf16, 8, true>, the fp64 hard kernels).
+template <int U, bool kLast, bool kTailBackward = !kLast, typename P, int kIn, typename Fn>
 __device__ __forceinline__ void later_pass(const P* const (&in)[kIn], P* const (&cache)[kIn], int64_t cached,
                                            int64_t units, Fn&& fn) {
   stream_packs<U, kLast ? Source::kGlobalLastUse : Source::kGlobal, false, kTailBackward>(in, cache, cached, units, fn);
