@@ -64,6 +64,7 @@ def kl_div_logits_vocab_parallel(
     reduction="batchmean",
     direction="forward",
     mask=None,
+    agreement="every_call",
 ):
     r"""KL divergence of full rows whose vocabulary is split across the ranks of ``group``.
 
@@ -91,6 +92,13 @@ def kl_div_logits_vocab_parallel(
     when some rank's rows are all masked. On a GPU the agreement check costs two host
     synchronisations per call (the mask's count, and reading the gathered records).
 
+    ``agreement="once"`` runs that check only on the first call of each distinct signature (group,
+    shapes, dtype, options, whether a mask is given) and skips it, with its two synchronisations,
+    on later calls: the hot path then never waits for the host and can be captured in a CUDA graph.
+    It no longer compares the masks (their contents) on those calls, and every rank must make the
+    same sequence of calls (a rank meeting a signature for the first time while the others do
+    not would wait for them in the check's ``all_gather``).
+
     Works with any backend (gloo on CPU, NCCL on GPU: collectives run on the logits' device, or on
     the CPU for gloo) and the default group or a sub-group. The shard's statistics and gradient
     come from the fused kernels where the device has them (see
@@ -100,7 +108,14 @@ def kl_div_logits_vocab_parallel(
         raise RuntimeError(
             "kl_div_logits_vocab_parallel needs torch.distributed: call torch.distributed.init_process_group first"
         )
-    total_vocab = _agree_on_the_call(student_shard, teacher_shard, temperature, reduction, direction, mask, group)
+    if agreement not in ("every_call", "once"):
+        raise ValueError(f"agreement must be 'every_call' or 'once', got {agreement!r}")
+    signature = _call_signature(student_shard, teacher_shard, temperature, reduction, direction, mask, group)
+    total_vocab = _AGREED.get(signature) if agreement == "once" else None
+    if total_vocab is None:
+        total_vocab = _agree_on_the_call(student_shard, teacher_shard, temperature, reduction, direction, mask, group)
+        if agreement == "once" and signature is not None:
+            _AGREED[signature] = total_vocab
     if not _shard_math.has_fused_shard_kernels(student_shard.device):
         device_type = student_shard.device.type
         warn_once(
@@ -112,6 +127,21 @@ def kl_div_logits_vocab_parallel(
     return _VocabParallelKL.apply(
         student_shard, teacher_shard, mask, group, float(temperature), direction == "reverse", reduction, total_vocab
     )
+
+
+# Signatures whose agreement check passed (agreement="once"): signature -> full vocabulary.
+_AGREED = {}
+
+
+def _call_signature(student, teacher, temperature, reduction, direction, mask, group):
+    """What a call's agreement check depends on, read from host-side metadata only; None when the
+    arguments are not tensors (the check then runs, and reports them)."""
+    if not all(isinstance(x, torch.Tensor) for x in (student, teacher)) or not (mask is None or isinstance(mask, torch.Tensor)):
+        return None
+    mask_key = None if mask is None else (tuple(mask.shape), mask.dtype, mask.device)
+    return (id(group), dist.get_world_size(group), tuple(student.shape), tuple(teacher.shape), student.dtype, teacher.dtype,
+            student.device, teacher.device, float(temperature) if isinstance(temperature, (int, float)) else None,
+            reduction, direction, mask_key)
 
 
 def is_fused_available(device) -> bool:
@@ -193,7 +223,8 @@ def _reduce(row_kl, counted, reduction, leading, total_vocab):
     if counted is not None:
         denominator = counted.clamp_min(1).to(torch.float64) * per_row
     else:
-        denominator = torch.tensor(float(max(row_kl.numel(), 1) * per_row), dtype=torch.float64)
+        # A Python number: no host-to-device copy on the hot path (capturable).
+        return (total.to(torch.float64) / float(max(row_kl.numel(), 1) * per_row)).to(row_kl.dtype)
     return (total.to(torch.float64) / denominator.to(total.device)).to(row_kl.dtype)
 
 

@@ -22,6 +22,15 @@ __device__ __forceinline__ float ex2_approx_ftz(float x) {
 #endif
 }
 
+// log2 of fp32 (log2f: one MUFU lg2 plus a range fix-up); the emulator counts the calls.
+__device__ __forceinline__ float log2_f32(float x) {
+#if defined(KL_FUSED_EMULATOR)
+  return ::simt::log2_counted(x);
+#else
+  return ::log2f(x);
+#endif
+}
+
 }  // namespace kl_fused::cuda
 
 // `type* name` pointing at the block's dynamic shared memory (the launch's shared-memory size),

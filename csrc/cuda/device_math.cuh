@@ -20,7 +20,7 @@ constexpr double kLn2 = 0.6931471805599453;     // ln(2)
 // resolution of a sum that contains the row's maximum (which contributes about 1).
 __device__ __forceinline__ float exp2_acc(float x) { return ex2_approx_ftz(x); }
 __device__ __forceinline__ double exp2_acc(double x) { return ::exp2(x); }
-__device__ __forceinline__ float log2_acc(float x) { return ::log2f(x); }
+__device__ __forceinline__ float log2_acc(float x) { return log2_f32(x); }
 __device__ __forceinline__ double log2_acc(double x) { return ::log2(x); }
 // fmax ignores NaN on purpose: a NaN element keeps the running maximum finite and instead turns
 // its exponential, hence the row's sums, into NaN, which every later rescale and merge preserves.

@@ -5,8 +5,10 @@
 // loaded before any is used so that several loads are in flight (stream_packs). A kernel whose math
 // needs the row more than once keeps a row cache in shared memory: its first pass parks the
 // leading `cached` packs of each input there (first_pass), and later passes read those on-chip and
-// only the rest from global memory, most of it from L2 (later_pass). Each thread handles the same
-// units in every pass, so a thread reads back only cache entries it wrote itself.
+// only the rest from global memory, most of it from L2 (later_pass; one followed by another pass
+// reads that rest in the opposite order to the pass before it: most recently read first). Each
+// thread handles the same units in every pass, so a thread reads back only cache entries it wrote
+// itself.
 //
 // Bytes: each input is read from global memory once when the row fits the cache (2 V e for two
 // inputs); packs beyond the cache are read once more per later pass, from L2 when the rows in
@@ -50,13 +52,20 @@ __device__ __forceinline__ int64_t step_unit(int64_t first, int i) {
 // fn(packs, valid, first) over units [begin, end) of the rows in[0..kIn): each thread step loads
 // P packs[kIn][U] (packs[t][i] is unit step_unit(first, i) of input t; valid[i] says whether that
 // unit is below end) before fn uses any of them. kStore also parks every pack loaded in cache[.]
-// at the same unit. (Plain arrays, not a struct holding them: nvcc kept the struct's packs out of
-// registers and the kernels spilled.)
-template <int U, Source kSource, bool kStore, typename P, int kIn, typename Fn>
+// at the same unit. kBackward takes the block's steps from the last to the first (each thread still
+// handles the same units), so that a pass starts where the previous one ended. (Plain arrays, not a
+// struct holding them: nvcc kept the struct's packs out of registers and the kernels spilled.)
+template <int U, Source kSource, bool kStore, bool kBackward = false, typename P, int kIn, typename Fn>
 __device__ __forceinline__ void stream_packs(const P* const (&in)[kIn], P* const (&cache)[kIn], int64_t begin,
                                              int64_t end, Fn&& fn) {
   const int64_t stride = static_cast<int64_t>(blockDim.x) * U;
-  for (int64_t first = begin + threadIdx.x; first < end; first += stride) {
+  // Backward: from this thread's unit in the block's last step down to its unit in the first (one
+  // induction variable, as forward: a step count beside it made the fp64 kernels spill on sm_90).
+  const int64_t start = !kBackward ? begin + threadIdx.x
+                        : end > begin ? begin + (end - begin - 1) / stride * stride + threadIdx.x
+                                      : begin - 1;
+  for (int64_t first = start; kBackward ? first >= begin : first < end; first += kBackward ? -stride : stride) {
+    if (kBackward && first >= end) continue;
     P packs[kIn][U];
     bool valid[U];
 #pragma unroll
@@ -103,12 +112,18 @@ __device__ __forceinline__ void first_pass(const P* const (&in)[kIn], P* const (
   stream_packs<U, Source::kGlobal, false>(in, cache, cached, units, fn);
 }
 
-// A later pass: the uncached packs first (most recently read, so likely still in L2; evict-first
-// when kLast, no pass coming after), then the cached ones.
-template <int U, bool kLast, typename P, int kIn, typename Fn>
+// A later pass: the uncached packs first, then the cached ones. A pass with another after it (JSD's
+// second) reads the uncached ones in the order opposite to the previous pass's (kTailBackward: from
+// the row's end after a forward pass), so that the most recently read come first and are still in
+// L2 when the share of L2 holds only part of them (read in the same order, an LRU loses every one
+// of them once the tail exceeds it); a third pass goes forward again. The last pass (kLast) loads
+// evict-first, which in the L2 model keeps the lines it has not reached yet in either order, so it
+// reads forward by default: its backward loop cost two registers more, and spills on sm_90
+// (kl_rows_kernel<bf16, 8, true>, the fp64 hard kernels).
+template <int U, bool kLast, bool kTailBackward = !kLast, typename P, int kIn, typename Fn>
 __device__ __forceinline__ void later_pass(const P* const (&in)[kIn], P* const (&cache)[kIn], int64_t cached,
                                            int64_t units, Fn&& fn) {
-  stream_packs<U, kLast ? Source::kGlobalLastUse : Source::kGlobal, false>(in, cache, cached, units, fn);
+  stream_packs<U, kLast ? Source::kGlobalLastUse : Source::kGlobal, false, kTailBackward>(in, cache, cached, units, fn);
   stream_packs<U, Source::kCache, false>(in, cache, 0, cached, fn);
 }
 

@@ -9,6 +9,7 @@ build whose kernels contract a*b + c into fused multiply-adds (build.py).
 """
 
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -21,6 +22,7 @@ from simt import build
 
 # An sm_90 device (H100 SXM): 132 SMs, 227 KB of opt-in shared memory per block, 2^31 - 1 blocks.
 DEFAULT_LIMITS = {"sm_count": 132, "max_shared_optin": 227 * 1024, "max_grid_x": 2**31 - 1}
+L2_BYTES = 50 * 10**6  # an H100's L2, for the traffic record's model
 RESOURCES = pathlib.Path(__file__).resolve().parents[2] / "bench" / "results" / "cuda-resources.md"
 CXX_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
 
@@ -59,6 +61,83 @@ class Launch:
     def template_args(self):
         inner = self.kernel[len(self.name) + 1 : -1] if "<" in self.kernel else ""
         return [arg.strip() for arg in inner.split(",")] if inner else []
+
+
+@dataclass(frozen=True)
+class TensorTraffic:
+    name: str                 # "input 0" (the call's tensor arguments, counted from 0), "output 1", "temporary"
+    loaded: int               # global bytes read (a byte read twice counts twice)
+    stored: int               # global bytes written
+    distinct_loaded: int      # bytes read at least once
+    distinct_stored: int      # bytes written at least once
+
+
+@dataclass(frozen=True)
+class LaunchTraffic:
+    """What one emulated launch moved (tests/simt/memory_checks.cpp counts it; the L2 figures come
+    from its model: an LRU of 128-byte lines per block holding the block's share of L2, fed in
+    lock-step order; a model, not a measurement)."""
+    kernel: str
+    grid: int
+    block: int
+    shared: int               # dynamic shared memory of the launch, bytes
+    barriers: int             # summed over blocks
+    ex2: int                  # fp32 MUFU ex2.approx calls
+    lg2: int                  # fp32 log2f calls
+    shared_loaded: int
+    shared_stored: int
+    reread_bytes: int         # global bytes read again by the launch
+    reread_dram_bytes: int    # the model's device-memory bytes for those re-reads
+    dram_read_bytes: int      # the model's device-memory read bytes (first reads and lost re-reads)
+    l2_share_bytes: int
+    tensors: tuple            # TensorTraffic per tensor touched
+
+    @property
+    def name(self):
+        return self.kernel.split("<", 1)[0]
+
+    def of(self, name):
+        """The TensorTraffic of `name`, or one with zeros where the launch did not touch it."""
+        found = [t for t in self.tensors if t.name == name]
+        return found[0] if found else TensorTraffic(name, 0, 0, 0, 0)
+
+    @property
+    def loaded(self):
+        return sum(t.loaded for t in self.tensors)
+
+    @property
+    def stored(self):
+        return sum(t.stored for t in self.tensors)
+
+    @property
+    def reread_hit_rate(self):
+        """The L2 model's share of re-read bytes served from L2 (1.0 when nothing is re-read)."""
+        if self.reread_bytes == 0:
+            return 1.0
+        return max(0.0, 1.0 - self.reread_dram_bytes / self.reread_bytes)
+
+
+def _tensor_names(args, result):
+    """{first byte's address: name} of a call's tensor arguments and results."""
+    names = {}
+    inputs = [a for a in args if isinstance(a, torch.Tensor)]
+    for i, t in enumerate(inputs):
+        if t.numel():
+            names.setdefault(t.data_ptr(), f"input {i}")
+    for i, t in enumerate(_tensors(result)):
+        if t.numel():
+            names.setdefault(t.data_ptr(), f"output {i}")
+    return names
+
+
+def _launch_traffic(record, names):
+    data = json.loads(record)
+    tensors = tuple(TensorTraffic(names.get(r["address"], "temporary"), r["loaded"], r["stored"],
+                                  r["distinct_loaded"], r["distinct_stored"]) for r in data["regions"])
+    fields = {k: data[k] for k in ("kernel", "grid", "block", "shared", "barriers", "ex2", "lg2", "shared_loaded",
+                                   "shared_stored", "reread_bytes", "reread_dram_bytes", "dram_read_bytes",
+                                   "l2_share_bytes")}
+    return LaunchTraffic(**fields, tensors=tensors)
 
 
 def parse_schedule(text):
@@ -176,6 +255,30 @@ class Emulator:
                 where = first_different_bits(a, b)
                 assert where is None, f"{what}: {name} differs between {names}, {where}"
         return result, launches
+
+    def _with_traffic(self, fn, args, l2_bytes, resident_blocks):
+        torch.ops.simt.configure_l2_model(l2_bytes, resident_blocks)
+        torch.ops.simt.set_schedule("forward", 0)
+        torch.ops.simt.take_traffic()
+        try:
+            result, _ = self._scoped(lambda: fn(*args), args)
+        finally:
+            self._use(self.schedules[0])
+            torch.ops.simt.configure_l2_model(L2_BYTES, 0)
+        names = _tensor_names(args, result)
+        return result, [_launch_traffic(r, names) for r in torch.ops.simt.take_traffic()]
+
+    def traffic(self, op_name, *args, l2_bytes=None, resident_blocks=0):
+        """torch.ops.kl_fused_emulated.<op_name>(*args) once, under the forward schedule, with the
+        traffic record: returns (result, [LaunchTraffic]), one per launch in order. The L2 model
+        gives each block l2_bytes (default 50 MB) / resident_blocks (0: min(grid, SMs))."""
+        op = getattr(torch.ops.kl_fused_emulated, op_name)
+        return self._with_traffic(op, args, l2_bytes or L2_BYTES, resident_blocks)
+
+    def probe_traffic(self, name, data, l2_bytes=None, resident_blocks=0):
+        """A probe kernel's result and [LaunchTraffic] (see traffic)."""
+        return self._with_traffic(lambda d: torch.ops.simt.run_probe(name, d), (data,), l2_bytes or L2_BYTES,
+                                  resident_blocks)
 
     def call(self, op_name, *args):
         """torch.ops.kl_fused_emulated.<op_name>(*args) with its tensor arguments as the memory its

@@ -184,6 +184,8 @@ TORCH_LIBRARY(simt, m) {
   m.def("check_outputs(Tensor[] outputs) -> ()", &simt::check_outputs);
   m.def("set_schedule(str kind, int seed) -> ()", &simt::schedule);
   m.def("take_launch_log() -> str[]", &simt::take_launch_log);
+  m.def("take_traffic() -> str[]", &simt::take_traffic);
+  m.def("configure_l2_model(int l2_bytes, int resident_blocks) -> ()", &simt::configure_l2_model);
   m.def("launchable_kernels() -> str[]", &simt::launchable_kernels);
   m.def("run_probe(str name, Tensor input) -> Tensor", &simt::run_probe);
   m.def("ex2_approx_ftz(Tensor x) -> Tensor", &simt::ex2);

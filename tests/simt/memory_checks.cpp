@@ -32,6 +32,7 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
+#include <list>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -125,6 +126,8 @@ void check_alignment(uintptr_t a, std::size_t size, const char* space) {
   }
 }
 
+void count_shared(std::size_t size, Access kind);  // the traffic record, below
+
 // ----------------------------------------------------------------------------------- shared memory
 
 struct SharedShadow {
@@ -145,6 +148,7 @@ void shared_access(Thread* t, uintptr_t a, std::size_t size, Access kind, bool n
     fail(o.str());
   }
   if (natural) check_alignment(a, size, "shared-memory");
+  count_shared(size, kind);
   const uint32_t interval = g_launch->interval;
   const auto me = static_cast<uint16_t>(t->id + 1);
   for (std::size_t i = 0; i < size; ++i) {
@@ -191,6 +195,8 @@ struct GlobalShadow {
   Touches<uint32_t> blocks;      // in launch `launch`
   uint32_t launch;
   uint32_t written;              // a kernel of the call wrote it
+  uint8_t loaded_in_launch;      // read (or accessed atomically) by launch `launch`: a later read re-reads it
+  uint8_t stored_in_launch;      // written by launch `launch`
 };
 
 // The shadow of every global byte the call's kernels touch, a page at a time. All zero is
@@ -237,6 +243,224 @@ GlobalShadowTable g_global;
 
 using RegionEntry = std::pair<const uintptr_t, Region>;
 
+// ----------------------------------------------------------------------------------- traffic
+// What each launch moves: global bytes loaded and stored per tensor (and how many distinct bytes),
+// shared-memory bytes, barriers, MUFU calls; and a model of L2 for the question "does a re-read come
+// from L2 or from device memory?". The model, per block: an LRU over 128-byte lines holding the
+// block's share of L2 (l2_bytes / resident blocks; by default 50 MB over min(grid, SMs) blocks, one
+// resident block per SM as the row kernels' registers and shared memory allow), fed by the block's
+// global accesses in lock-step order (within a barrier interval, every thread's k-th access before
+// any thread's (k+1)-th: the threads of a block progress together on the device, whereas the
+// emulator runs each to its barrier in turn; a line's accesses in one interval go together, at its
+// first: so a line touched twice far apart within one interval counts as touched once). A load or store inserts its line at the most recently
+// used end, an evict-first one (__ldcs, __stcs) at the least recently used end. A block starts with
+// an empty share (its inputs are not in L2). Modelled device-memory bytes: 128 per load that misses,
+// plus every distinct byte stored (written back once). It is a model, not a measurement: the real
+// L2 is shared, hashed, sectored (32-byte sectors) and set-associative.
+
+struct RegionTraffic {
+  std::string label;
+  uint64_t loaded = 0, stored = 0, distinct_loaded = 0, distinct_stored = 0;
+};
+
+struct PendingAccess {
+  uint32_t seq;      // the thread's k-th global access in the interval
+  uint16_t thread;
+  bool store;
+  bool evict_first;
+  uint32_t reread;   // bytes of it that the launch had read before
+  uintptr_t line;
+};
+
+struct LaunchTraffic {
+  std::map<uintptr_t, RegionTraffic> regions;  // by the tensor's first byte
+  uint64_t shared_loaded = 0, shared_stored = 0;
+  uint64_t reread_bytes = 0;        // global bytes loaded again by the launch
+  uint64_t reread_dram_bytes = 0;   // 128 per re-read access whose line the model has lost
+  uint64_t dram_read_bytes = 0;     // 128 per load whose line misses
+  uint64_t l2_share_bytes = 0;
+};
+
+LaunchTraffic g_traffic;
+std::vector<std::string> g_traffic_log;
+int64_t g_l2_bytes = 50 * 1000 * 1000;
+int64_t g_l2_resident_blocks = 0;  // 0: min(grid, SMs)
+uint64_t g_reread_pending = 0;     // re-read bytes of the access being recorded
+uint64_t g_new_stores_pending = 0; // bytes of it that the launch had not written before
+std::vector<PendingAccess> g_pending;
+std::vector<uint32_t> g_thread_seq(kMaxBlockThreads);
+
+// An LRU over line addresses.
+class LineLru {
+ public:
+  void reset(std::size_t capacity) {
+    capacity_ = capacity;
+    order_.clear();
+    where_.clear();
+  }
+  // Touches the line; true if it was held. evict_first puts it at the least recently used end.
+  bool touch(uintptr_t line, bool evict_first) {
+    auto it = where_.find(line);
+    const bool hit = it != where_.end();
+    if (hit) order_.erase(it->second);
+    if (capacity_ == 0) return false;
+    if (!hit && where_.size() >= capacity_) {
+      where_.erase(order_.back());
+      order_.pop_back();
+    }
+    if (evict_first) {
+      order_.push_back(line);
+      where_[line] = std::prev(order_.end());
+    } else {
+      order_.push_front(line);
+      where_[line] = order_.begin();
+    }
+    return hit;
+  }
+
+ private:
+  std::size_t capacity_ = 0;
+  std::list<uintptr_t> order_;
+  std::unordered_map<uintptr_t, std::list<uintptr_t>::iterator> where_;
+};
+
+LineLru g_l2;
+
+void count_shared(std::size_t size, Access kind) {
+  if (kind != Access::Write) g_traffic.shared_loaded += size;
+  if (kind != Access::Read) g_traffic.shared_stored += size;
+}
+
+// Per byte, before the shadow records the access: distinct and re-read bytes.
+void count_global_byte(GlobalShadow& s, Access kind) {
+  if (kind != Access::Write) {
+    if (s.loaded_in_launch) ++g_reread_pending;
+    s.loaded_in_launch = 1;
+  }
+  if (kind != Access::Read) {
+    if (!s.stored_in_launch) ++g_new_stores_pending;
+    s.stored_in_launch = 1;
+  }
+}
+
+RegionTraffic& region_traffic(const RegionEntry& region) {
+  auto [it, fresh] = g_traffic.regions.try_emplace(region.first);
+  if (fresh) it->second.label = region.second.label;
+  return it->second;
+}
+
+void count_global_access(Thread* t, const RegionEntry& region, uintptr_t a, std::size_t size, Access kind) {
+  RegionTraffic& r = region_traffic(region);
+  const uint64_t reread = std::exchange(g_reread_pending, 0);
+  if (kind != Access::Write) {
+    r.loaded += size;
+    r.distinct_loaded += size - reread;
+    g_traffic.reread_bytes += reread;
+  }
+  const uint64_t new_stores = std::exchange(g_new_stores_pending, 0);
+  if (kind != Access::Read) {
+    r.stored += size;
+    r.distinct_stored += new_stores;
+  }
+  const bool evict_first = a >= t->evict_first_lo && a + size <= t->evict_first_hi;
+  uint32_t& seq = g_thread_seq[static_cast<std::size_t>(t->id)];
+  for (uintptr_t line = a >> 7; line <= (a + size - 1) >> 7; ++line) {
+    if (kind != Access::Write) {
+      g_pending.push_back({seq, static_cast<uint16_t>(t->id), false, evict_first, static_cast<uint32_t>(reread), line});
+    }
+    if (kind != Access::Read) g_pending.push_back({seq, static_cast<uint16_t>(t->id), true, evict_first, 0, line});
+  }
+  ++seq;
+}
+
+std::string json_string(const std::string& text) {
+  std::string out = "\"";
+  for (const char c : text) {
+    if (c == '"' || c == '\\') out += '\\';
+    out += c;
+  }
+  return out + "\"";
+}
+
+void reset_thread_sequences() {
+  std::fill_n(g_thread_seq.begin(), std::min<std::size_t>(g_launch->threads.size(), g_thread_seq.size()), 0u);
+}
+
+}  // namespace
+
+void begin_launch_traffic() {
+  g_traffic = LaunchTraffic{};
+  g_pending.clear();
+  g_reread_pending = g_new_stores_pending = 0;
+  const DeviceProperties props = device_properties();
+  const uint64_t blocks = uint64_t(g_launch->grid.x) * g_launch->grid.y * g_launch->grid.z;
+  const uint64_t resident = g_l2_resident_blocks > 0 ? static_cast<uint64_t>(g_l2_resident_blocks)
+                                                      : std::min<uint64_t>(blocks, static_cast<uint64_t>(props.sm_count));
+  g_traffic.l2_share_bytes = static_cast<uint64_t>(g_l2_bytes) / std::max<uint64_t>(resident, 1);
+}
+
+void begin_block_traffic() {
+  g_l2.reset(g_traffic.l2_share_bytes / 128);
+  g_pending.clear();
+  std::fill(g_thread_seq.begin(), g_thread_seq.end(), 0u);
+}
+
+// The interval's global accesses, in lock-step order, through the block's L2 share. A line's
+// accesses in the interval go together, at the place of its first one: the threads that skip a
+// load (past the end of a range) fall behind the others in their count of accesses, and would
+// otherwise split the eight 16-byte accesses of one line across the sweep.
+void end_interval_traffic() {
+  const auto before = [](const PendingAccess& x, const PendingAccess& y) {
+    return x.seq != y.seq ? x.seq < y.seq : x.thread < y.thread;
+  };
+  std::unordered_map<uintptr_t, const PendingAccess*> first;
+  first.reserve(g_pending.size());
+  for (const PendingAccess& p : g_pending) {
+    auto [it, fresh] = first.try_emplace(p.line, &p);
+    if (!fresh && before(p, *it->second)) it->second = &p;
+  }
+  std::vector<std::pair<PendingAccess, PendingAccess>> keyed;  // (the line's first access, the access)
+  keyed.reserve(g_pending.size());
+  for (const PendingAccess& p : g_pending) keyed.emplace_back(*first[p.line], p);
+  std::stable_sort(keyed.begin(), keyed.end(), [&](const auto& x, const auto& y) {
+    if (before(x.first, y.first)) return true;
+    if (before(y.first, x.first)) return false;
+    return before(x.second, y.second);
+  });
+  for (std::size_t i = 0; i < keyed.size(); ++i) g_pending[i] = keyed[i].second;
+  for (const PendingAccess& p : g_pending) {
+    const bool hit = g_l2.touch(p.line, p.evict_first);
+    if (p.store || hit) continue;
+    g_traffic.dram_read_bytes += 128;
+    if (p.reread > 0) g_traffic.reread_dram_bytes += 128;
+  }
+  g_pending.clear();
+  reset_thread_sequences();
+}
+
+void end_launch_traffic() {
+  const LaunchState& L = *g_launch;
+  const LaunchTraffic& T = g_traffic;
+  std::ostringstream o;
+  o << "{\"kernel\": " << json_string(L.kernel) << ", \"grid\": " << L.grid.x << ", \"block\": " << L.block.x
+    << ", \"shared\": " << L.shared_bytes << ", \"barriers\": " << L.barriers << ", \"ex2\": " << L.ex2
+    << ", \"lg2\": " << L.lg2 << ", \"shared_loaded\": " << T.shared_loaded << ", \"shared_stored\": " << T.shared_stored
+    << ", \"reread_bytes\": " << T.reread_bytes << ", \"reread_dram_bytes\": " << T.reread_dram_bytes
+    << ", \"dram_read_bytes\": " << T.dram_read_bytes << ", \"l2_share_bytes\": " << T.l2_share_bytes
+    << ", \"regions\": [";
+  const char* comma = "";
+  for (const auto& [address, r] : T.regions) {
+    o << comma << "{\"address\": " << address << ", \"label\": " << json_string(r.label) << ", \"loaded\": " << r.loaded
+      << ", \"stored\": " << r.stored << ", \"distinct_loaded\": " << r.distinct_loaded
+      << ", \"distinct_stored\": " << r.distinct_stored << "}";
+    comma = ", ";
+  }
+  o << "]}";
+  g_traffic_log.push_back(o.str());
+}
+
+namespace {
+
 // Every checked access to the bytes [a, a + size) of a tensor: the race rule within the block and
 // across the launch's blocks, and the record of what the call's kernels wrote.
 void record_global(Thread* t, const RegionEntry& region, uintptr_t a, std::size_t size, Access kind) {
@@ -253,7 +477,10 @@ void record_global(Thread* t, const RegionEntry& region, uintptr_t a, std::size_
       s.launch = L.id;
       s.blocks = {};
       s.block_writer_thread = 0;
+      s.loaded_in_launch = 0;
+      s.stored_in_launch = 0;
     }
+    count_global_byte(s, kind);
     const auto place = [&] {
       return "global-memory race at byte " + std::to_string(a + i - region.first) + " of " + region.second.label;
     };
@@ -271,6 +498,7 @@ void record_global(Thread* t, const RegionEntry& region, uintptr_t a, std::size_
     if (kind == Access::Write) s.block_writer_thread = me;
     if (kind != Access::Read) s.written = 1;
   }
+  count_global_access(t, region, a, size, kind);
 }
 
 // The region starting at or before a (a may lie past its end), or nullptr.
@@ -353,6 +581,7 @@ void begin_block_memory(int64_t shared_bytes) {
   // previous block wrote.
   std::memset(arena(), 0xFF, static_cast<std::size_t>(shared_bytes));
   std::fill_n(g_shared.begin(), shared_bytes, SharedShadow{});
+  begin_block_traffic();
 }
 
 void register_parameters(const void* p, std::size_t bytes) {
@@ -372,6 +601,12 @@ using namespace detail;
 
 void check_vector_access(const void* p, std::size_t bytes, const char* intrinsic) {
   const auto a = reinterpret_cast<uintptr_t>(p);
+  // The access that follows (perhaps split into narrower moves) is evict-first for the L2 model.
+  if (g_thread != nullptr) {
+    const bool streaming = std::strcmp(intrinsic, "__ldcs") == 0 || std::strcmp(intrinsic, "__stcs") == 0;
+    g_thread->evict_first_lo = streaming ? a : 0;
+    g_thread->evict_first_hi = streaming ? a + bytes : 0;
+  }
   const auto arena_lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
   if (g_arena != nullptr && a >= arena_lo && a < arena_lo + kArenaBytes + 2 * kArenaGuard) {
     fail(std::string(intrinsic) + " on a shared-memory address: it reads and writes global memory only");
@@ -434,6 +669,14 @@ bool written_by_kernel(const void* p) {
 }
 
 std::string take_host_error() { return std::exchange(g_host_error, {}); }
+
+std::vector<std::string> take_traffic() { return std::exchange(g_traffic_log, {}); }
+
+void configure_l2_model(int64_t l2_bytes, int64_t resident_blocks) {
+  TORCH_CHECK(l2_bytes >= 0 && resident_blocks >= 0, "simt: the L2 model takes sizes >= 0");
+  g_l2_bytes = l2_bytes;
+  g_l2_resident_blocks = resident_blocks;
+}
 
 }  // namespace simt
 

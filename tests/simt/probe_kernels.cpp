@@ -297,6 +297,18 @@ __global__ void probe_plain(const float* in, float* out) {
   out[threadIdx.x] = in[threadIdx.x];
 }
 
+// Known traffic for the emulator's counters, per thread: global loads of 4 bytes (the second a
+// re-read of the first's bytes, after a barrier), one 4-byte global store, 4 shared bytes stored and
+// 4 loaded, one ex2 and one lg2; per block one barrier.
+__global__ void probe_traffic(const float* in, float* out) {
+  KL_FUSED_DYNAMIC_SHARED(float, s);
+  const unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+  s[threadIdx.x] = kl_fused::cuda::ex2_approx_ftz(in[i]);
+  __syncthreads();
+  const float w = s[(threadIdx.x + 1) % blockDim.x] + in[i];
+  out[i] = kl_fused::cuda::log2_f32(w > 0.0f ? w : 1.0f);
+}
+
 }  // namespace simt_probes
 
 namespace simt {
@@ -382,6 +394,8 @@ at::Tensor run_probe(const std::string& name, const at::Tensor& input) {
     launch_kernel<probe_barrier_call_sites>(1, threads, threads * f, stream, in, o);
   } else if (name == "too_many_threads") {
     launch_kernel<probe_plain<0>>(1, 2048, 0, stream, in, o);
+  } else if (name == "traffic") {
+    launch_kernel<probe_traffic>(blocks, threads, threads * f, stream, in, o);
   } else if (name == "shared_above_default_without_opt_in") {
     launch_kernel<probe_plain<1>>(1, threads, 48 * 1024 + 16, stream, in, o);
   } else if (name == "shared_above_opt_in") {

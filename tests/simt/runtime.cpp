@@ -371,6 +371,8 @@ bool complete_barrier(LaunchState& L) {
                  waiting);
     }
   }
+  ++L.barriers;
+  end_interval_traffic();
   L.interval = next_number(g_intervals);
   for (Thread& t : L.threads) t.state = State::Ready;
   return true;
@@ -414,7 +416,7 @@ void run_block(LaunchState& L) {
       if (!L.error.empty()) TORCH_CHECK(false, L.error);
       all_exited = all_exited && t.state == State::Exited;
     }
-    if (all_exited) return;
+    if (all_exited) return end_interval_traffic();
     if (complete_shuffles(L) || complete_barrier(L)) continue;
     bool any_ready = false;
     for (const Thread& t : L.threads) any_ready = any_ready || t.state == State::Ready;
@@ -482,7 +484,13 @@ __attribute__((noinline)) uint64_t shuffle(ShuffleKind kind, const char* file, i
   return t->result;
 }
 
+float log2_counted(float x) {
+  if (g_thread != nullptr && g_launch != nullptr) ++g_launch->lg2;
+  return std::log2(x);
+}
+
 float ex2_approx_ftz(float x) {
+  if (g_thread != nullptr && g_launch != nullptr) ++g_launch->ex2;
   if (std::isnan(x)) return x;
   if (std::fpclassify(x) == FP_SUBNORMAL) x = 0.0f;  // ftz: subnormal input
   if (x == -INFINITY) return 0.0f;
@@ -574,6 +582,7 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
     }
   } cleanup{params};
   arena();
+  begin_launch_traffic();
   g_random = g_seed * 0xD1B54A32D192ED03ull + ++g_call_launches;
   std::vector<uint32_t> order(blocks);
   schedule_order(order);
@@ -582,6 +591,7 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
     L.block_idx = block_index(b);
     run_block(L);
   }
+  end_launch_traffic();
 }
 
 // ----------------------------------------------------------------------------------- test control

@@ -56,6 +56,8 @@ struct Thread {
   int arg = 0;
   int width = kWarpSize;
   uint64_t result = 0;
+  // The bytes of the last __ldcs / __stcs: the accesses that perform it are evict-first (L2 model).
+  uintptr_t evict_first_lo = 0, evict_first_hi = 0;
 };
 
 struct LaunchState {
@@ -70,6 +72,9 @@ struct LaunchState {
   std::vector<Thread> threads;
   uint32_t interval = 0;  // numbers the barrier intervals of every block of every launch
   std::string error;
+  // Counted for the traffic record (memory_checks.cpp): barriers completed (summed over blocks) and
+  // fp32 MUFU calls (ex2.approx, lg2 through log2_acc).
+  uint64_t barriers = 0, ex2 = 0, lg2 = 0;
 };
 
 extern LaunchState* g_launch;
@@ -89,6 +94,13 @@ void maybe_preempt();
 void begin_call_schedule();
 // memory_checks.cpp: a block begins with shared memory of unknown content.
 void begin_block_memory(int64_t shared_bytes);
+// memory_checks.cpp, the traffic record: a launch begins and ends (its counters are appended to the
+// log take_traffic returns), a block begins, and a barrier interval of the block ends (its global
+// accesses are fed to the block's L2 model in lock-step order).
+void begin_launch_traffic();
+void end_launch_traffic();
+void end_interval_traffic();
+void begin_block_traffic();
 // memory_checks.cpp: a launch's kernel parameters, readable by every thread while it runs.
 void register_parameters(const void* p, std::size_t bytes);
 void unregister_parameters(const void* p);

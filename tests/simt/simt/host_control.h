@@ -44,6 +44,13 @@ std::string take_host_error();
 enum class ScheduleKind { Forward, Reverse, Random };
 void set_schedule(ScheduleKind kind, uint64_t seed);
 
+// One JSON object per launch since the last call: global bytes loaded and stored per tensor
+// (distinct too), shared-memory bytes, barriers, MUFU ex2/lg2 calls, and the L2 model's figures
+// (memory_checks.cpp says what the model is).
+std::vector<std::string> take_traffic();
+// The L2 model: l2_bytes shared by resident_blocks blocks (0: min(grid, SMs)).
+void configure_l2_model(int64_t l2_bytes, int64_t resident_blocks);
+
 // "kernel grid=G block=B shared=S" per launch since the last call.
 std::vector<std::string> take_launch_log();
 // Every kernel instantiation that host code can launch, by name ("kl_rows_kernel<float, 4, true>").

@@ -44,6 +44,8 @@ void atomic_access(void* p, std::size_t bytes);
 // PTX ex2.approx.ftz.f32 with its documented semantics: subnormal inputs and results flushed to
 // zero, and an error as large as the documented bound (2 ulp), deterministic in the input.
 float ex2_approx_ftz(float x);
+// log2f, counted as one MUFU lg2 of the launch (what log2f of fp32 compiles to, with its range fix-up).
+float log2_counted(float x);
 
 // ---- host side
 struct DeviceProperties {
