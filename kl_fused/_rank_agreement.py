@@ -41,6 +41,20 @@ def record_bytes(fields):
     return 8 * (1 + len(fields) + MESSAGE_BYTES // 8)
 
 
+def refuse_meta(name, tensor, what="tensors"):
+    """Raised by a rank whose inputs are meta tensors: the vocab-parallel losses exchange row statistics,
+    which meta tensors do not hold (the other ranks then raise through the agreement check)."""
+    if tensor.is_meta:
+        raise ValueError(f"{name} needs tensors with values (the ranks exchange row statistics), got {what} on "
+                         "device 'meta'")
+
+
+def call_device(tensor):
+    """The device a call's agreement runs on: its input's, or the CPU for a meta tensor or an argument that
+    is no tensor (whose own check has failed, and whose error the agreement then sends to every rank)."""
+    return tensor.device if isinstance(tensor, torch.Tensor) and not tensor.is_meta else torch.device("cpu")
+
+
 def refuse_create_graph(name):
     """Raised by a backward that gives first-order gradients only, when autograd asks for a graph of
     them (backward runs with grad mode on only under create_graph=True), as the single-process ops do."""

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from kl_fused import _chunked_linear
 from kl_fused._distill_args import check_num_items
 from kl_fused._fused_loss import scale_by_upstream
-from kl_fused._rank_agreement import agree, collective_device, content_hash, record_bytes, refuse_create_graph
+from kl_fused._rank_agreement import (agree, call_device, collective_device, content_hash, record_bytes,
+                                     refuse_create_graph, refuse_meta)
 from kl_fused._shard_distill import VocabShard, collective_values_per_row, shard_distillation_rows
 from kl_fused._sparse_args import support_mass_tolerance
 from kl_fused._sparse_reference import _raise_on_bad_support, support_status
@@ -42,12 +43,6 @@ _CHECKS = (
     ("topk_logprobs", "teacher_topk's log-probs", lambda v: f"hash {v & 0xFFFFFFFF:08x}"),
     ("num_items", "num_items_in_batch", str),
 )
-
-
-def _refuse_meta(name, tensor):
-    if tensor.is_meta:
-        raise ValueError(f"{name} needs tensors with values (the ranks exchange row statistics), got tensors on "
-                         "device 'meta'")
 
 
 def _require_dist(name):
@@ -183,12 +178,11 @@ def distillation_loss_vocab_parallel(student_shard, teacher_shard=None, *, group
                                    temperature, soft_weight, hard_weight, ignore_index, label_smoothing, reduction,
                                    mask, validate, check_vocab=False)
         num_items = check_num_items(num_items_in_batch, reduction, student_shard.device)
-        _refuse_meta(name, student_shard)
+        refuse_meta(name, student_shard)
         error = None
     except (TypeError, ValueError) as bad:
         error = bad
-    device = (student_shard.device if isinstance(student_shard, torch.Tensor) and not student_shard.is_meta
-              else torch.device("cpu"))
+    device = call_device(student_shard)
     options = ("logits", teacher_shard is not None, divergence, beta, tail, temperature, soft_weight, hard_weight,
                ignore_index, label_smoothing, reduction, validate, return_parts,
                teacher_shard is not None and teacher_shard.requires_grad)
@@ -320,12 +314,11 @@ def linear_distillation_loss_vocab_parallel(student_hidden, student_weight_shard
             teacher_logit_scale, student_softcap, teacher_softcap, labels, divergence, beta, tail, temperature,
             soft_weight, hard_weight, ignore_index, label_smoothing, reduction, mask, num_items_in_batch, validate,
             check_vocab=False)
-        _refuse_meta(name, student_hidden)
+        refuse_meta(name, student_hidden)
         error = None
     except (TypeError, ValueError) as bad:
         error = bad
-    device = (student_hidden.device if isinstance(student_hidden, torch.Tensor) and not student_hidden.is_meta
-              else torch.device("cpu"))
+    device = call_device(student_hidden)
     logprobs = teacher_topk[1] if error is None and teacher_topk is not None else None
     tensors = (student_hidden, student_weight_shard, student_bias_shard, teacher_logits_shard, teacher_hidden,
                teacher_weight_shard, teacher_bias_shard, logprobs)

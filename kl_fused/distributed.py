@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 
 from kl_fused import _shard_math
-from kl_fused._rank_agreement import agree, collective_device as _collective_device, content_hash, record_bytes, refuse_create_graph
+from kl_fused._rank_agreement import (agree, call_device, collective_device as _collective_device, content_hash,
+                                     record_bytes, refuse_create_graph, refuse_meta)
 from kl_fused._ops import SHARD_DEVICE_TYPES, shard_kernels_reason
 from kl_fused._validate import REDUCTIONS, SUPPORTED_DTYPES, check_kl_args
 from kl_fused._warn_once import warn_once
@@ -234,9 +235,7 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
     values = None
     try:
         check_kl_args(student, teacher, temperature, reduction, direction, mask)
-        if student.is_meta:
-            raise ValueError("kl_div_logits_vocab_parallel needs tensors with values (the ranks exchange row "
-                             "statistics), got logits on device 'meta'")
+        refuse_meta("kl_div_logits_vocab_parallel", student, "logits")
         error, values = None, None
     except (TypeError, ValueError) as bad:
         error = bad
@@ -255,7 +254,7 @@ def _agree_on_the_call(student, teacher, temperature, reduction, direction, mask
             # tuple hashes of ints are the same in every process (no hash randomisation)
             leading=hash(leading),
         )
-    device = student.device if isinstance(student, torch.Tensor) and not student.is_meta else torch.device("cpu")
+    device = call_device(student)
     # A valid rank's text is its leading shape (its field is only that shape's hash), for the message.
     text = str(tuple(student.shape[:-1])) if error is None else None
     fields = agree("kl_div_logits_vocab_parallel", _META_FIELDS, values, error, device, group, (
