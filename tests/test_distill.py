@@ -76,6 +76,44 @@ def test_topk_tails_with_the_hard_term(device, tail, temperature):
           label_smoothing=0.05, reduction="sum")
 
 
+@pytest.mark.parametrize("temperature", [2.0, 3.0, 4.0, 8.0])
+@pytest.mark.parametrize("form", ["dense", "jsd", "bucket", "renormalize", "none"])
+def test_integer_temperatures(device, form, temperature):
+    """At an integer T the CPU kernels take the hard term's exp(s - c) as the T-th power of the soft
+    term's exp((s - c) / T) (csrc/cpu/hard_term_lanes.h): logits spread over ~150 within a row, so that
+    powers cross the exponential's floor, and labels inside and outside the top-k support."""
+    teacher_form = "dense" if form in ("dense", "jsd") else ("none" if form == "none" else "topk")
+    student, teacher, topk, labels = make_step((5, 3), 3000, torch.float32, seed=11, teacher=teacher_form,
+                                               slots=16, device=device)
+    student = student * 5  # a std of ~15: rows span ~150
+    if topk is not None:
+        labels[:2] = topk[0][:2, :, 1].long()
+    student, teacher, topk, labels = poison_uncounted(student, teacher, topk, labels)
+    tail = "renormalize" if form == "renormalize" else "bucket"
+    divergence = "jsd" if form == "jsd" else "forward_kl"
+    check(student, teacher, topk, labels, torch.float32, divergence=divergence, tail=tail, temperature=temperature,
+          soft_weight=0.8, hard_weight=0.6, label_smoothing=0.1, reduction="sum")
+
+
+@pytest.mark.parametrize("label_in_support", [True, False])
+def test_integer_temperature_support_far_above_the_rest(device, label_in_support):
+    """A top-k support 150 above the rest of the row: at T = 2 the complement's chunk sums fall below
+    e^-60 and are redone with the support left out of their shift, so the hard term's powers and the
+    support's own terms (joined in double) are relative to different shifts."""
+    student, _, topk, labels = make_step((6,), 2500, torch.float32, seed=12, teacher="topk", slots=8, device=device)
+    idx, lp = topk
+    lift = torch.where(lp.isfinite(), 150.0, 0.0).to(student.dtype)
+    student = student.scatter_add(-1, idx.clamp(0, 2499), lift)
+    if label_in_support:
+        labels = idx[:, 0].long()
+    else:  # the first token of each row outside its support
+        labels = torch.tensor([next(v for v in range(2500) if v not in set(row.tolist())) for row in idx.cpu()],
+                              device=device)
+    for tail in ("bucket", "renormalize"):
+        check(student, None, topk, labels, torch.float32, tail=tail, temperature=2.0, hard_weight=0.7,
+              label_smoothing=0.05, reduction="sum")
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean", "mean"])
 @pytest.mark.parametrize("form", FORMS)
 def test_reductions(device, reduction, form):

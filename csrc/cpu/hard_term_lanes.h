@@ -2,10 +2,12 @@
 // jsd_row_kernels.h, sparse_row_kernels.h): per element j, with q_1 = softmax(s) at temperature 1,
 //   f_h (q_1_j - eps / V) - f_h (1 - eps) [j = y]
 // added to the soft term's gradient before the one store. q_1 comes from an exponential the kernel
-// already kept (T = 1: it is the student's softmax of the soft term) or, at T != 1, from the logits
-// again (one exponential per element). Like vec_lanes.h this is compiled once per CPU capability.
+// already kept (T = 1: it is the student's softmax of the soft term; an integer T = n in [2, 8]: the
+// n-th power of it, IntegerPower) or, at any other T, from the logits again (one exponential per
+// element). Like vec_lanes.h this is compiled once per CPU capability.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 
@@ -13,6 +15,40 @@
 
 namespace kl_fused::cpu::KL_FUSED_CPU_NAMESPACE {
 namespace {
+
+// The temperature n when T = 1 / inv_temperature is an integer in [2, kMaxIntegerTemperature], else 0.
+// At such a T the hard term's exp(s - c) is the soft term's own exp((s - c) / T) to the n-th power:
+// n - 1 multiplications instead of an exponential per element (the common distillation temperatures
+// 2 and 4 included). The argument (s - c) / T is exact for n = 2, 4, 8; for n = 3, 5, 6, 7 its
+// rounding becomes a relative error of |s - c| 2^-24 in e^(s - c), under 1e-5 wherever that term
+// is above the exponential's floor.
+constexpr int kMaxIntegerTemperature = 8;
+
+inline int integer_temperature(double inv_temperature) {
+  const double t = 1.0 / inv_temperature;
+  const double n = std::nearbyint(t);
+  const bool integer = n >= 2 && n <= kMaxIntegerTemperature && std::abs(t - n) <= 1e-12 * n;
+  return integer ? static_cast<int>(n) : 0;
+}
+
+// x -> x^n for the kept exponentials x = exp((s - c) / n) of an integer temperature n: exp(s - c), and
+// 0 where that lies below NonPositiveExp's floor e^-87 (as the exponential itself would be; no
+// subnormal enters the sums or the gradient).
+template <typename acc_t>
+struct IntegerPower {
+  using Vec = at::vec::Vectorized<acc_t>;
+  int n;
+  Vec floor;  // exp(-87 / n): x below it has x^n below e^-87
+
+  explicit IntegerPower(int n_)
+      : n(n_), floor(n_ > 0 ? std::exp(NonPositiveExp<acc_t>::kExpFloor / static_cast<acc_t>(n_)) : acc_t(0)) {}
+
+  C10_ALWAYS_INLINE Vec operator()(const Vec& x) const {
+    Vec r = x * x;
+    for (int k = 2; k < n; ++k) r = r * x;
+    return r & (x >= floor);
+  }
+};
 
 // What a gradient pass needs of a row's hard term.
 template <typename acc_t>

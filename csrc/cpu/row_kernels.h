@@ -20,8 +20,10 @@
 // exponential, m_s = m_b the raw student maximum), keeping exp(s - chunk shift) in a third scratch row
 // when ds is wanted, and with label smoothing sum (s - m_s); pass 3 adds f_h (q_1 - eps / V) to ds
 // (q_1 from the kept exponentials: q at T = 1, the third row at T != 1) and -f_h (1 - eps) at the label,
-// in the same store. Two exponentials per element in all (the floor on a CPU), three with the hard
-// term at T != 1;
+// in the same store. At an integer T = n in [2, 8] (IntegerPower in hard_term_lanes.h) the hard term
+// takes exp(s - shift) as the n-th power of the student's exp((s - shift) / T), kept in scratch_b
+// anyway: no exponential and no scratch row of its own. Two exponentials per element in all (the
+// floor on a CPU), three with the hard term at a T != 1 that is not such an integer;
 // memory traffic is the 2e of the inputs plus e per gradient written. Rows run in parallel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -88,8 +90,11 @@ struct RowSolver {
   ChunkState<acc_t>* chunks;     // one per chunk of the current row
   acc_t* chunk_scales;           // two per chunk: e^((shift_a - m_a) / T), e^((shift_b - m_b) / T)
   // kHard at T != 1 with a student gradient: exp(s - chunk shift_b), the hard term's exponentials,
-  // kept by pass 2 so that pass 3 needs none of its own (3 exponentials per element, not 4).
+  // kept by pass 2 so that pass 3 needs none of its own (3 exponentials per element, not 4). Not
+  // used at an integer temperature, whose hard term takes powers of scratch_b instead.
   acc_t* scratch_1 = nullptr;
+  // kHard at an integer T = n in [2, 8]: x -> x^n, exp(s - shift) from the student's exp((s - shift) / T).
+  const IntegerPower<acc_t> hard_power{kHard ? integer_temperature(pr.inv_temperature) : 0};
 
   static Vec max_reduce(Vec x, Vec y) { return at::vec::maximum(x, y); }
 
@@ -155,24 +160,32 @@ struct RowSolver {
     if (eps != acc_t(0)) ce -= eps * st.sum_s / V;  // sum_s = sum (s - m_s)
     static_cast<acc_t*>(pr.hard.row_hard)[row] = ce;
     const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
-    return {f_h / z_1, m_s, f_h * eps / V, f_h * (acc_t(1) - eps), y, unit || scratch_1 != nullptr};
+    return {f_h / z_1, m_s, f_h * eps / V, f_h * (acc_t(1) - eps), y,
+            unit || scratch_1 != nullptr || hard_power.n != 0};
   }
 
   // f_h q_1 per kept exponential in chunk k (kHard): f_h / Z_b times the chunk's scale (T = 1, where
-  // q_1 = q and the exponentials are scratch_b's), or f_h / Z_1 e^(shift_b - m_b) (scratch_1's).
+  // q_1 = q and the exponentials are scratch_b's), or f_h / Z_1 e^(shift_b - m_b) (scratch_1's, or
+  // the n-th powers of scratch_b's at an integer temperature).
   acc_t hard_factor(int64_t k, const RowState<acc_t>& st) const {
     const acc_t f_h = static_cast<acc_t>(pr.hard.grad_factor);
-    if (scratch_1 == nullptr) return f_h / st.z_b * chunk_scales[2 * k + 1];
+    if (scratch_1 == nullptr && hard_power.n == 0) return f_h / st.z_b * chunk_scales[2 * k + 1];
     const ChunkState<acc_t>& c = chunks[k];
     return c.z_1 > 0 ? f_h / st.z_1 * std::exp(c.shift_b - shift_of(st.m_b)) : acc_t(0);
   }
 
   // The hard term's share of ds over the step at row element i (hard_term_lanes.h), from the kept
-  // exponentials (scratch_1, else scratch_b) times `factor` = hard_factor(k) of the step's chunk.
+  // exponentials (scratch_1; else scratch_b, to the n-th power at an integer temperature) times
+  // `factor` = hard_factor(k) of the step's chunk.
   C10_ALWAYS_INLINE void hard_step(const HardGradient<acc_t>& hard, const scalar_t* s, int64_t i, int64_t n,
                                    const Vec& factor, Vec& lo, Vec& hi) const {
     const acc_t* kept = scratch_1 != nullptr ? scratch_1 : scratch_b;
-    hard_gradient_step(hard, s, i, n, Vec::loadu(kept + i), Vec::loadu(kept + i + kVec), factor, lo, hi);
+    Vec kept_lo = Vec::loadu(kept + i), kept_hi = Vec::loadu(kept + i + kVec);
+    if (hard_power.n != 0) {
+      kept_lo = hard_power(kept_lo);
+      kept_hi = hard_power(kept_hi);
+    }
+    hard_gradient_step(hard, s, i, n, kept_lo, kept_hi, factor, lo, hi);
   }
 
   // Pass 2 over one chunk [begin, begin + len): the sums of one ChunkState, with shifts that are
@@ -221,7 +234,9 @@ struct RowSolver {
         eb_hi.store(kb + i + kVec);
       }
       if constexpr (kHard) {
-        if (hard_z1) {
+        if (hard_z1 && hard_power.n != 0) {  // exp(s - shift_b) = exp(b')^n
+          z1 += hard_power(eb_lo) + hard_power(eb_hi);
+        } else if (hard_z1) {
           Vec live_lo, live_hi;
           const Vec e1_lo = Exp::exp(s_lo + vneg_s, live_lo), e1_hi = Exp::exp(s_hi + vneg_s, live_hi);
           z1 += e1_lo + e1_hi;
@@ -461,10 +476,12 @@ struct RowSolver {
 };
 
 // Whether a row solver keeps the hard term's exponentials exp(s - shift) in a scratch row of its own
-// (RowSolver::scratch_1): with the hard term at T != 1 when the student's gradient is written.
+// (RowSolver::scratch_1): with the hard term at T != 1 when the student's gradient is written, unless
+// T is an integer whose powers of the student's exponentials serve instead.
 template <bool kHard>
 bool keep_hard_exponentials(const KLRowsProblem& pr, bool keep) {
-  return kHard && keep && pr.inv_temperature != 1.0 && pr.grad_student != nullptr;
+  return kHard && keep && pr.inv_temperature != 1.0 && pr.grad_student != nullptr &&
+         integer_temperature(pr.inv_temperature) == 0;
 }
 
 // Runs visit(solver, row) over every row in parallel, each task with its own solver and scratch

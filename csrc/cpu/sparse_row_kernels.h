@@ -23,7 +23,10 @@
 // The hard term (kHard, HardTerm in cpu_kernels.h; hard_term_lanes.h) rides in the bucket's passes:
 // the chunk sums add Z_1 = sum exp(s - m_1) over the whole row at T != 1 (at T = 1, log Z is its
 // log-sum-exp) and sum (s - m_1) with label smoothing; the gradient sweep adds f_h (q_1 - eps / V)
-// (from the kept exponentials at T = 1) and the label's pull. With the hard term, renormalize runs
+// (from the kept exponentials at T = 1) and the label's pull. At an integer T = n in [2, 8]
+// (IntegerPower, hard_term_lanes.h) no exponential is added at all: the complement's exp(s - shift_c)
+// is the n-th power of its kept exp((s - shift_c) / T), summed and reused by the gradient sweep, and
+// the support's K terms join Z_1 in double from the gathered logits. With the hard term, renormalize runs
 // the bucket's passes too (the cross-entropy needs the whole row), and with no teacher at all
 // (K = 0, the support empty) the bucket's soft term is exactly 0: the kernel is then a fused
 // cross-entropy.
@@ -58,7 +61,8 @@ struct SupportMarks {
 // the log of the complement's largest chunk sum, or 0 when the complement is empty),
 // Z = sum exp(b_j - m). `defined` is false for a NaN or +inf logit.
 // With the hard term also m_1, the raw maximum of the whole row (support included), Z_1 = sum exp(s - m_1)
-// (T != 1) and sum (s - m_1) (label smoothing).
+// (T != 1) and sum (s - m_1) (label smoothing). At an integer temperature m_1 is the largest chunk
+// shift instead (the support's maximum may lie above it) and Z_1 sums over the complement only.
 template <typename acc_t>
 struct RestState {
   double m;
@@ -165,7 +169,8 @@ struct SparseRowSolver {
   // sum exp((s - shift) / T + outside) over a chunk (the support's terms are exp(-inf) = 0), the
   // exponentials kept when `keep`; NaN when the chunk holds a NaN logit. The shift is a raw logit,
   // subtracted before scaling, so that the maximum's term is exactly exp(0) however large |s| / T is.
-  // kHard: also the hard term's sums of the chunk relative to hard.shift (its raw maximum).
+  // kHard: also the hard term's sums of the chunk relative to hard.shift (its raw maximum; at an
+  // integer temperature the chunk's `shift`, and Z_1 over the complement only: the powers of e).
   C10_ALWAYS_INLINE acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,
                                      bool keep, HardChunk<acc_t>& hard) const {
     const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vshift(shift);
@@ -189,7 +194,8 @@ struct SparseRowSolver {
         e_hi.store(kc + i + L::kVec);
       }
       if constexpr (kHard) {
-        if (hard_z1) z1 += Exp::exp(lo + vneg_s, live_lo) + Exp::exp(hi + vneg_s, live_hi);
+        if (hard_z1 && hard_power.n != 0) z1 += hard_power(e_lo) + hard_power(e_hi);
+        else if (hard_z1) z1 += Exp::exp(lo + vneg_s, live_lo) + Exp::exp(hi + vneg_s, live_hi);
         if (hard_sum) {
           if (n != kStep) L::load(sc + i, n, hard.shift, lo, hi);  // the tail's padding adds 0, not -inf
           sum_s += (lo + vneg_s) + (hi + vneg_s);
@@ -233,6 +239,9 @@ struct SparseRowSolver {
       if (z < kTiny) {
         cm = chunk_max<true>(sc, oc, len);
         if (!(cm < kInf)) return st;
+        // The powers are relative to the soft shift (a chunk with no complement element keeps its
+        // raw maximum: its Z_1 is 0 either way).
+        if (hard_power.n != 0 && cm != kNegInf) hard.shift = cm;
         z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep, hard);
       }
       if (std::isnan(z)) return st;
@@ -324,17 +333,26 @@ struct SparseRowSolver {
   // The hard term of a defined row: writes CE, returns what the gradient needs (with q_1 in double at
   // the support's slots: exp(b_k - log_z1) at T = 1, exp(s_k - log_z1) otherwise).
   // CE = (log Z_1 - m_1) + (1 - eps)(m_1 - s_y) + eps (m_1 - mean s), differences before sums.
-  HardGradient<acc_t> hard_term(int64_t row, const scalar_t* s, int64_t y, const RestState<acc_t>& rest,
-                                double log_z, double& log_z1) const {
+  // At an integer temperature rest.z_1 is the complement's: the support's exp(s_k - m_1) join it here.
+  HardGradient<acc_t> hard_term(int64_t row, const scalar_t* s, const int64_t* idx, const acc_t* lp, int64_t y,
+                                const RestState<acc_t>& rest, double log_z, double& log_z1) const {
     const bool unit = pr.inv_temperature == 1.0;
     const double eps = pr.hard.smoothing, V = static_cast<double>(pr.vocab), m_1 = rest.m_1;
     log_z1 = unit ? log_z : m_1 + std::log(static_cast<double>(rest.z_1));
+    if (!unit && hard_power.n != 0) {
+      double* raw = support_scratch + 2 * pr.slots;  // the support's raw logits s_k
+      for (int64_t k = 0; k < pr.slots; ++k) {
+        raw[k] = used(lp[k]) ? static_cast<double>(static_cast<acc_t>(s[idx[k]])) : -INFINITY;
+      }
+      const double lse_s = support_lse(raw, lp), hi = std::max(lse_s, log_z1), lo = std::min(lse_s, log_z1);
+      log_z1 = hi == -INFINITY ? hi : hi + std::log1p(std::exp(lo - hi));
+    }
     double ce = (log_z1 - m_1) + (1.0 - eps) * (m_1 - static_cast<double>(static_cast<acc_t>(s[y])));
     if (eps != 0.0) ce -= eps * static_cast<double>(rest.sum_s) / V;
     static_cast<acc_t*>(pr.hard.row_hard)[row] = static_cast<acc_t>(ce);
     const double f_h = pr.hard.grad_factor;
     return {static_cast<acc_t>(unit ? 0.0 : f_h / static_cast<double>(rest.z_1)), rest.m_1,
-            static_cast<acc_t>(f_h * eps / V), static_cast<acc_t>(f_h * (1.0 - eps)), y, unit};
+            static_cast<acc_t>(f_h * eps / V), static_cast<acc_t>(f_h * (1.0 - eps)), y, unit || hard_power.n != 0};
   }
 
   // The renormalized soft term's statistics from the support: lse of b_k and of l_k, and KL(p~ || q~).
@@ -403,27 +421,33 @@ struct SparseRowSolver {
     }
     HardGradient<acc_t> hard{};
     double log_z1 = log_z;
-    if constexpr (kHard) hard = hard_term(row, s, label, rest, log_z, log_z1);
+    if constexpr (kHard) hard = hard_term(row, s, idx, lp, label, rest, log_z, log_z1);
 
     const double total = marks.mass + p_r;  // P
     if (ds != nullptr) {
       const double f = pr.student_factor;
       // Off the support ds_j = f (P q_r - p_r) q_j / q_r, and q_j / q_r = exp(b_j - m_r) / Z_r
-      // (renormalized: 0); with the hard term f_h q_1_j = f_h exp(b_j - m_r) e^(m_r - log Z) at T = 1.
+      // (renormalized: 0); with the hard term f_h q_1_j = f_h exp(b_j - m_r) e^(m_r - log Z) at T = 1,
+      // and at an integer T = n f_h exp(b_j - m_r)^n e^(n m_r - log Z_1) (the chunk's scale to the n-th
+      // power too; e^(n m_r - log Z_1) <= 1024^n, the product <= 1).
       const double rest_coef =
           rest.z > 0 && !pr.renormalize ? f * (total * std::exp(log_qr) - p_r) / static_cast<double>(rest.z) : 0.0;
-      const double q1_coef = kHard ? pr.hard.grad_factor * std::exp(static_cast<double>(rest.m) - log_z) : 0.0;
+      const int power = pr.inv_temperature == 1.0 ? 1 : hard_power.n;
+      const double q1_coef = kHard ? pr.hard.grad_factor * std::exp(power * static_cast<double>(rest.m) - log_z1) : 0.0;
       const int64_t n_chunks = (pr.vocab + kChunk - 1) / kChunk;
       const bool streaming = L::streaming_ok(ds);
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t begin = c * kChunk, len = std::min(kChunk, pr.vocab - begin);
         const Vec coef(static_cast<acc_t>(rest_coef * chunk_shift[c]));
-        const Vec q1_f(static_cast<acc_t>(q1_coef * chunk_shift[c]));
+        const Vec q1_f(static_cast<acc_t>(q1_coef * std::pow(static_cast<double>(chunk_shift[c]), power)));
         const acc_t* kc = exps + begin;
         for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
           const Vec e_lo = Vec::loadu(kc + i), e_hi = Vec::loadu(kc + i + L::kVec);
           Vec h_lo(acc_t(0)), h_hi(acc_t(0));
-          if constexpr (kHard) hard_gradient_step(hard, s, begin + i, n, e_lo, e_hi, q1_f, h_lo, h_hi);
+          if constexpr (kHard) {
+            if (power > 1) hard_gradient_step(hard, s, begin + i, n, hard_power(e_lo), hard_power(e_hi), q1_f, h_lo, h_hi);
+            else hard_gradient_step(hard, s, begin + i, n, e_lo, e_hi, q1_f, h_lo, h_hi);
+          }
           L::store_step(ds + begin + i, n, at::vec::fmadd(e_lo, coef, h_lo), at::vec::fmadd(e_hi, coef, h_hi), streaming);
         });
       }
@@ -475,7 +499,10 @@ struct SparseRowSolver {
     }
   }
 
-  double* support_scratch;  // 2 K doubles: the support's b_k, then exp(l_k) (bucket) or l_k (renormalize)
+  double* support_scratch;  // 3 K doubles: the support's b_k, then exp(l_k) (bucket) or l_k (renormalize),
+                            // then (the hard term at an integer temperature) its raw logits s_k
+  // kHard at an integer T = n in [2, 8]: x -> x^n, exp(s - shift) from the kept exp((s - shift) / T).
+  const IntegerPower<acc_t> hard_power{kHard ? integer_temperature(pr.inv_temperature) : 0};
 };
 
 template <typename scalar_t, bool kHard>
@@ -486,9 +513,9 @@ void sparse_kl_rows_typed(const SparseRowsProblem& pr) {
   const int64_t n_chunks = (pr.vocab + Solver::kChunk - 1) / Solver::kChunk;
   const bool keep = pr.grad_student != nullptr && (!pr.renormalize || kHard);
   // Per task: outside (padded V), the kept exponentials (padded V when a gradient is wanted), two
-  // values per chunk, and 2 K doubles (as 4 K acc_t at most) for the support.
+  // values per chunk, and 3 K doubles (as 6 K acc_t at most) for the support.
   const int64_t rows_scratch = padded + (keep ? padded : 0);
-  const int64_t support_elems = 2 * pr.slots * static_cast<int64_t>(sizeof(double) / sizeof(acc_t) + 1);
+  const int64_t support_elems = 3 * pr.slots * static_cast<int64_t>(sizeof(double) / sizeof(acc_t) + 1);
   parallel_rows<acc_t>(pr.rows, pr.vocab, rows_scratch + 2 * n_chunks + support_elems,
                        [&](acc_t* scratch, int64_t begin, int64_t end) {
     std::fill_n(scratch, padded, acc_t(0));
