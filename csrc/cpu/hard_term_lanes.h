@@ -31,9 +31,9 @@ inline int integer_temperature(double inv_temperature) {
   return integer ? static_cast<int>(n) : 0;
 }
 
-// x -> x^n for the kept exponentials x = exp((s - c) / n) of an integer temperature n: exp(s - c), and
-// 0 where that lies below NonPositiveExp's floor e^-87 (as the exponential itself would be; no
-// subnormal enters the sums or the gradient).
+// x -> x^n for the kept exponentials x = exp((s - c) / n) of an integer temperature n: exp(s - c).
+// In the sums 0 where that lies below NonPositiveExp's floor e^-87 (as the exponential itself would be:
+// no subnormal enters Z_1).
 template <typename acc_t>
 struct IntegerPower {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -43,10 +43,24 @@ struct IntegerPower {
   explicit IntegerPower(int n_)
       : n(n_), floor(n_ > 0 ? std::exp(NonPositiveExp<acc_t>::kExpFloor / static_cast<acc_t>(n_)) : acc_t(0)) {}
 
-  C10_ALWAYS_INLINE Vec operator()(const Vec& x) const {
-    Vec r = x * x;
+  // sum + x^n (pass 2's Z_1): one masked fused multiply-add at n = 2.
+  C10_ALWAYS_INLINE Vec accumulate(const Vec& x, const Vec& sum) const { return at::vec::fmadd(below(x), x, sum); }
+
+  // x^(n - 1) factor: what turns the kept x into f_h q_1 in the gradient pass (hard_gradient_step's
+  // per-lane factor), without the floor: a term below it is below f_h e^-87 there, as small as the
+  // soft term's own products, and is simply computed.
+  C10_ALWAYS_INLINE Vec times_power(const Vec& x, const Vec& factor) const {
+    Vec r = x * factor;
     for (int k = 2; k < n; ++k) r = r * x;
-    return r & (x >= floor);
+    return r;
+  }
+
+ private:
+  // x^(n - 1), 0 where x^n falls below the floor.
+  C10_ALWAYS_INLINE Vec below(const Vec& x) const {
+    Vec r = x & (x >= floor);
+    for (int k = 2; k < n; ++k) r = r * x;
+    return r;
   }
 };
 
@@ -62,17 +76,17 @@ struct HardGradient {
 };
 
 // The hard term over the step of n lanes at row element i: `kept` lo/hi are the exponentials the
-// kernel kept there and kept_factor turns them into f_h q_1 (used when h.from_kept); otherwise q_1
-// is recomputed from the student logits s. The label's lane also gets -f_h (1 - eps).
+// kernel kept there and factor lo/hi (per lane) turn them into f_h q_1 (used when h.from_kept);
+// otherwise q_1 is recomputed from the student logits s. The label's lane also gets -f_h (1 - eps).
 template <typename scalar_t, typename Vec, typename acc_t>
 C10_ALWAYS_INLINE void hard_gradient_step(const HardGradient<acc_t>& h, const scalar_t* s, int64_t i, int64_t n,
-                                          const Vec& kept_lo, const Vec& kept_hi, const Vec& kept_factor, Vec& lo,
-                                          Vec& hi) {
+                                          const Vec& kept_lo, const Vec& kept_hi, const Vec& factor_lo,
+                                          const Vec& factor_hi, Vec& lo, Vec& hi) {
   using L = Lanes<scalar_t>;
   const Vec uniform(h.uniform);
   if (h.from_kept) {
-    lo = at::vec::fmsub(kept_lo, kept_factor, uniform);
-    hi = at::vec::fmsub(kept_hi, kept_factor, uniform);
+    lo = at::vec::fmsub(kept_lo, factor_lo, uniform);
+    hi = at::vec::fmsub(kept_hi, factor_hi, uniform);
   } else {
     Vec s_lo, s_hi, live_lo, live_hi;
     L::load(s + i, n, -std::numeric_limits<acc_t>::infinity(), s_lo, s_hi);

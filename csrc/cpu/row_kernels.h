@@ -180,12 +180,13 @@ struct RowSolver {
   C10_ALWAYS_INLINE void hard_step(const HardGradient<acc_t>& hard, const scalar_t* s, int64_t i, int64_t n,
                                    const Vec& factor, Vec& lo, Vec& hi) const {
     const acc_t* kept = scratch_1 != nullptr ? scratch_1 : scratch_b;
-    Vec kept_lo = Vec::loadu(kept + i), kept_hi = Vec::loadu(kept + i + kVec);
-    if (hard_power.n != 0) {
-      kept_lo = hard_power(kept_lo);
-      kept_hi = hard_power(kept_hi);
+    const Vec kept_lo = Vec::loadu(kept + i), kept_hi = Vec::loadu(kept + i + kVec);
+    if (hard_power.n != 0) {  // f_h q_1 = x (x^(n - 1) factor) lane by lane
+      hard_gradient_step(hard, s, i, n, kept_lo, kept_hi, hard_power.times_power(kept_lo, factor),
+                         hard_power.times_power(kept_hi, factor), lo, hi);
+    } else {
+      hard_gradient_step(hard, s, i, n, kept_lo, kept_hi, factor, factor, lo, hi);
     }
-    hard_gradient_step(hard, s, i, n, kept_lo, kept_hi, factor, lo, hi);
   }
 
   // Pass 2 over one chunk [begin, begin + len): the sums of one ChunkState, with shifts that are
@@ -235,7 +236,7 @@ struct RowSolver {
       }
       if constexpr (kHard) {
         if (hard_z1 && hard_power.n != 0) {  // exp(s - shift_b) = exp(b')^n
-          z1 += hard_power(eb_lo) + hard_power(eb_hi);
+          z1 = hard_power.accumulate(eb_hi, hard_power.accumulate(eb_lo, z1));
         } else if (hard_z1) {
           Vec live_lo, live_hi;
           const Vec e1_lo = Exp::exp(s_lo + vneg_s, live_lo), e1_hi = Exp::exp(s_hi + vneg_s, live_hi);

@@ -194,7 +194,7 @@ struct SparseRowSolver {
         e_hi.store(kc + i + L::kVec);
       }
       if constexpr (kHard) {
-        if (hard_z1 && hard_power.n != 0) z1 += hard_power(e_lo) + hard_power(e_hi);
+        if (hard_z1 && hard_power.n != 0) z1 = hard_power.accumulate(e_hi, hard_power.accumulate(e_lo, z1));
         else if (hard_z1) z1 += Exp::exp(lo + vneg_s, live_lo) + Exp::exp(hi + vneg_s, live_hi);
         if (hard_sum) {
           if (n != kStep) L::load(sc + i, n, hard.shift, lo, hi);  // the tail's padding adds 0, not -inf
@@ -445,8 +445,12 @@ struct SparseRowSolver {
           const Vec e_lo = Vec::loadu(kc + i), e_hi = Vec::loadu(kc + i + L::kVec);
           Vec h_lo(acc_t(0)), h_hi(acc_t(0));
           if constexpr (kHard) {
-            if (power > 1) hard_gradient_step(hard, s, begin + i, n, hard_power(e_lo), hard_power(e_hi), q1_f, h_lo, h_hi);
-            else hard_gradient_step(hard, s, begin + i, n, e_lo, e_hi, q1_f, h_lo, h_hi);
+            if (power > 1) {  // f_h q_1 = e (e^(n - 1) q1_f) lane by lane
+              hard_gradient_step(hard, s, begin + i, n, e_lo, e_hi, hard_power.times_power(e_lo, q1_f),
+                                 hard_power.times_power(e_hi, q1_f), h_lo, h_hi);
+            } else {
+              hard_gradient_step(hard, s, begin + i, n, e_lo, e_hi, q1_f, q1_f, h_lo, h_hi);
+            }
           }
           L::store_step(ds + begin + i, n, at::vec::fmadd(e_lo, coef, h_lo), at::vec::fmadd(e_hi, coef, h_hi), streaming);
         });
