@@ -203,7 +203,7 @@ struct RowSolver {
     // The hard term's sums (kHard): Z_1 at T != 1, sum (s - shift_b) with label smoothing.
     const bool hard_z1 = kHard && pr.inv_temperature != 1.0, hard_sum = kHard && pr.hard.smoothing != 0.0;
     const Vec vneg_s(-shift_b);
-    Vec z1(0), sum_s(0);
+    Vec z1(0), z1_hi(0), sum_s(0);  // z1_hi: a second chain for the powers (integer temperature)
     s += begin;
     t += begin;
     acc_t* ka = keep ? scratch_a + begin : nullptr;
@@ -236,7 +236,8 @@ struct RowSolver {
       }
       if constexpr (kHard) {
         if (hard_z1 && hard_power.n != 0) {  // exp(s - shift_b) = exp(b')^n
-          z1 = hard_power.accumulate(eb_hi, hard_power.accumulate(eb_lo, z1));
+          z1 = hard_power.accumulate(eb_lo, z1);
+          z1_hi = hard_power.accumulate(eb_hi, z1_hi);
         } else if (hard_z1) {
           Vec live_lo, live_hi;
           const Vec e1_lo = Exp::exp(s_lo + vneg_s, live_lo), e1_hi = Exp::exp(s_hi + vneg_s, live_hi);
@@ -258,7 +259,7 @@ struct RowSolver {
       }
     });
     const auto total = [](const Vec& x) { return at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), x); };
-    return {shift_a, shift_b, total(za), total(zb), total(w), total(z1), total(sum_s)};
+    return {shift_a, shift_b, total(za), total(zb), total(w), total(z1 + z1_hi), total(sum_s)};
   }
 
   // Passes 1 and 2 and the merge over row elements [0, V): the row's partial state. m_a, m_b are

@@ -171,13 +171,26 @@ struct SparseRowSolver {
   // subtracted before scaling, so that the maximum's term is exactly exp(0) however large |s| / T is.
   // kHard: also the hard term's sums of the chunk relative to hard.shift (its raw maximum; at an
   // integer temperature the chunk's `shift`, and Z_1 over the complement only: the powers of e).
-  C10_ALWAYS_INLINE acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,
-                                     bool keep, HardChunk<acc_t>& hard) const {
+  // How the hard term's Z_1 is summed (a compile-time choice, so that the exponential's loop carries
+  // only what it needs): not at all (T = 1, where log Z is its log-sum-exp, or no hard term), by an
+  // exponential of its own, or as powers of the kept exponentials (an integer temperature).
+  enum Z1Sum { kNoZ1, kExpZ1, kPowerZ1 };
+
+  acc_t chunk_sums(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift, bool keep,
+                   HardChunk<acc_t>& hard) const {
+    if (!kHard || pr.inv_temperature == 1.0) return chunk_sums_with<kNoZ1>(sc, oc, kc, len, shift, keep, hard);
+    if (hard_power.n != 0) return chunk_sums_with<kPowerZ1>(sc, oc, kc, len, shift, keep, hard);
+    return chunk_sums_with<kExpZ1>(sc, oc, kc, len, shift, keep, hard);
+  }
+
+  template <Z1Sum kZ1>
+  C10_ALWAYS_INLINE acc_t chunk_sums_with(const scalar_t* sc, const acc_t* oc, acc_t* kc, int64_t len, acc_t shift,
+                                          bool keep, HardChunk<acc_t>& hard) const {
     const Vec vinv_t(static_cast<acc_t>(pr.inv_temperature)), vshift(shift);
     Vec z_lo(0), z_hi(0), nan_probe(0);  // nan_probe sums the arguments, <= 0 or -inf unless one is NaN
-    const bool hard_z1 = kHard && pr.inv_temperature != 1.0, hard_sum = kHard && pr.hard.smoothing != 0.0;
+    const bool hard_sum = kHard && pr.hard.smoothing != 0.0;
     const Vec vneg_s(-hard.shift);
-    Vec z1(0), sum_s(0);
+    Vec z1(0), z1_hi(0), sum_s(0);  // z1_hi: a second chain for the powers (integer temperature)
     for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
       __builtin_prefetch(sc + i + kChunk);
       Vec lo, hi;
@@ -194,8 +207,12 @@ struct SparseRowSolver {
         e_hi.store(kc + i + L::kVec);
       }
       if constexpr (kHard) {
-        if (hard_z1 && hard_power.n != 0) z1 = hard_power.accumulate(e_hi, hard_power.accumulate(e_lo, z1));
-        else if (hard_z1) z1 += Exp::exp(lo + vneg_s, live_lo) + Exp::exp(hi + vneg_s, live_hi);
+        if constexpr (kZ1 == kPowerZ1) {
+          z1 = hard_power.accumulate(e_lo, z1);
+          z1_hi = hard_power.accumulate(e_hi, z1_hi);
+        } else if constexpr (kZ1 == kExpZ1) {
+          z1 += Exp::exp(lo + vneg_s, live_lo) + Exp::exp(hi + vneg_s, live_hi);
+        }
         if (hard_sum) {
           if (n != kStep) L::load(sc + i, n, hard.shift, lo, hi);  // the tail's padding adds 0, not -inf
           sum_s += (lo + vneg_s) + (hi + vneg_s);
@@ -203,7 +220,7 @@ struct SparseRowSolver {
       }
     });
     if constexpr (kHard) {
-      hard.z_1 = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z1);
+      hard.z_1 = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z1 + z1_hi);
       hard.sum_s = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), sum_s);
     }
     const acc_t z = at::vec::vec_reduce_all<acc_t>(std::plus<Vec>(), z_lo + z_hi);
