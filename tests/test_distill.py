@@ -81,7 +81,8 @@ def test_topk_tails_with_the_hard_term(device, tail, temperature):
 def test_integer_temperatures(device, form, temperature):
     """At an integer T the CPU kernels take the hard term's exp(s - c) as the T-th power of the soft
     term's exp((s - c) / T) (csrc/cpu/hard_term_lanes.h): logits spread over ~150 within a row, so that
-    powers cross the exponential's floor, and labels inside and outside the top-k support."""
+    powers fall below the exponential's floor (subnormal, or 0), and labels inside and outside the top-k
+    support."""
     teacher_form = "dense" if form in ("dense", "jsd") else ("none" if form == "none" else "topk")
     student, teacher, topk, labels = make_step((5, 3), 3000, torch.float32, seed=11, teacher=teacher_form,
                                                slots=16, device=device)

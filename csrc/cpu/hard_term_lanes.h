@@ -32,33 +32,27 @@ inline int integer_temperature(double inv_temperature) {
 }
 
 // x -> x^n for the kept exponentials x = exp((s - c) / n) of an integer temperature n: exp(s - c).
-// In the sums 0 where that lies below NonPositiveExp's floor e^-87 (as the exponential itself would be:
-// no subnormal enters Z_1).
+// No floor of its own: x >= e^-87 (NonPositiveExp's floor), so x^n is a float, subnormal only where
+// s - c < -87 within one chunk of a row (IEEE arithmetic keeps it exact; some CPUs take longer on
+// such rows). A floor like the exponential's (a compare and a mask per lane) cost 5% of the top-k
+// kernel's forward + backward at T = 2, 64 x 128256 bf16, on the 2-core AMD EPYC of
+// bench/results/cpu-2core-distill.md.
 template <typename acc_t>
 struct IntegerPower {
   using Vec = at::vec::Vectorized<acc_t>;
   int n;
-  Vec floor;  // exp(-87 / n): x below it has x^n below e^-87
 
-  explicit IntegerPower(int n_)
-      : n(n_), floor(n_ > 0 ? std::exp(NonPositiveExp<acc_t>::kExpFloor / static_cast<acc_t>(n_)) : acc_t(0)) {}
-
-  // sum + x^n (pass 2's Z_1): one masked fused multiply-add at n = 2.
-  C10_ALWAYS_INLINE Vec accumulate(const Vec& x, const Vec& sum) const { return at::vec::fmadd(below(x), x, sum); }
-
-  // x^(n - 1) factor: what turns the kept x into f_h q_1 in the gradient pass (hard_gradient_step's
-  // per-lane factor), without the floor: a term below it is below f_h e^-87 there, as small as the
-  // soft term's own products, and is simply computed.
-  C10_ALWAYS_INLINE Vec times_power(const Vec& x, const Vec& factor) const {
-    Vec r = x * factor;
+  // sum + x^n (pass 2's Z_1): one fused multiply-add at n = 2.
+  C10_ALWAYS_INLINE Vec accumulate(const Vec& x, const Vec& sum) const {
+    Vec r = x;
     for (int k = 2; k < n; ++k) r = r * x;
-    return r;
+    return at::vec::fmadd(r, x, sum);
   }
 
- private:
-  // x^(n - 1), 0 where x^n falls below the floor.
-  C10_ALWAYS_INLINE Vec below(const Vec& x) const {
-    Vec r = x & (x >= floor);
+  // x^(n - 1) factor: what turns the kept x into f_h q_1 in the gradient pass (hard_gradient_step's
+  // per-lane factor).
+  C10_ALWAYS_INLINE Vec times_power(const Vec& x, const Vec& factor) const {
+    Vec r = x * factor;
     for (int k = 2; k < n; ++k) r = r * x;
     return r;
   }

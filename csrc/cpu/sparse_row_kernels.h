@@ -456,7 +456,9 @@ struct SparseRowSolver {
       for (int64_t c = 0; c < n_chunks; ++c) {
         const int64_t begin = c * kChunk, len = std::min(kChunk, pr.vocab - begin);
         const Vec coef(static_cast<acc_t>(rest_coef * chunk_shift[c]));
-        const Vec q1_f(static_cast<acc_t>(q1_coef * std::pow(static_cast<double>(chunk_shift[c]), power)));
+        double scale_power = 1.0;  // a loop, not std::pow: one call per chunk of every row adds up
+        for (int k = 0; k < power; ++k) scale_power *= static_cast<double>(chunk_shift[c]);
+        const Vec q1_f(static_cast<acc_t>(q1_coef * scale_power));
         const acc_t* kc = exps + begin;
         for_each_lane_step<kStep>(len, [&](int64_t i, auto n) {
           const Vec e_lo = Vec::loadu(kc + i), e_hi = Vec::loadu(kc + i + L::kVec);
