@@ -108,6 +108,27 @@ def test_topk_tails_with_labels_on_and_off_the_support(emu, tail, temperature, e
           label_smoothing=eps)
 
 
+@pytest.mark.parametrize("form", ["dense", "topk"])
+def test_hard_term_after_a_stretch_of_minus_inf(emu, form):
+    """The first 300 logits -inf and the rest near -200, at T = 1.5 (the hard term's own sums): the CPU
+    top-k kernel once took the empty stretch's stand-in shift 0 for the row's (tests/test_distill.py); the
+    CUDA kernels' online maxima start at -inf."""
+    student, teacher, topk, labels = make_step((3,), 700, torch.float32, seed=14, teacher=form, slots=8)
+    student = (student - 200).clone()
+    student[:, :300] = float("-inf")
+    if teacher is not None:
+        teacher = teacher.clone()
+        teacher[:, :300] = float("-inf")
+    else:
+        idx, lp = topk
+        topk = (torch.where(lp.isfinite(), idx % 400 + 300, idx), lp)
+    labels = torch.tensor([350, 500, 699])
+    loss, grad_s, grad_t, _, launches = emulated(emu, student, teacher, topk, labels, temperature=1.5,
+                                                 hard_weight=1.0)
+    only_launch(launches, KERNELS[form])
+    check(loss, grad_s, grad_t, student, teacher, topk, labels, torch.float32, temperature=1.5, hard_weight=1.0)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.3])
 def test_no_teacher_is_a_cross_entropy(emu, eps):
     student, _, _, labels = make_step((7,), 500, torch.bfloat16, seed=5, teacher="none")

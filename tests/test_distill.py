@@ -115,6 +115,27 @@ def test_integer_temperature_support_far_above_the_rest(device, label_in_support
               label_smoothing=0.05, reduction="sum")
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1.5, 2.0])
+@pytest.mark.parametrize("form", ["dense", "topk"])
+def test_hard_term_after_a_chunk_of_minus_inf(device, form, temperature):
+    """A row whose first 1024 logits (a whole chunk of the CPU kernels) are -inf and the rest near -200:
+    the hard term's sums must not take the empty chunk's stand-in shift 0 as the row's, which rescaled
+    the rest's Z_1 by e^-200 to 0 (the top-k kernel at T != 1 did: CE -inf at T = 1.5, 2.96 for 17.39
+    at T = 2)."""
+    student, teacher, topk, labels = make_step((3,), 3000, torch.float32, seed=13, teacher=form, slots=8,
+                                               device=device)
+    student = (student - 200).clone()
+    student[:, :1024] = float("-inf")
+    if teacher is not None:  # the teacher puts no mass there either, or forward KL is +inf
+        teacher = teacher.clone()
+        teacher[:, :1024] = float("-inf")
+    labels = torch.tensor([1500, 2000, 2999], device=device)
+    if topk is not None:  # the support where the logits are finite
+        idx, lp = topk
+        topk = (torch.where(lp.isfinite(), idx % 1976 + 1024, idx), lp)
+    check(student, teacher, topk, labels, torch.float32, temperature=temperature, hard_weight=1.0, reduction="sum")
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "batchmean", "mean"])
 @pytest.mark.parametrize("form", FORMS)
 def test_reductions(device, reduction, form):

@@ -239,7 +239,7 @@ struct SparseRowSolver {
     const double inv_t = static_cast<double>(static_cast<acc_t>(pr.inv_temperature));
     constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
     const acc_t kTiny = std::exp(acc_t(-60));
-    RestState<acc_t> st{-INFINITY, acc_t(0), false, acc_t(0), acc_t(0), acc_t(0)};
+    RestState<acc_t> st{-INFINITY, acc_t(0), false, kNegInf, acc_t(0), acc_t(0)};
     const int64_t n_chunks = (V + kChunk - 1) / kChunk;
     double row_log = -INFINITY;
     for (int64_t c = 0; c < n_chunks; ++c) {
@@ -262,7 +262,7 @@ struct SparseRowSolver {
         z = chunk_sums(sc, oc, kc, len, shift_of(cm), keep, hard);
       }
       if (std::isnan(z)) return st;
-      if constexpr (kHard) merge_hard_chunk(st, hard, c == 0, begin, len);
+      if constexpr (kHard) merge_hard_chunk(st, hard, raw_max == kNegInf, begin, len);
       chunk_shift[c] = shift_of(cm);
       chunk_z[c] = z;
       if (z > 0) row_log = std::max(row_log, static_cast<double>(chunk_shift[c]) * inv_t + std::log(static_cast<double>(z)));
@@ -279,14 +279,21 @@ struct SparseRowSolver {
     return st;
   }
 
-  // Folds one chunk's hard-term sums into the row's, relative to the largest chunk maximum so far
-  // (`begin` elements came before the chunk).
-  static void merge_hard_chunk(RestState<acc_t>& st, const HardChunk<acc_t>& c, bool first, int64_t begin,
+  // Folds one chunk's hard-term sums into the row's, relative to the largest chunk shift so far
+  // (`begin` elements came before the chunk; m_1 starts at -inf). A chunk whose logits are all -inf
+  // (`empty`, its shift a stand-in 0) adds nothing to Z_1 and leaves the shift alone, or a row of logits
+  // near -200 after it would have its Z_1 rescaled by e^-200 to 0; its sum of s is -inf (0 when label
+  // smoothing is off and the sum unused), which no later rescaling changes.
+  static void merge_hard_chunk(RestState<acc_t>& st, const HardChunk<acc_t>& c, bool empty, int64_t begin,
                                int64_t len) {
-    if (first) {
+    if (empty) {
+      st.sum_s += c.sum_s;
+      return;
+    }
+    if (st.m_1 == kNegInf) {  // the first chunk with a logit above -inf
       st.m_1 = c.shift;
       st.z_1 = c.z_1;
-      st.sum_s = c.sum_s;
+      st.sum_s += c.sum_s;
       return;
     }
     if (c.shift > st.m_1) {
