@@ -331,6 +331,12 @@ struct SparseRowSolver {
     unmark(idx, lp);
   }
 
+  // log(e^a + e^b), -inf when both are.
+  static double log_add_exp(double a, double b) {
+    const double hi = std::max(a, b), lo = std::min(a, b);
+    return hi == -INFINITY ? hi : hi + std::log1p(std::exp(lo - hi));
+  }
+
   // log-sum-exp of the support's b_k (and of l_k for renormalize), in double; -inf for no slot.
   double support_lse(const double* values, const acc_t* lp) const {
     double m = -INFINITY, z = 0.0;
@@ -368,8 +374,7 @@ struct SparseRowSolver {
       for (int64_t k = 0; k < pr.slots; ++k) {
         raw[k] = used(lp[k]) ? static_cast<double>(static_cast<acc_t>(s[idx[k]])) : -INFINITY;
       }
-      const double lse_s = support_lse(raw, lp), hi = std::max(lse_s, log_z1), lo = std::min(lse_s, log_z1);
-      log_z1 = hi == -INFINITY ? hi : hi + std::log1p(std::exp(lo - hi));
+      log_z1 = log_add_exp(support_lse(raw, lp), log_z1);
     }
     double ce = (log_z1 - m_1) + (1.0 - eps) * (m_1 - static_cast<double>(static_cast<acc_t>(s[y])));
     if (eps != 0.0) ce -= eps * static_cast<double>(rest.sum_s) / V;
@@ -418,8 +423,7 @@ struct SparseRowSolver {
     gather_support(s, idx, lp, b);
     const double lse_support = support_lse(b, lp);
     const double log_rest = rest.z > 0 ? rest.m + std::log(static_cast<double>(rest.z)) : -INFINITY;
-    const double hi = std::max(lse_support, log_rest), lo = std::min(lse_support, log_rest);
-    const double log_z = hi == -INFINITY ? -INFINITY : hi + std::log1p(std::exp(lo - hi));
+    const double log_z = log_add_exp(lse_support, log_rest);
     // A NaN or +inf logit, or every logit -inf, leaves the softmax undefined.
     if (!rest.defined || !std::isfinite(log_z)) return fill_row(row, kNaN, lp, false);
 
