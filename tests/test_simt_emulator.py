@@ -240,3 +240,67 @@ def test_memory_allocated_during_a_call_starts_as_nan(emu):
     finally:
         torch.ops.simt.end_call()
     assert fresh.isnan().all()
+
+
+# ---- thread-block clusters: blocks that run together, a cluster barrier, distributed shared memory
+
+@pytest.mark.parametrize("probe, cluster", [("cluster_sum", 2), ("cluster_sum_of_4", 4)])
+def test_blocks_of_a_cluster_read_each_others_shared_memory(emu, probe, cluster):
+    data = torch.randn(8, 64, generator=torch.Generator().manual_seed(11))
+    out, launches = emu.probe(probe, data)
+    assert launches == [launches[0]] and launches[0].cluster == cluster and launches[0].grid == 8
+    sums = data.double().sum(1).view(-1, cluster)
+    weighted = (sums * torch.arange(1, cluster + 1, dtype=torch.float64)).sum(1)
+    torch.testing.assert_close(out[:8].double(), weighted.repeat_interleave(cluster), rtol=1e-5, atol=1e-4)
+    assert out[8:16].tolist() == [float(r % cluster) for r in range(8)]
+
+
+def test_a_cluster_launch_counts_its_cluster_barriers(emu):
+    data = torch.randn(4, 32, generator=torch.Generator().manual_seed(12))
+    _, traffic = emu.probe_traffic("cluster_sum", data)
+    assert [t.cluster for t in traffic] == [2]
+    assert traffic[0].cluster_barriers == 2 * 2  # two per cluster, two clusters
+    assert traffic[0].barriers == 4              # block_sum_to_shared's __syncthreads, once per block
+
+
+CLUSTER_PROBES = {
+    "cluster_block_barrier_only": r"distributed shared-memory race at offset 128 of block rank 1: written by block "
+                                  r"\(1,0,0\) \(rank 1 of the cluster\) and read by this thread of another block of the "
+                                  r"cluster with no cluster barrier between \(read after write\) in kernel "
+                                  r"probe_cluster_block_barrier_only, block \(0,0,0\), thread \(0,0,0\)",
+    "cluster_slot_reused": r"distributed shared-memory race at offset 0 of block rank 0: written by block \(0,0,0\) "
+                           r"\(rank 0 of the cluster\) and read by this thread of another block .*\(read after write\)",
+    "cluster_exit_before_peer_reads": r"distributed shared-memory read of block rank 0, whose threads have all exited",
+    "cluster_rank_out_of_range": r"map_shared_rank to block rank 2 of a cluster of 2 blocks in kernel "
+                                 r"probe_cluster_rank_out_of_range, block \(0,0,0\), thread \(0,0,0\)",
+    "cluster_shared_out_of_bounds": r"out-of-bounds distributed shared-memory read of 4 bytes at offset 128 of the "
+                                    r"shared memory of block rank 1 \(the launch has 128 bytes of dynamic shared memory\)"
+                                    r" in kernel probe_cluster_shared_out_of_bounds, block \(0,0,0\), thread \(31,0,0\)",
+    "cluster_divergent_barrier": r"divergent cluster barriers: thread \(0,0,0\) of block \(0,0,0\) waits at "
+                                 r"probe_kernels.cpp:\d+, thread \(0,0,0\) of block \(1,0,0\) at probe_kernels.cpp:\d+",
+    "cluster_barrier_beside_block_barrier": r"divergent barriers: thread \(0,0,0\) waits at __syncthreads "
+                                            r"\(probe_kernels.cpp:\d+\), thread \(5,0,0\) of the same block at the "
+                                            r"cluster barrier",
+    "cluster_not_dividing_grid": r"CUDA error: invalid argument .*clusters of 2 blocks over a grid of 3x1x1",
+    "cluster_above_portable_limit": r"CUDA error: cluster misconfiguration .*clusters of 16 blocks",
+}
+
+
+@pytest.mark.parametrize("probe", sorted(CLUSTER_PROBES))
+def test_sanitizer_reports_each_cluster_bug(emu, probe):
+    data = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    with emu.schedule("forward"), pytest.raises(RuntimeError, match=CLUSTER_PROBES[probe]):
+        emu.probe(probe, data)
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random:3", "random:4"])
+@pytest.mark.parametrize("probe", ["cluster_block_barrier_only", "cluster_slot_reused", "cluster_exit_before_peer_reads"])
+def test_every_schedule_finds_the_cluster_bugs(emu, probe, schedule):
+    """Whichever block runs first: a read before the peer's write is uninitialised memory, after it a
+    race; a peer that exits before the read, or after it with no cluster barrier, is reported either way."""
+    data = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    with emu.schedule(schedule), pytest.raises(
+            RuntimeError, match=r"simt: (distributed shared-memory race|read of uninitialised distributed shared memory"
+                                r"|distributed shared-memory read of block rank \d, whose threads have all exited"
+                                r"|block rank \d of the cluster exits while another block may still access)"):
+        emu.probe(probe, data)

@@ -17,6 +17,7 @@ struct DeviceLimits {
   int sm_count = 0;
   int max_shared_optin = 0;    // bytes of dynamic shared memory a kernel may opt in to
   int64_t max_grid_x = 0;      // largest gridDim.x
+  bool cluster_launch = false; // thread-block clusters with distributed shared memory (sm_90+)
 };
 
 constexpr int kMaxThreads = 1024;
@@ -74,6 +75,37 @@ inline RowsLaunch plan_rows_launch(int64_t rows, int64_t units, int64_t per_thre
   }
   plan.shared_bytes = plan.scratch_bytes + inputs * plan.cached_units * pack_bytes;
   plan.opt_in = plan.shared_bytes > kDefaultSharedBytes;
+  return plan;
+}
+
+// A row kernel whose row, too wide for one block's shared memory, is spread over a thread-block
+// cluster (sm_90+): each of `blocks` blocks streams and caches a slice of ceil(units / blocks)
+// packs (its scratch also holds `slot_bytes` that the cluster's other blocks read through
+// distributed shared memory), so every input byte is read from global memory once. The fewest
+// blocks whose slices fit, up to kMaxClusterBlocks (the portable cluster size); blocks == 1 when
+// the device has no clusters or no cluster is enough (the one-block kernel then caches what fits).
+constexpr int kMaxClusterBlocks = 8;
+
+struct ClusterRowsLaunch {
+  int blocks = 1;              // per cluster; 1: no cluster launch
+  RowsLaunch block;            // one block's plan for its slice (grid: every cluster's blocks)
+};
+
+inline ClusterRowsLaunch plan_cluster_rows_launch(int64_t rows, int64_t units, int64_t per_thread_units,
+                                                  int max_threads, int state_bytes, int pack_bytes,
+                                                  int slot_bytes, const DeviceLimits& limits, int inputs = 2) {
+  ClusterRowsLaunch plan;
+  if (!limits.cluster_launch) return plan;
+  for (int blocks = 2; blocks <= kMaxClusterBlocks; ++blocks) {
+    const int64_t slice = (units + blocks - 1) / blocks;
+    const RowsLaunch block = plan_rows_launch(rows, slice, per_thread_units, max_threads, state_bytes, pack_bytes,
+                                              true, limits, inputs, slot_bytes);
+    if (block.cached_units < slice) continue;
+    plan.blocks = blocks;
+    plan.block = block;
+    plan.block.grid = static_cast<unsigned int>(std::min<int64_t>(rows, limits.max_grid_x / blocks) * blocks);
+    return plan;
+  }
   return plan;
 }
 

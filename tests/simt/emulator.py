@@ -21,7 +21,7 @@ import torch
 from simt import build
 
 # An sm_90 device (H100 SXM): 132 SMs, 227 KB of opt-in shared memory per block, 2^31 - 1 blocks.
-DEFAULT_LIMITS = {"sm_count": 132, "max_shared_optin": 227 * 1024, "max_grid_x": 2**31 - 1}
+DEFAULT_LIMITS = {"sm_count": 132, "max_shared_optin": 227 * 1024, "max_grid_x": 2**31 - 1, "cluster_launch": True}
 L2_BYTES = 50 * 10**6  # an H100's L2, for the traffic record's model
 RESOURCES = pathlib.Path(__file__).resolve().parents[2] / "bench" / "results" / "cuda-resources.md"
 CXX_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "c10::BFloat16", torch.float16: "c10::Half"}
@@ -31,6 +31,7 @@ CXX_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "c
 # of its kernels ran in that file (assert_owned_kernels_ran). A new kernel adds one line here.
 KERNEL_OWNERS = {
     "kl_rows_kernel": "test_cuda_emulated.py",
+    "kl_cluster_rows_kernel": "test_cuda_emulated_cluster.py",
     "grad_scale_kernel": "test_cuda_emulated.py",
     "kl_row_states_kernel": "test_cuda_emulated.py",
     "kl_grad_from_stats_kernel": "test_cuda_emulated.py",
@@ -43,7 +44,8 @@ KERNEL_OWNERS = {
 }
 # The schedules a call runs under unless SIMT_SCHEDULES says otherwise.
 DEFAULT_SCHEDULES = "forward,random:1"
-_LOG_LINE = re.compile(r"^(?P<kernel>.+) grid=(?P<grid>\d+) block=(?P<block>\d+) shared=(?P<shared>\d+)$")
+_LOG_LINE = re.compile(r"^(?P<kernel>.+) grid=(?P<grid>\d+) block=(?P<block>\d+) shared=(?P<shared>\d+)"
+                       r"(?: cluster=(?P<cluster>\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Launch:
     grid: int
     block: int
     shared: int
+    cluster: int = 1  # blocks per thread-block cluster
 
     @property
     def name(self):
@@ -81,7 +84,9 @@ class LaunchTraffic:
     grid: int
     block: int
     shared: int               # dynamic shared memory of the launch, bytes
-    barriers: int             # summed over blocks
+    cluster: int              # blocks per thread-block cluster (1: none)
+    barriers: int             # __syncthreads completed, summed over blocks
+    cluster_barriers: int     # cluster barriers completed, summed over clusters
     ex2: int                  # fp32 MUFU ex2.approx calls
     lg2: int                  # fp32 log2f calls
     shared_loaded: int
@@ -134,7 +139,8 @@ def _launch_traffic(record, names):
     data = json.loads(record)
     tensors = tuple(TensorTraffic(names.get(r["address"], "temporary"), r["loaded"], r["stored"],
                                   r["distinct_loaded"], r["distinct_stored"]) for r in data["regions"])
-    fields = {k: data[k] for k in ("kernel", "grid", "block", "shared", "barriers", "ex2", "lg2", "shared_loaded",
+    fields = {k: data[k] for k in ("kernel", "grid", "block", "shared", "cluster", "barriers", "cluster_barriers",
+                                   "ex2", "lg2", "shared_loaded",
                                    "shared_stored", "reread_bytes", "reread_dram_bytes", "dram_read_bytes",
                                    "l2_share_bytes")}
     return LaunchTraffic(**fields, tensors=tensors)
@@ -208,8 +214,8 @@ class Emulator:
             self.schedules = saved
             self._use(saved[0])
 
-    def configure(self, sm_count, max_shared_optin, max_grid_x):
-        torch.ops.simt.configure(sm_count, max_shared_optin, max_grid_x)
+    def configure(self, sm_count, max_shared_optin, max_grid_x, cluster_launch):
+        torch.ops.simt.configure(sm_count, max_shared_optin, max_grid_x, cluster_launch)
 
     @contextlib.contextmanager
     def limits(self, **overrides):
@@ -228,7 +234,7 @@ class Emulator:
             torch.ops.simt.check_outputs(_tensors(result))
         finally:
             torch.ops.simt.end_call()
-        launches = [Launch(m["kernel"], int(m["grid"]), int(m["block"]), int(m["shared"]))
+        launches = [Launch(m["kernel"], int(m["grid"]), int(m["block"]), int(m["shared"]), int(m["cluster"] or 1))
                     for m in map(_LOG_LINE.match, torch.ops.simt.take_launch_log())]
         for launch in launches:
             self.launched[launch.kernel] = max(self.launched.get(launch.kernel, 0), launch.block)

@@ -151,8 +151,8 @@ void schedule(const std::string& kind, int64_t seed) {
   else TORCH_CHECK(false, "simt: unknown schedule '", kind, "' (forward, reverse or random)");
 }
 
-void set_limits(int64_t sm_count, int64_t max_shared_optin, int64_t max_grid_x) {
-  configure(DeviceProperties{static_cast<int>(sm_count), static_cast<int>(max_shared_optin), max_grid_x});
+void set_limits(int64_t sm_count, int64_t max_shared_optin, int64_t max_grid_x, bool cluster_launch) {
+  configure(DeviceProperties{static_cast<int>(sm_count), static_cast<int>(max_shared_optin), max_grid_x, cluster_launch});
 }
 
 // ex2.approx.ftz.f32 as the emulated kernels see it, elementwise (for its own tests).
@@ -168,7 +168,8 @@ at::Tensor ex2(const at::Tensor& x) {
 
 std::vector<std::string> properties() {
   const DeviceProperties p = device_properties();
-  return {std::to_string(p.sm_count), std::to_string(p.max_shared_optin), std::to_string(p.max_grid_x)};
+  return {std::to_string(p.sm_count), std::to_string(p.max_shared_optin), std::to_string(p.max_grid_x),
+          std::to_string(p.cluster_launch)};
 }
 
 }  // namespace
@@ -177,7 +178,7 @@ std::vector<std::string> properties() {
 TORCH_LIBRARY(kl_fused_emulated, m) { kl_fused::define_op_schemas(m); }
 
 TORCH_LIBRARY(simt, m) {
-  m.def("configure(int sm_count, int max_shared_optin, int max_grid_x) -> ()", &simt::set_limits);
+  m.def("configure(int sm_count, int max_shared_optin, int max_grid_x, bool cluster_launch) -> ()", &simt::set_limits);
   m.def("device_properties() -> str[]", &simt::properties);
   m.def("begin_call(Tensor[] inputs) -> ()", &simt::begin);
   m.def("end_call() -> ()", &simt::end);

@@ -7,7 +7,10 @@
 //   - the thread's own stack (its registers and local memory): not checked;
 //   - the block's dynamic shared memory (an arena with guard zones around it): bounds against the
 //     launch's size, initialisation (reading a byte no thread has written), and the race rule
-//     between the threads of the block;
+//     between the threads of the block; in a cluster, each block's shared memory has its slot in the
+//     arena, which the cluster's other blocks reach through map_shared_rank (distributed shared
+//     memory): the same checks, and the race rule between blocks, which only a cluster barrier
+//     orders (a block's __syncthreads orders its own threads, not another block's accesses);
 //   - the kernel's parameters: read-only;
 //   - anything else is global memory and must lie inside a tensor given to the current call
 //     (begin_call registers the inputs, allocations made during the call are registered as they
@@ -100,7 +103,14 @@ const char* past(Access kind) {
 
 std::string thread_name(uint16_t id) {
   if (id == Touches<uint16_t>::kSeveral) return "several threads";
-  return "thread " + str(g_launch->threads[static_cast<std::size_t>(id - 1)].idx);
+  const Thread& t = g_launch->threads[static_cast<std::size_t>(id - 1)];
+  return "thread " + str(t.idx) + (g_launch->cluster > 1 ? " of block " + str(block_idx_of(t)) : "");
+}
+
+// A block of the running cluster by rank + 1.
+std::string rank_name(uint8_t id) {
+  if (id == Touches<uint8_t>::kSeveral) return "several blocks of the cluster";
+  return "block " + str(block_index(g_launch->first_block + id - 1u)) + " (rank " + std::to_string(id - 1) + " of the cluster)";
 }
 
 std::string block_name(uint32_t id) {
@@ -131,41 +141,70 @@ void count_shared(std::size_t size, Access kind);  // the traffic record, below
 // ----------------------------------------------------------------------------------- shared memory
 
 struct SharedShadow {
-  Touches<uint16_t> threads;  // in barrier interval `interval`
+  Touches<uint16_t> threads;  // in barrier interval `interval` of the accessing thread's block
   uint32_t interval;
-  uint8_t written;            // any thread of the block wrote it
+  Touches<uint8_t> blocks;    // the cluster's blocks (rank + 1), in cluster interval `cluster_interval`
+  uint32_t cluster_interval;
+  uint8_t written;            // any thread wrote it since the cluster (block) began
 };
 
-std::vector<SharedShadow> g_shared(kArenaBytes);
+std::vector<SharedShadow> g_shared;  // kArenaBytes per block of the running cluster
 
 void shared_access(Thread* t, uintptr_t a, std::size_t size, Access kind, bool natural) {
-  const auto offset = static_cast<int64_t>(a - reinterpret_cast<uintptr_t>(g_arena));
-  const int64_t limit = g_launch->shared_bytes;
+  const LaunchState& L = *g_launch;
+  const auto from_arena = static_cast<int64_t>(a - reinterpret_cast<uintptr_t>(g_arena));
+  const auto slot = static_cast<int64_t>(kArenaBytes);
+  // The block whose shared memory it is (the caller's own below and above the arena), and the offset.
+  const int64_t rank = from_arena < 0 ? t->rank : std::min<int64_t>(from_arena / slot, L.cluster - 1);
+  const int64_t offset = from_arena - rank * slot;
+  const int64_t limit = L.shared_bytes;
+  const bool remote = rank != static_cast<int64_t>(t->rank);
   if (offset < 0 || offset + static_cast<int64_t>(size) > limit) {
     std::ostringstream o;
-    o << "out-of-bounds shared-memory " << noun(kind) << " of " << size << " bytes at offset " << offset
-      << " (the launch has " << limit << " bytes of dynamic shared memory)";
+    o << "out-of-bounds " << (remote ? "distributed " : "") << "shared-memory " << noun(kind) << " of " << size
+      << " bytes at offset " << offset;
+    if (remote) o << " of the shared memory of block rank " << rank;
+    o << " (the launch has " << limit << " bytes of dynamic shared memory)";
     fail(o.str());
   }
+  if (remote && L.exited[static_cast<std::size_t>(rank)] == L.block_threads) {
+    fail("distributed shared-memory " + std::string(noun(kind)) + " of block rank " + std::to_string(rank) +
+         ", whose threads have all exited: a block's shared memory lives as long as the block (a cluster barrier "
+         "before it exits keeps it for the others)");
+  }
+  if (remote) g_launch->remote_access_interval[static_cast<std::size_t>(rank)] = L.cluster_interval;
   if (natural) check_alignment(a, size, "shared-memory");
   count_shared(size, kind);
-  const uint32_t interval = g_launch->interval;
+  const uint32_t interval = interval_of(*t);
   const auto me = static_cast<uint16_t>(t->id + 1);
+  const auto my_block = static_cast<uint8_t>(t->rank + 1);
+  const std::string space = remote ? "distributed shared-memory" : "shared-memory";
+  const std::string where = remote ? " of block rank " + std::to_string(rank) : "";
   for (std::size_t i = 0; i < size; ++i) {
     const int64_t at = offset + static_cast<int64_t>(i);
-    SharedShadow& s = g_shared[static_cast<std::size_t>(at)];
+    SharedShadow& s = g_shared[static_cast<std::size_t>(rank * slot + at)];
     if (s.interval != interval) {
       s.interval = interval;
       s.threads = {};
     }
+    if (s.cluster_interval != L.cluster_interval) {
+      s.cluster_interval = L.cluster_interval;
+      s.blocks = {};
+    }
     if (kind != Access::Write && !s.written) {
-      fail(std::string(kind == Access::Read ? "read" : "atomic") + " of uninitialised shared memory at offset " +
-           std::to_string(at) + " (no thread of the block has written it)");
+      fail(std::string(kind == Access::Read ? "read" : "atomic") + " of uninitialised " +
+           (remote ? "distributed shared memory" : "shared memory") + " at offset " +
+           std::to_string(at) + where + " (no thread has written it)");
     }
     Access earlier;
+    uint8_t other_block;
+    if (races(s.blocks, my_block, kind, &earlier, &other_block)) {
+      race(space + " race at offset " + std::to_string(at) + where, earlier, rank_name(other_block), kind,
+           "of another block of the cluster with no cluster barrier between");
+    }
     uint16_t other;
     if (races(s.threads, me, kind, &earlier, &other)) {
-      race("shared-memory race at offset " + std::to_string(at), earlier, thread_name(other), kind,
+      race(space + " race at offset " + std::to_string(at) + where, earlier, thread_name(other), kind,
            "with no __syncthreads between");
     }
     if (kind != Access::Read) s.written = 1;
@@ -288,7 +327,7 @@ int64_t g_l2_resident_blocks = 0;  // 0: min(grid, SMs)
 uint64_t g_reread_pending = 0;     // re-read bytes of the access being recorded
 uint64_t g_new_stores_pending = 0; // bytes of it that the launch had not written before
 std::vector<PendingAccess> g_pending;
-std::vector<uint32_t> g_thread_seq(kMaxBlockThreads);
+std::vector<uint32_t> g_thread_seq(kMaxBlockThreads * kMaxCluster);
 
 // An LRU over line addresses.
 class LineLru {
@@ -400,7 +439,7 @@ void begin_launch_traffic() {
 }
 
 void begin_block_traffic() {
-  g_l2.reset(g_traffic.l2_share_bytes / 128);
+  g_l2.reset(g_traffic.l2_share_bytes * g_launch->cluster / 128);  // a cluster's blocks share their shares
   g_pending.clear();
   std::fill(g_thread_seq.begin(), g_thread_seq.end(), 0u);
 }
@@ -443,7 +482,8 @@ void end_launch_traffic() {
   const LaunchTraffic& T = g_traffic;
   std::ostringstream o;
   o << "{\"kernel\": " << json_string(L.kernel) << ", \"grid\": " << L.grid.x << ", \"block\": " << L.block.x
-    << ", \"shared\": " << L.shared_bytes << ", \"barriers\": " << L.barriers << ", \"ex2\": " << L.ex2
+    << ", \"shared\": " << L.shared_bytes << ", \"cluster\": " << L.cluster << ", \"barriers\": " << L.barriers
+    << ", \"cluster_barriers\": " << L.cluster_barriers << ", \"ex2\": " << L.ex2
     << ", \"lg2\": " << L.lg2 << ", \"shared_loaded\": " << T.shared_loaded << ", \"shared_stored\": " << T.shared_stored
     << ", \"reread_bytes\": " << T.reread_bytes << ", \"reread_dram_bytes\": " << T.reread_dram_bytes
     << ", \"dram_read_bytes\": " << T.dram_read_bytes << ", \"l2_share_bytes\": " << T.l2_share_bytes
@@ -466,11 +506,12 @@ namespace {
 void record_global(Thread* t, const RegionEntry& region, uintptr_t a, std::size_t size, Access kind) {
   const LaunchState& L = *g_launch;
   const auto me = static_cast<uint16_t>(t->id + 1);
-  const uint32_t block = L.block_id + 1;
+  const uint32_t block = block_id(*t) + 1;
+  const uint32_t interval = interval_of(*t);
   for (std::size_t i = 0; i < size; ++i) {
     GlobalShadow& s = g_global.at(a + i);
-    if (s.interval != L.interval) {
-      s.interval = L.interval;
+    if (s.interval != interval) {
+      s.interval = interval;
       s.threads = {};
     }
     if (s.launch != L.id) {
@@ -562,7 +603,7 @@ void access(void* addr, std::size_t size, Access kind, bool natural) {
   }
   maybe_preempt();
   const auto arena_lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
-  const auto arena_hi = reinterpret_cast<uintptr_t>(g_arena) + kArenaBytes + kArenaGuard;
+  const auto arena_hi = reinterpret_cast<uintptr_t>(g_arena) + kMaxCluster * kArenaBytes + kArenaGuard;
   if (a >= arena_lo && a < arena_hi) return shared_access(t, a, size, kind, natural);
   global_access(t, a, size, kind, natural);
 }
@@ -576,11 +617,14 @@ void undefined_behaviour(const std::string& what, const char* file, uint32_t lin
 
 }  // namespace
 
-void begin_block_memory(int64_t shared_bytes) {
+void begin_block_memory(int64_t shared_bytes, unsigned int blocks) {
   // Shared memory starts with unknown content: poison it (NaN for floats), and forget what the
-  // previous block wrote.
-  std::memset(arena(), 0xFF, static_cast<std::size_t>(shared_bytes));
-  std::fill_n(g_shared.begin(), shared_bytes, SharedShadow{});
+  // previous block (cluster) wrote.
+  if (g_shared.size() < blocks * kArenaBytes) g_shared.resize(blocks * kArenaBytes);
+  for (unsigned int rank = 0; rank < blocks; ++rank) {
+    std::memset(arena() + rank * kArenaBytes, 0xFF, static_cast<std::size_t>(shared_bytes));
+    std::fill_n(g_shared.begin() + static_cast<std::ptrdiff_t>(rank * kArenaBytes), shared_bytes, SharedShadow{});
+  }
   begin_block_traffic();
 }
 
@@ -608,7 +652,7 @@ void check_vector_access(const void* p, std::size_t bytes, const char* intrinsic
     g_thread->evict_first_hi = streaming ? a + bytes : 0;
   }
   const auto arena_lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
-  if (g_arena != nullptr && a >= arena_lo && a < arena_lo + kArenaBytes + 2 * kArenaGuard) {
+  if (g_arena != nullptr && a >= arena_lo && a < arena_lo + kMaxCluster * kArenaBytes + 2 * kArenaGuard) {
     fail(std::string(intrinsic) + " on a shared-memory address: it reads and writes global memory only");
   }
   if (a % bytes != 0) {

@@ -309,6 +309,119 @@ __global__ void probe_traffic(const float* in, float* out) {
   out[i] = kl_fused::cuda::log2_f32(w > 0.0f ? w : 1.0f);
 }
 
+// ---- thread-block clusters (two blocks per cluster unless the launch says otherwise)
+
+// The block's sum of in[block, :] in partial[blockDim.x] (every thread's value in partial[thread]).
+__device__ void block_sum_to_shared(const float* in, float* partial) {
+  partial[threadIdx.x] = in[blockIdx.x * blockDim.x + threadIdx.x];
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float s = 0.0f;
+    for (unsigned int i = 0; i < blockDim.x; ++i) s += partial[i];
+    partial[blockDim.x] = s;
+  }
+}
+
+// out[block] = sum over the cluster's ranks r of (r + 1) * (block sum of rank r), read through
+// distributed shared memory by every block; out[grid + block] = the block's rank. The second
+// cluster barrier keeps every block's shared memory alive until the others have read it.
+__global__ void probe_cluster_sum(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  KL_FUSED_DYNAMIC_SHARED(float, partial);
+  block_sum_to_shared(in, partial);
+  cluster.sync();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (unsigned int r = 0; r < cluster.num_blocks(); ++r) {
+      total += static_cast<float>(r + 1) * *cluster.map_shared_rank(partial + blockDim.x, r);
+    }
+    out[blockIdx.x] = total;
+    out[gridDim.x + blockIdx.x] = static_cast<float>(cluster.block_rank());
+  }
+  cluster.sync();
+}
+
+// A block barrier where a cluster barrier belongs: the peer's sum may not be written yet.
+__global__ void probe_cluster_block_barrier_only(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  KL_FUSED_DYNAMIC_SHARED(float, partial);
+  block_sum_to_shared(in, partial);
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = *cluster.map_shared_rank(partial + blockDim.x, cluster.block_rank() ^ 1u);
+  cluster.sync();
+}
+
+// Two rounds through one slot with one cluster barrier each: the second round's write races with
+// the peer's read of the first (write after read).
+__global__ void probe_cluster_slot_reused(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  KL_FUSED_DYNAMIC_SHARED(float, partial);
+  for (int round = 0; round < 2; ++round) {
+    if (threadIdx.x == 0) partial[0] = in[blockIdx.x * blockDim.x + round];
+    cluster.sync();
+    if (threadIdx.x == 0) out[2 * blockIdx.x + round] = *cluster.map_shared_rank(partial, cluster.block_rank() ^ 1u);
+  }
+  cluster.sync();
+}
+
+// The peer's shared memory read after the peer may have exited (no cluster barrier at the end).
+__global__ void probe_cluster_exit_before_peer_reads(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  KL_FUSED_DYNAMIC_SHARED(float, partial);
+  block_sum_to_shared(in, partial);
+  cluster.sync();
+  if (threadIdx.x == 0) out[blockIdx.x] = *cluster.map_shared_rank(partial + blockDim.x, cluster.block_rank() ^ 1u);
+}
+
+__global__ void probe_cluster_rank_out_of_range(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  KL_FUSED_DYNAMIC_SHARED(float, partial);
+  partial[threadIdx.x] = in[threadIdx.x];
+  cluster.sync();
+  out[threadIdx.x] = *cluster.map_shared_rank(partial, cluster.num_blocks());
+  cluster.sync();
+}
+
+// Reads the peer's shared memory one float past the launch's size.
+__global__ void probe_cluster_shared_out_of_bounds(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  KL_FUSED_DYNAMIC_SHARED(float, partial);
+  partial[threadIdx.x] = in[threadIdx.x];
+  cluster.sync();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = cluster.map_shared_rank(partial, cluster.block_rank() ^ 1u)[threadIdx.x + 1];
+  cluster.sync();
+}
+
+// Rank 0 waits at one cluster barrier, rank 1 at another.
+__global__ void probe_cluster_divergent_barrier(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = in[blockIdx.x * blockDim.x + threadIdx.x];
+  if (cluster.block_rank() == 0) {
+    cluster.sync();
+  } else {
+    cluster.sync();
+  }
+}
+
+// One thread waits at the cluster barrier while the rest of its block waits at __syncthreads.
+__global__ void probe_cluster_barrier_beside_block_barrier(const float* in, float* out) {
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = in[blockIdx.x * blockDim.x + threadIdx.x];
+  if (threadIdx.x == 5) {
+    cluster.sync();
+  } else {
+    __syncthreads();
+  }
+}
+
 }  // namespace simt_probes
 
 namespace simt {
@@ -318,6 +431,7 @@ namespace simt {
 at::Tensor run_probe(const std::string& name, const at::Tensor& input) {
   using namespace simt_probes;
   using kl_fused::cuda::allow_dynamic_shared;
+  using kl_fused::cuda::launch_cluster_kernel;
   using kl_fused::cuda::Stream;
   TORCH_CHECK(input.dim() == 2 && input.is_contiguous() && input.scalar_type() == at::kFloat,
               "probe input must be a contiguous (blocks, threads) float tensor");
@@ -405,6 +519,26 @@ at::Tensor run_probe(const std::string& name, const at::Tensor& input) {
     allow_dynamic_shared<probe_plain<3>>(device_properties().max_shared_optin + 16);
   } else if (name == "grid_above_device_limit") {
     launch_kernel<probe_plain<4>>(static_cast<unsigned int>(device_properties().max_grid_x + 1), threads, 0, stream, in, o);
+  } else if (name == "cluster_sum" || name == "cluster_sum_of_4") {
+    launch_cluster_kernel<probe_cluster_sum>(blocks, name == "cluster_sum" ? 2 : 4, threads, (threads + 1) * f, stream, in, o);
+  } else if (name == "cluster_block_barrier_only") {
+    launch_cluster_kernel<probe_cluster_block_barrier_only>(blocks, 2, threads, (threads + 1) * f, stream, in, o);
+  } else if (name == "cluster_slot_reused") {
+    launch_cluster_kernel<probe_cluster_slot_reused>(blocks, 2, threads, f, stream, in, o);
+  } else if (name == "cluster_exit_before_peer_reads") {
+    launch_cluster_kernel<probe_cluster_exit_before_peer_reads>(blocks, 2, threads, (threads + 1) * f, stream, in, o);
+  } else if (name == "cluster_rank_out_of_range") {
+    launch_cluster_kernel<probe_cluster_rank_out_of_range>(blocks, 2, threads, threads * f, stream, in, o);
+  } else if (name == "cluster_shared_out_of_bounds") {
+    launch_cluster_kernel<probe_cluster_shared_out_of_bounds>(blocks, 2, threads, threads * f, stream, in, o);
+  } else if (name == "cluster_divergent_barrier") {
+    launch_cluster_kernel<probe_cluster_divergent_barrier>(blocks, 2, threads, 0, stream, in, o);
+  } else if (name == "cluster_barrier_beside_block_barrier") {
+    launch_cluster_kernel<probe_cluster_barrier_beside_block_barrier>(blocks, 2, threads, 0, stream, in, o);
+  } else if (name == "cluster_not_dividing_grid") {
+    launch_cluster_kernel<probe_cluster_sum>(3, 2, threads, (threads + 1) * f, stream, in, o);
+  } else if (name == "cluster_above_portable_limit") {
+    launch_cluster_kernel<probe_cluster_sum>(16, 16, threads, (threads + 1) * f, stream, in, o);
   } else if (name == "opted_in_large_shared") {
     allow_dynamic_shared<probe_plain<5>>(device_properties().max_shared_optin);
     launch_kernel<probe_plain<5>>(1, threads, device_properties().max_shared_optin, stream, in, o);

@@ -1,12 +1,13 @@
-// The SIMT emulator's runtime: runs a CUDA grid on the CPU, one block at a time, each thread of the
-// block a fiber (a user-level thread with its own stack). The sanitizer that checks every memory
-// access the kernel makes is memory_checks.cpp.
+// The SIMT emulator's runtime: runs a CUDA grid on the CPU, one block at a time (one cluster at a
+// time: its blocks together), each thread a fiber (a user-level thread with its own stack). The
+// sanitizer that checks every memory access the kernel makes is memory_checks.cpp.
 //
 // Execution. A thread runs until it reaches __syncthreads, a warp shuffle, or its end; then the
 // next ready thread runs. When none is ready, the scheduler completes what can be completed: a
 // shuffle once every lane its mask names waits at it (values exchanged in lock-step), a barrier once
-// every thread of the block waits at it. Anything else is reported, never waited on: threads waiting
-// at different barriers, a thread that exits while others wait, lanes that diverge at a shuffle. A
+// every thread of the block waits at it, a cluster barrier once every thread of every block of the
+// cluster does. Anything else is reported, never waited on: threads waiting at different barriers, a
+// thread that exits while others wait, lanes that diverge at a shuffle. A
 // barrier or shuffle is its source line and its call site in the compiled code: one line of an
 // inlined helper (block_reduce.cuh) reached from two places is two barriers, as on the device.
 //
@@ -38,11 +39,12 @@ namespace detail {
 
 LaunchState* g_launch = nullptr;
 __thread Thread* g_thread __attribute__((tls_model("initial-exec"))) = nullptr;
-char* g_arena = nullptr;  // [g_arena - guard, g_arena + kArenaBytes + guard) is mapped
+char* g_arena = nullptr;  // [g_arena - guard, g_arena + kMaxCluster * kArenaBytes + guard) is mapped
 
 char* arena() {
   if (g_arena == nullptr) {
-    void* p = mmap(nullptr, kArenaBytes + 2 * kArenaGuard, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* p = mmap(nullptr, kMaxCluster * kArenaBytes + 2 * kArenaGuard, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     TORCH_CHECK(p != MAP_FAILED, "simt: could not map the shared-memory arena");
     g_arena = static_cast<char*>(p) + kArenaGuard;
   }
@@ -66,6 +68,10 @@ uint3 block_index(uint32_t linear) {
   return {linear % g.x, linear / g.x % g.y, linear / (g.x * g.y)};
 }
 
+uint32_t block_id(const Thread& t) { return g_launch->first_block + t.rank; }
+uint3 block_idx_of(const Thread& t) { return block_index(block_id(t)); }
+uint32_t interval_of(const Thread& t) { return g_launch->interval[t.rank]; }
+
 namespace {
 
 constexpr int kMaxBlockZ = 64;
@@ -74,7 +80,7 @@ constexpr int kDefaultDynamicShared = 48 * 1024;
 constexpr std::size_t kStackBytes = 128 * 1024;
 
 // sm_90 (H100 SXM) by default; tests shrink them.
-DeviceProperties g_props{132, 227 * 1024, 2147483647};
+DeviceProperties g_props{132, 227 * 1024, 2147483647, true};
 
 // ----------------------------------------------------------------------------------- fibers
 
@@ -218,8 +224,12 @@ std::string short_kernel_name(const char* pretty) {
 
 std::string where(const LaunchState& L, const Thread* t) {
   std::ostringstream o;
-  o << " in kernel " << L.kernel << ", block " << str(L.block_idx);
-  if (t != nullptr) o << ", thread " << str(t->idx);
+  o << " in kernel " << L.kernel;
+  if (t != nullptr) {
+    o << ", block " << str(block_idx_of(*t)) << ", thread " << str(t->idx);
+  } else {
+    o << (L.cluster > 1 ? ", cluster of block " : ", block ") << str(block_index(L.first_block));
+  }
   return o.str();
 }
 
@@ -237,6 +247,11 @@ std::string where(const LaunchState& L, const Thread* t) {
     g_launch->entry(g_launch->params);
   } catch (const std::exception& error) {
     fail(std::string("exception in kernel: ") + error.what());
+  }
+  LaunchState& L = *g_launch;
+  if (++L.exited[t->rank] == L.block_threads && L.remote_access_interval[t->rank] == L.cluster_interval) {
+    fail("block rank " + std::to_string(t->rank) + " of the cluster exits while another block may still access its "
+         "shared memory (they did since the last cluster barrier): a cluster barrier before the exit keeps it alive");
   }
   t->state = State::Exited;
   switch_context(t->context, g_scheduler);
@@ -290,73 +305,83 @@ int source_lane(const Thread& t, int lane) {
 // Completes the shuffles whose every named lane has arrived. True if any did.
 bool complete_shuffles(LaunchState& L) {
   bool progressed = false;
-  const int n = static_cast<int>(L.threads.size());
-  for (int first = 0; first < n; first += kWarpSize) {
-    const int lanes = std::min(kWarpSize, n - first);
-    Thread* leader = nullptr;
-    for (int l = 0; l < lanes && leader == nullptr; ++l) {
-      if (L.threads[first + l].state == State::AtShuffle) leader = &L.threads[first + l];
-    }
-    if (leader == nullptr) continue;
-    const unsigned int mask = leader->mask;
-    bool complete = true;
-    for (int l = 0; l < kWarpSize; ++l) {
-      const bool named = (mask >> l) & 1u;
-      if (l >= lanes) {
-        if (named) {
-          fail_block(std::string(shuffle_name(leader->kind)) + " at " + site(*leader) + " names lane " +
-                         std::to_string(l) + " in its mask, but the warp has only " + std::to_string(lanes) + " threads",
-                     leader);
+  const int n = static_cast<int>(L.block_threads);
+  for (int block = 0; block < static_cast<int>(L.threads.size()); block += n) {
+    for (int first = block; first < block + n; first += kWarpSize) {
+      const int lanes = std::min(kWarpSize, block + n - first);
+      Thread* leader = nullptr;
+      for (int l = 0; l < lanes && leader == nullptr; ++l) {
+        if (L.threads[first + l].state == State::AtShuffle) leader = &L.threads[first + l];
+      }
+      if (leader == nullptr) continue;
+      const unsigned int mask = leader->mask;
+      bool complete = true;
+      for (int l = 0; l < kWarpSize; ++l) {
+        const bool named = (mask >> l) & 1u;
+        if (l >= lanes) {
+          if (named) {
+            fail_block(std::string(shuffle_name(leader->kind)) + " at " + site(*leader) + " names lane " +
+                           std::to_string(l) + " in its mask, but the warp has only " + std::to_string(lanes) + " threads",
+                       leader);
+          }
+          continue;
         }
-        continue;
+        Thread& t = L.threads[first + l];
+        if (t.state == State::AtShuffle && !((t.mask >> l) & 1u)) {
+          fail_block(std::string(shuffle_name(t.kind)) + " at " + site(t) + " called with a mask that leaves out the calling lane", &t);
+        }
+        if (!named) continue;
+        if (t.state == State::Exited) {
+          fail_block("lane " + std::to_string(l) + " exited while its warp waits at " + shuffle_name(leader->kind) +
+                         " (" + site(*leader) + "), whose mask names it",
+                     &t);
+        }
+        if (t.state != State::AtShuffle || t.file != leader->file || t.line != leader->line || t.pc != leader->pc || t.mask != mask ||
+            t.kind != leader->kind || t.width != leader->width) {
+          complete = false;  // perhaps later, perhaps a deadlock (reported by the caller)
+        }
       }
-      Thread& t = L.threads[first + l];
-      if (t.state == State::AtShuffle && !((t.mask >> l) & 1u)) {
-        fail_block(std::string(shuffle_name(t.kind)) + " at " + site(t) + " called with a mask that leaves out the calling lane", &t);
+      if (!complete) continue;
+      for (int l = 0; l < lanes; ++l) {
+        if (!((mask >> l) & 1u)) continue;
+        Thread& t = L.threads[first + l];
+        const int src = source_lane(t, l);
+        if (!((mask >> src) & 1u)) {
+          fail_block(std::string(shuffle_name(t.kind)) + " at " + site(t) + " reads lane " + std::to_string(src) +
+                         ", which its mask leaves out",
+                     &t);
+        }
+        t.result = L.threads[first + src].bits;
       }
-      if (!named) continue;
-      if (t.state == State::Exited) {
-        fail_block("lane " + std::to_string(l) + " exited while its warp waits at " + shuffle_name(leader->kind) +
-                       " (" + site(*leader) + "), whose mask names it",
-                   &t);
+      for (int l = 0; l < lanes; ++l) {
+        if ((mask >> l) & 1u) L.threads[first + l].state = State::Ready;
       }
-      if (t.state != State::AtShuffle || t.file != leader->file || t.line != leader->line || t.pc != leader->pc || t.mask != mask ||
-          t.kind != leader->kind || t.width != leader->width) {
-        complete = false;  // perhaps later, perhaps a deadlock (reported by the caller)
-      }
+      progressed = true;
     }
-    if (!complete) continue;
-    for (int l = 0; l < lanes; ++l) {
-      if (!((mask >> l) & 1u)) continue;
-      Thread& t = L.threads[first + l];
-      const int src = source_lane(t, l);
-      if (!((mask >> src) & 1u)) {
-        fail_block(std::string(shuffle_name(t.kind)) + " at " + site(t) + " reads lane " + std::to_string(src) +
-                       ", which its mask leaves out",
-                   &t);
-      }
-      t.result = L.threads[first + src].bits;
-    }
-    for (int l = 0; l < lanes; ++l) {
-      if ((mask >> l) & 1u) L.threads[first + l].state = State::Ready;
-    }
-    progressed = true;
   }
   return progressed;
 }
 
-// Releases the barrier when every thread of the block waits at the same __syncthreads.
-bool complete_barrier(LaunchState& L) {
+// Releases a block's barrier when every thread of the block waits at the same __syncthreads.
+bool complete_block_barrier(LaunchState& L, unsigned int rank) {
+  const auto block = std::next(L.threads.begin(), static_cast<std::ptrdiff_t>(rank * L.block_threads));
+  const auto block_end = std::next(block, static_cast<std::ptrdiff_t>(L.block_threads));
   const Thread* waiting = nullptr;
-  for (const Thread& t : L.threads) {
-    if (t.state == State::AtShuffle || t.state == State::Ready) return false;  // not every thread has arrived
-    if (t.state == State::AtBarrier && waiting == nullptr) waiting = &t;
+  for (auto t = block; t != block_end; ++t) {
+    if (t->state == State::AtShuffle || t->state == State::Ready) return false;  // not every thread has arrived
+    if (t->state == State::AtBarrier && waiting == nullptr) waiting = &*t;
   }
   if (waiting == nullptr) return false;
-  for (const Thread& t : L.threads) {
+  for (auto it = block; it != block_end; ++it) {
+    const Thread& t = *it;
     if (t.state == State::Exited) {
       fail_block("thread " + str(t.idx) + " exited while other threads of its block wait at __syncthreads (" +
                      site(*waiting) + "): a barrier that not every thread reaches",
+                 waiting);
+    }
+    if (t.state == State::AtClusterBarrier) {
+      fail_block("divergent barriers: thread " + str(waiting->idx) + " waits at __syncthreads (" + site(*waiting) +
+                     "), thread " + str(t.idx) + " of the same block at the cluster barrier " + site(t),
                  waiting);
     }
     if (t.file != waiting->file || t.line != waiting->line) {
@@ -373,7 +398,43 @@ bool complete_barrier(LaunchState& L) {
   }
   ++L.barriers;
   end_interval_traffic();
-  L.interval = next_number(g_intervals);
+  L.interval[rank] = next_number(g_intervals);
+  for (auto t = block; t != block_end; ++t) t->state = State::Ready;
+  return true;
+}
+
+bool complete_barrier(LaunchState& L) {
+  bool progressed = false;
+  for (unsigned int rank = 0; rank < L.cluster; ++rank) progressed = complete_block_barrier(L, rank) || progressed;
+  return progressed;
+}
+
+// Releases the cluster barrier when every thread of every block of the cluster waits at the same one.
+bool complete_cluster_barrier(LaunchState& L) {
+  const Thread* waiting = nullptr;
+  for (const Thread& t : L.threads) {
+    if (t.state != State::AtClusterBarrier && t.state != State::Exited) return false;
+    if (t.state == State::AtClusterBarrier && waiting == nullptr) waiting = &t;
+  }
+  if (waiting == nullptr) return false;
+  for (const Thread& t : L.threads) {
+    if (t.state == State::Exited) {
+      fail_block("thread " + str(t.idx) + " of block " + str(block_idx_of(t)) +
+                     " exited while other threads of its cluster wait at the cluster barrier (" + site(*waiting) +
+                     "): a barrier that not every thread reaches",
+                 waiting);
+    }
+    if (t.file != waiting->file || t.line != waiting->line || t.pc != waiting->pc) {
+      fail_block("divergent cluster barriers: thread " + str(waiting->idx) + " of block " + str(block_idx_of(*waiting)) +
+                     " waits at " + site(*waiting) + ", thread " + str(t.idx) + " of block " + str(block_idx_of(t)) +
+                     " at " + site(t) + (t.file == waiting->file && t.line == waiting->line ? " through another call site" : ""),
+                 waiting);
+    }
+  }
+  ++L.cluster_barriers;
+  end_interval_traffic();
+  for (uint32_t& interval : L.interval) interval = next_number(g_intervals);
+  L.cluster_interval = next_number(g_intervals);
   for (Thread& t : L.threads) t.state = State::Ready;
   return true;
 }
@@ -385,6 +446,7 @@ bool complete_barrier(LaunchState& L) {
   for (const Thread& t : L.threads) {
     if (t.state == State::AtBarrier) sites[{"__syncthreads at " + site(t), t.pc}].push_back(t.id);
     if (t.state == State::AtShuffle) sites[{std::string(shuffle_name(t.kind)) + " at " + site(t), t.pc}].push_back(t.id);
+    if (t.state == State::AtClusterBarrier) sites[{"the cluster barrier at " + site(t), t.pc}].push_back(t.id);
   }
   for (const auto& [what, ids] : sites) {
     o << " threads " << ids.front() << ".." << ids.back() << " (" << ids.size() << ") wait at " << what.first << ";";
@@ -392,19 +454,27 @@ bool complete_barrier(LaunchState& L) {
   fail_block(o.str());
 }
 
-void run_block(LaunchState& L) {
-  const unsigned int n = L.block.x * L.block.y * L.block.z;
+// Runs the cluster whose rank-0 block is L.first_block (a lone block without a cluster).
+void run_cluster(LaunchState& L) {
+  const unsigned int per_block = L.block_threads;
+  const unsigned int n = per_block * L.cluster;
   L.threads.assign(n, Thread{});
   for (unsigned int i = 0; i < n; ++i) {
     Thread& t = L.threads[i];
     t.id = static_cast<int>(i);
-    t.idx = {i % L.block.x, i / L.block.x % L.block.y, i / (L.block.x * L.block.y)};
+    t.rank = i / per_block;
+    const unsigned int local = i % per_block;
+    t.idx = {local % L.block.x, local / L.block.x % L.block.y, local / (L.block.x * L.block.y)};
     t.stack_lo = g_stacks.get(i);
     t.stack_hi = t.stack_lo + kStackBytes;
     make_context(t.context, t.stack_lo, t.stack_hi, &fiber_main);
   }
-  begin_block_memory(L.shared_bytes);
-  L.interval = next_number(g_intervals);
+  begin_block_memory(L.shared_bytes, L.cluster);
+  L.exited.assign(L.cluster, 0);
+  L.remote_access_interval.assign(L.cluster, 0);
+  L.interval.resize(L.cluster);
+  for (uint32_t& interval : L.interval) interval = next_number(g_intervals);
+  L.cluster_interval = next_number(g_intervals);
   std::vector<unsigned int> order(n);
   if (g_schedule != ScheduleKind::Random) schedule_order(order);
   for (;;) {
@@ -417,7 +487,7 @@ void run_block(LaunchState& L) {
       all_exited = all_exited && t.state == State::Exited;
     }
     if (all_exited) return end_interval_traffic();
-    if (complete_shuffles(L) || complete_barrier(L)) continue;
+    if (complete_shuffles(L) || complete_barrier(L) || complete_cluster_barrier(L)) continue;
     bool any_ready = false;
     for (const Thread& t : L.threads) any_ready = any_ready || t.state == State::Ready;
     if (!any_ready) report_deadlock(L);
@@ -458,10 +528,30 @@ using namespace detail;
 // ----------------------------------------------------------------------------------- device API
 
 uint3 thread_idx() { return g_thread->idx; }
-uint3 block_idx() { return g_launch->block_idx; }
+uint3 block_idx() { return block_idx_of(*g_thread); }
 dim3 block_dim() { return g_launch->block; }
 dim3 grid_dim() { return g_launch->grid; }
-void* dynamic_shared() { return arena(); }
+void* dynamic_shared() { return arena() + g_thread->rank * kArenaBytes; }
+
+unsigned int cluster_block_rank() { return g_thread->rank; }
+unsigned int cluster_blocks() { return g_launch->cluster; }
+
+__attribute__((noinline)) void cluster_sync(const char* file, int line) {
+  suspend(State::AtClusterBarrier, file, line, __builtin_return_address(0));
+}
+
+void* map_shared_rank(const void* p, unsigned int rank) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  const auto lo = reinterpret_cast<uintptr_t>(arena());
+  if (a < lo || a >= lo + g_launch->cluster * kArenaBytes) {
+    fail("map_shared_rank of an address that is not in the shared memory of a block of the cluster");
+  }
+  if (rank >= g_launch->cluster) {
+    fail("map_shared_rank to block rank " + std::to_string(rank) + " of a cluster of " +
+         std::to_string(g_launch->cluster) + " blocks");
+  }
+  return arena() + rank * kArenaBytes + (a - lo) % kArenaBytes;
+}
 
 // The return address is the call site in the kernel's compiled code (noinline keeps it so).
 __attribute__((noinline)) void syncthreads(const char* file, int line) {
@@ -532,7 +622,7 @@ bool register_launchable(const char* pretty_name) {
 }
 
 void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 block, int64_t shared_bytes,
-            const void* params, std::size_t params_bytes, KernelEntry entry) {
+            const void* params, std::size_t params_bytes, KernelEntry entry, unsigned int cluster) {
   TORCH_CHECK(g_launch == nullptr, "simt: a launch from inside a kernel is not emulated");
   const std::string kernel = short_kernel_name(pretty_name);
   const uint64_t threads = uint64_t(block.x) * block.y * block.z;
@@ -547,6 +637,15 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
                    "grid of " + std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z) +
                        " blocks; gridDim.x must be 1.." + std::to_string(g_props.max_grid_x));
   }
+  if (cluster == 0 || cluster > kMaxCluster || grid.x % cluster != 0 || (cluster > 1 && (grid.y != 1 || grid.z != 1))) {
+    launch_failure(cluster > kMaxCluster ? "cluster misconfiguration" : "invalid argument", kernel,
+                   "clusters of " + std::to_string(cluster) + " blocks over a grid of " + std::to_string(grid.x) + "x" +
+                       std::to_string(grid.y) + "x" + std::to_string(grid.z) + ": a cluster holds 1.." +
+                       std::to_string(kMaxCluster) + " blocks (the portable limit) and divides a 1-D grid");
+  }
+  if (cluster > 1 && !g_props.cluster_launch) {
+    launch_failure("not supported", kernel, "a cluster launch on a device without thread-block clusters (before sm_90)");
+  }
   const auto opted = g_max_dynamic_shared.find(kernel_id);
   const int64_t allowed = opted == g_max_dynamic_shared.end() ? kDefaultDynamicShared : std::max(opted->second, kDefaultDynamicShared);
   if (shared_bytes < 0 || shared_bytes > allowed) {
@@ -558,6 +657,7 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
   }
   std::ostringstream log;
   log << kernel << " grid=" << grid.x << " block=" << block.x << " shared=" << shared_bytes;
+  if (cluster > 1) log << " cluster=" << cluster;
   g_launch_log.push_back(log.str());
 
   const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
@@ -570,6 +670,8 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
   L.shared_bytes = shared_bytes;
   L.entry = entry;
   L.params = params;
+  L.cluster = cluster;
+  L.block_threads = static_cast<unsigned int>(threads);
   L.id = next_number(g_launches);
   register_parameters(params, params_bytes);
   g_launch = &L;
@@ -584,12 +686,11 @@ void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 bloc
   arena();
   begin_launch_traffic();
   g_random = g_seed * 0xD1B54A32D192ED03ull + ++g_call_launches;
-  std::vector<uint32_t> order(blocks);
+  std::vector<uint32_t> order(blocks / cluster);
   schedule_order(order);
-  for (const uint32_t b : order) {
-    L.block_id = b;
-    L.block_idx = block_index(b);
-    run_block(L);
+  for (const uint32_t c : order) {
+    L.first_block = c * cluster;
+    run_cluster(L);
   }
   end_launch_traffic();
 }

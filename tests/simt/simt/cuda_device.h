@@ -100,3 +100,24 @@ __forceinline__ unsigned int atomicAnd(unsigned int* p, unsigned int v) {
 __forceinline__ unsigned int atomicAdd(unsigned int* p, unsigned int v) {
   return ::simt::atomic_rmw(p, [v](unsigned int x) { return x + v; });
 }
+
+// The thread-block cluster of cooperative_groups (sm_90), as the kernels call it:
+//   namespace cg = cooperative_groups;
+//   const cg::cluster_group cluster = cg::this_cluster();
+//   cluster.block_rank(); cluster.num_blocks(); cluster.sync(); cluster.map_shared_rank(p, rank);
+// sync() is named by its call site (the default arguments take the caller's file and line, and the
+// always-inline call keeps the caller's address for the runtime), like __syncthreads.
+namespace cooperative_groups {
+struct cluster_group {
+  unsigned int block_rank() const { return ::simt::cluster_block_rank(); }
+  unsigned int num_blocks() const { return ::simt::cluster_blocks(); }
+  __forceinline__ void sync(const char* file = __builtin_FILE(), int line = __builtin_LINE()) const {
+    ::simt::cluster_sync(file, line);
+  }
+  template <typename T>
+  T* map_shared_rank(T* p, unsigned int rank) const {
+    return static_cast<T*>(::simt::map_shared_rank(p, rank));
+  }
+};
+inline cluster_group this_cluster() { return {}; }
+}  // namespace cooperative_groups

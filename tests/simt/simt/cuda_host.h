@@ -51,4 +51,15 @@ void launch_kernel(unsigned int grid, int block, int64_t shared_bytes, Stream, c
          dim3(static_cast<unsigned int>(block)), shared_bytes, &params, sizeof(params), &run_kernel<kKernel, std::tuple<Args...>>);
 }
 
+// A launch in thread-block clusters of `cluster` blocks along x (sm_90): they run together.
+template <auto kKernel, typename... Args>
+void launch_cluster_kernel(unsigned int grid, unsigned int cluster, int block, int64_t shared_bytes, Stream,
+                           const Args&... args) {
+  (void)Launchable<kKernel>::registered;
+  const std::tuple<Args...> params(args...);
+  launch(kernel_pretty_name<kKernel>(), reinterpret_cast<const void*>(kKernel), dim3(grid),
+         dim3(static_cast<unsigned int>(block)), shared_bytes, &params, sizeof(params), &run_kernel<kKernel, std::tuple<Args...>>,
+         cluster);
+}
+
 }  // namespace simt

@@ -26,6 +26,17 @@ dim3 grid_dim();
 void* dynamic_shared();
 void syncthreads(const char* file, int line);
 
+// Thread-block clusters (sm_90): a launch's blocks in groups of cluster_blocks() consecutive ones
+// (1-D grids) that run together. cluster_block_rank() is the block's place in its cluster; cluster_sync is
+// barrier.cluster (arrive and wait) for every thread of every block of the cluster, named by its
+// call site like __syncthreads; map_shared_rank(p, rank) is the address in the shared memory of the
+// cluster's block `rank` at p's offset in the caller's own (distributed shared memory). A launch
+// without a cluster is one of a single block.
+unsigned int cluster_block_rank();
+unsigned int cluster_blocks();
+void cluster_sync(const char* file, int line);
+void* map_shared_rank(const void* p, unsigned int rank);
+
 enum class ShuffleKind { Idx, Up, Down, Xor };
 // One lane's part of a warp shuffle of up to 8 bytes; returns the bits the lane receives once every
 // lane named in `mask` has arrived at the same shuffle (lock-step at the intrinsic).
@@ -52,6 +63,7 @@ struct DeviceProperties {
   int sm_count;
   int max_shared_optin;    // bytes a kernel may opt in to with cudaFuncSetAttribute
   int64_t max_grid_x;
+  bool cluster_launch;     // thread-block clusters (sm_90+)
 };
 DeviceProperties device_properties();
 
@@ -59,8 +71,9 @@ using KernelEntry = void (*)(const void* params);
 // kernel_id identifies the kernel (its address), pretty_name is __PRETTY_FUNCTION__ of a template
 // naming it. Runs the whole grid before returning; throws c10::Error on a launch failure or
 // whatever the sanitizer finds.
+// cluster: blocks per cluster along x (1: none); a grid of clusters must be 1-D.
 void launch(const char* pretty_name, const void* kernel_id, dim3 grid, dim3 block, int64_t shared_bytes,
-            const void* params, std::size_t params_bytes, KernelEntry entry);
+            const void* params, std::size_t params_bytes, KernelEntry entry, unsigned int cluster = 1);
 // cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes)
 void set_max_dynamic_shared(const char* pretty_name, const void* kernel_id, int bytes);
 // Called once per kernel instantiation that host code can launch (at library load).
