@@ -142,10 +142,11 @@ def test_upstream_weights_through_grad_scale(emu, dtype, reduction):
     ids=str,
 )
 def test_vocabulary_sizes_and_the_shared_memory_row_cache(emu, vocab, dtype):
-    """With 16 KB of opt-in shared memory, small rows are cached whole and large ones in part."""
+    """With 16 KB of opt-in shared memory, small rows are cached whole and large ones in part (on a device
+    without thread-block clusters: test_cuda_emulated_cluster.py has those)."""
     optin = 16 * 1024
     student, teacher = make_logits((3, vocab), dtype, "cpu", seed=vocab)
-    with emu.limits(max_shared_optin=optin):
+    with emu.limits(max_shared_optin=optin, cluster_launch=False):
         loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, temperature=1.2)
     launch = only_launch(launches)
     element = student.element_size()
@@ -170,8 +171,10 @@ def test_vocabulary_sizes_and_the_shared_memory_row_cache(emu, vocab, dtype):
 
 
 def test_long_rows_use_1024_threads_and_opt_in_shared_memory(emu):
+    """An sm_80-like device (no clusters; sm_90's spread this row over two blocks)."""
     student, teacher = make_logits((2, 70000), torch.bfloat16, "cpu", seed=30)
-    loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, direction="reverse")
+    with emu.limits(cluster_launch=False):
+        loss, grad_s, grad_t, launches = emulated_kl(emu, student, teacher, direction="reverse")
     launch = only_launch(launches)
     assert launch.block == 1024 and launch.shared == DEFAULT_LIMITS["max_shared_optin"] // 16 * 16
     check_against_reference(loss, grad_s, grad_t, student, teacher, torch.bfloat16, direction="reverse", reduction="sum")

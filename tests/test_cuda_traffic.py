@@ -98,10 +98,10 @@ def test_partial_row_cache_rereads_only_the_tail_most_recently_read_first(emu):
     to the pass before (most recently read first), and then keeps what a share of L2 smaller than
     the tail still holds (in the model: 70% of re-reads served; in the first pass's order, 38%).
     KL's single re-read pass is evict-first, which protects the lines it has not reached yet in
-    either order."""
+    either order. (The one-block kernels, as on a device without clusters: sm_80.)"""
     dtype, e, vocab = torch.bfloat16, 2, 4096
     s, t = logits(ROWS, vocab, dtype)
-    with emu.limits(max_shared_optin=4 * 1024 + 512):
+    with emu.limits(max_shared_optin=4 * 1024 + 512, cluster_launch=False):
         _, (k,) = emu.traffic("kl_div_logits", s, t, None, 1.0, False, "sum", True, False)
         scratch = (k.block // 32 * 20 + 15) // 16 * 16  # per-warp row states: 5 floats each
         tail = vocab * e - (k.shared - scratch) // 2
@@ -119,6 +119,29 @@ def test_partial_row_cache_rereads_only_the_tail_most_recently_read_first(emu):
         _, (small,) = emu.traffic("jsd_logits", s, t, None, 0.5, 1.0, "sum", True, False,
                                   l2_bytes=jsd_tail * 3 // 2, resident_blocks=1)
         assert small.reread_hit_rate >= 0.55, small.reread_hit_rate
+
+
+@pytest.mark.parametrize("grads", ["student", "both"])
+def test_cluster_kernel_reads_a_row_wider_than_one_block_once(emu, grads):
+    """The row of test_partial_row_cache_... (4096 bf16, 4.5 KB of shared memory per block) on a device
+    with clusters: spread over a cluster whose blocks each cache a slice, every input byte is loaded
+    once and every gradient byte stored once (3e, 4e: the floor), two cluster barriers per row, and
+    the blocks' row states (one per block) read through distributed shared memory by every thread."""
+    dtype, e, vocab = torch.bfloat16, 2, 4096
+    E = ROWS * vocab
+    need_t = grads == "both"
+    s, t = logits(ROWS, vocab, dtype)
+    with emu.limits(max_shared_optin=4 * 1024 + 512):
+        _, launches = emu.traffic("kl_div_logits", s, t, None, 1.0, False, "sum", True, need_t)
+    (k,) = launches
+    assert k.name == "kl_cluster_rows_kernel" and 2 <= k.cluster <= 8 and k.grid == ROWS * k.cluster
+    for name in ("input 0", "input 1"):
+        assert k.of(name).loaded == k.of(name).distinct_loaded == E * e, f"{name} read more than once"
+    assert k.of("output 1").stored == E * e and k.of("output 2").stored == (E * e if need_t else 0)
+    assert k.reread_bytes <= 8 * k.block * k.grid, "only per-thread scalars (the factor) are read twice"
+    assert k.cluster_barriers == 2 * ROWS
+    state = 20  # RowState<float>: 5 floats
+    assert k.shared_loaded >= ROWS * k.cluster * k.block * k.cluster * state, "every thread reads every block's state"
 
 
 @pytest.mark.parametrize("factor,moved", [(2.0, 2), (1.0, 0)])
@@ -221,7 +244,7 @@ def test_hard_term_adds_only_bytes_per_row(emu, form, cache, temperature, smooth
     off the row cache: O(rows x warps). No pass over rows x V is added."""
     hard_kernel, soft_kernel, later_passes, inputs = DISTILL_FORMS[form]
     e, vocab = 2, 1024 if cache == "whole row" else 4096
-    limits = {} if cache == "whole row" else {"max_shared_optin": 4 * 1024 + 512}
+    limits = {} if cache == "whole row" else {"max_shared_optin": 4 * 1024 + 512, "cluster_launch": False}
     with emu.limits(**limits):
         runs = {labels: distillation(emu, ROWS, vocab, torch.bfloat16, form, labels=labels, temperature=temperature,
                                      label_smoothing=smoothing)[1] for labels in (True, False)}

@@ -6,6 +6,18 @@
 
 #if defined(KL_FUSED_EMULATOR)
 #include "simt/cuda_device.h"  // threadIdx, __syncthreads, warp shuffles, __ldg, ... on fibers
+#else
+#include <cooperative_groups.h>
+#endif
+
+// Whether the device code being compiled may use thread-block clusters (cooperative_groups'
+// this_cluster(), distributed shared memory): sm_90 and later, and the emulator. A cluster kernel's
+// body is compiled only then; its host code launches it only on devices that have clusters
+// (DeviceLimits::cluster_launch). nvcc's host pass (no __CUDA_ARCH__) never runs device code.
+#if defined(KL_FUSED_EMULATOR) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define KL_FUSED_DEVICE_HAS_CLUSTERS 1
+#else
+#define KL_FUSED_DEVICE_HAS_CLUSTERS 0
 #endif
 
 namespace kl_fused::cuda {

@@ -6,7 +6,9 @@
 // share of the row once, keeping an online state (running maxima, Z_x, Z_y, W); the block merges
 // the states (block_reduce.cuh). When a gradient is wanted, the row's logits read by that pass are
 // also parked in shared memory (as much of the row as fits), so the gradient pass reads them
-// on-chip; whatever does not fit is read again from global memory, most of it from L2.
+// on-chip; whatever does not fit is read again from global memory, most of it from L2 -- except on
+// sm_90+, where a row too wide for one block is spread over a thread-block cluster whose blocks
+// each cache a slice (kl_cluster_rows_kernel), so that nothing is read twice.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -39,6 +41,52 @@ namespace {
 // row_hard[r] = CE, and the student's gradient gains f_h (q_1 - eps / V - (1 - eps) onehot(y)); at
 // T = 1 no exponential more, else one ex2 per element in each pass. A label outside [0, V): loss, CE and
 // gradients NaN, status kLabelOutOfRange, the row never read. The same bytes.
+// A row's KL in log2 units from its merged state, with log2 Z_x and log2 Z_y; NaN for a row whose x or
+// y logits are all -inf (no distribution), as on the CPU.
+template <typename acc_t>
+struct RowKL {
+  acc_t log_zx, log_zy, kl2;
+  bool undefined;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowKL<acc_t> row_kl(const RowState<acc_t>& rs) {
+  RowKL<acc_t> r;
+  r.log_zx = log2_acc(rs.zx);
+  r.log_zy = log2_acc(rs.zy);
+  r.kl2 = rs.w / rs.zx - r.log_zx + r.log_zy;
+  r.undefined = rs.mx == neg_inf<acc_t>() || rs.my == neg_inf<acc_t>();
+  if (r.undefined) r.kl2 = static_cast<acc_t>(NAN);
+  return r;
+}
+
+// The gradient pass's constants (kl_row_math.cuh) for upstream factor f.
+template <typename acc_t>
+__device__ __forceinline__ KLGradConstants<acc_t> kl_grad_constants(const RowState<acc_t>& rs, const RowKL<acc_t>& r,
+                                                                    acc_t k, acc_t f) {
+  KLGradConstants<acc_t> c;
+  c.mx = rs.mx;
+  c.my = rs.my;
+  c.k = k;
+  c.px_f = f / rs.zx;
+  c.py_f = f / rs.zy;
+  c.wx = c.px_f * static_cast<acc_t>(kLn2);
+  c.c2 = r.log_zy - r.log_zx - r.kl2;
+  return c;
+}
+
+// pass(need_x, need_y) with the gradients wanted (at least one pointer is set) as compile-time flags.
+template <typename P, typename Pass>
+__device__ __forceinline__ void with_wanted_gradients(const P* gx, const P* gy, Pass&& pass) {
+  if (gx != nullptr && gy != nullptr) {
+    pass(std::true_type{}, std::true_type{});
+  } else if (gx != nullptr) {
+    pass(std::true_type{}, std::false_type{});
+  } else {
+    pass(std::false_type{}, std::true_type{});
+  }
+}
+
 template <typename scalar_t, int N, bool kGrad, bool kHard>
 __device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -97,12 +145,10 @@ __device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
       else return st;
     }();
 
-    const acc_t log_zx = log2_acc(rs.zx), log_zy = log2_acc(rs.zy);
-    acc_t kl2 = rs.w / rs.zx - log_zx + log_zy;  // KL / ln2
-    // A row whose x or y logits are all -inf has no distribution: NaN, as on the CPU.
-    const bool undefined = rs.mx == neg_inf<acc_t>() || rs.my == neg_inf<acc_t>();
-    if (undefined) kl2 = static_cast<acc_t>(NAN);
-    if (threadIdx.x == 0) args.row_loss[row] = kl2 * static_cast<acc_t>(kLn2);
+    const RowKL<acc_t> kl = row_kl(rs);
+    const acc_t log_zx = kl.log_zx, log_zy = kl.log_zy;
+    const bool undefined = kl.undefined;
+    if (threadIdx.x == 0) args.row_loss[row] = kl.kl2 * static_cast<acc_t>(kLn2);
 
     HardRow<acc_t> hard{};
     if constexpr (kHard) {
@@ -128,14 +174,7 @@ __device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
     }
 
     if constexpr (kGrad) {
-      KLGradConstants<acc_t> c;
-      c.mx = rs.mx;
-      c.my = rs.my;
-      c.k = k;
-      c.px_f = f / rs.zx;
-      c.py_f = f / rs.zy;
-      c.wx = c.px_f * static_cast<acc_t>(kLn2);
-      c.c2 = log_zy - log_zx - kl2;
+      const KLGradConstants<acc_t> c = kl_grad_constants(rs, kl, k, f);
       P* const gx = grad_row(args.grad_x, row);
       P* const gy = grad_row(args.grad_y, row);
       const auto pass = [&](auto need_x, auto need_y) {
@@ -161,13 +200,7 @@ __device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
           later_pass<kGradUnroll<N>, true>(in, cache, cached, units, KLGradient<kX, kY, P, acc_t>{gx, gy, c, {}});
         }
       };
-      if (gx != nullptr && gy != nullptr) {
-        pass(std::true_type{}, std::true_type{});
-      } else if (gx != nullptr) {
-        pass(std::true_type{}, std::false_type{});
-      } else {
-        pass(std::false_type{}, std::true_type{});
-      }
+      with_wanted_gradients(gx, gy, pass);
     }
   }
 }
@@ -187,6 +220,80 @@ template <typename scalar_t, int N, bool kGrad>
 __global__ void __launch_bounds__(kMaxHardRowThreads<scalar_t>, kMinRowBlocksPerSM)
     kl_hard_rows_kernel(const KLRowsArgs<scalar_t> args) {
   kl_rows<scalar_t, N, kGrad, true>(args);
+}
+
+// kl_div_logits with a gradient for rows too wide for one block's shared memory, on sm_90+: a
+// thread-block cluster of B blocks per row (launch_plan.h, plan_cluster_rows_launch), block b
+// taking packs [b S, (b + 1) S) of the row, S = args.cached_units:
+//   1. each block streams its slice once from global memory into its row cache, keeping the online
+//      state of its slice, and merges its threads' states (block_merge) into its slot;
+//   2. cluster barrier; every block merges the B slots in rank order through distributed shared
+//      memory (the same order everywhere, so every block holds the same bits of the row's state);
+//      block 0 writes the row's loss;
+//   3. each block writes its slice's gradients from its row cache; cluster barrier (the others have
+//      read its slot before the next row rewrites it, and before the block exits).
+// Bytes per element: read x, y once, write each wanted gradient once: 3e with one gradient, 4e with
+// both -- the floor, at any width up to B = 8 blocks' shared memory (a 262144-wide bf16 row takes
+// 5 blocks of 227 KB). Masked rows: loss 0, each block zeroes its slice of the gradients.
+template <typename scalar_t, int N>
+__device__ __forceinline__ void kl_cluster_rows(const KLRowsArgs<scalar_t>& args) {
+#if KL_FUSED_DEVICE_HAS_CLUSTERS
+  namespace cg = cooperative_groups;
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const cg::cluster_group cluster = cg::this_cluster();
+  const unsigned int rank = cluster.block_rank(), blocks = cluster.num_blocks();
+  KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
+  auto* scratch = reinterpret_cast<RowState<acc_t>*>(shared);
+  // After the per-warp states, as plan_rows_launch lays out the scratch (extra_scratch_bytes).
+  auto* slot = reinterpret_cast<RowState<acc_t>*>(shared + (blockDim.x / 32 * sizeof(RowState<acc_t>) + 15) / 16 * 16);
+  P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
+                       reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
+  const int64_t units = args.vocab / N;
+  const int64_t begin = std::min<int64_t>(units, rank * args.cached_units);
+  const int64_t slice = std::min<int64_t>(units, begin + args.cached_units) - begin;
+  const acc_t k = args.k;
+  const acc_t f = static_cast<acc_t>(args.factor.value());
+  const auto slice_of = [&](scalar_t* grad, int64_t row) {
+    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) + begin : nullptr;
+  };
+  // Every block of a cluster takes the same rows (cluster-uniform branches and barriers).
+  for (int64_t row = blockIdx.x / blocks; row < args.rows; row += gridDim.x / blocks) {
+    P* const gx = slice_of(args.grad_x, row);
+    P* const gy = slice_of(args.grad_y, row);
+    if (row_masked(args.mask, row)) {
+      if (rank == 0 && threadIdx.x == 0) args.row_loss[row] = acc_t(0);
+      if (gx != nullptr) fill_row(gx, slice, scalar_t(0.0f));
+      if (gy != nullptr) fill_row(gy, slice, scalar_t(0.0f));
+      continue;
+    }
+    const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)) + begin,
+                            reinterpret_cast<const P*>(args.y + args.y_rows.offset(row)) + begin};
+    KLStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k};
+    first_pass<kUnroll<N>>(in, cache, slice, slice, accumulate);
+    const RowState<acc_t> mine = block_merge(accumulate.st, k, scratch);
+    if (threadIdx.x == 0) *slot = mine;
+    cluster.sync();
+    RowState<acc_t> rs = *cluster.map_shared_rank(slot, 0);
+    for (unsigned int r = 1; r < blocks; ++r) rs = merge(rs, *cluster.map_shared_rank(slot, r), k);
+    const RowKL<acc_t> kl = row_kl(rs);
+    if (rank == 0 && threadIdx.x == 0) args.row_loss[row] = kl.kl2 * static_cast<acc_t>(kLn2);
+    const KLGradConstants<acc_t> c = kl_grad_constants(rs, kl, k, f);
+    with_wanted_gradients(gx, gy, [&](auto need_x, auto need_y) {
+      constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
+      later_pass<kGradUnroll<N>, true>(in, cache, slice, slice, KLGradient<kX, kY, P, acc_t>{gx, gy, c, {}});
+    });
+    cluster.sync();
+  }
+#else
+  (void)args;  // launched only where DeviceLimits::cluster_launch (sm_90+)
+#endif
+}
+
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
+    kl_cluster_rows_kernel(const KLRowsArgs<scalar_t> args) {
+  kl_cluster_rows<scalar_t, N>(args);
 }
 
 // grad[row, :] *= factors[row] (or factors[0]), in place, in acc_t. Rows whose factor is exactly 1
@@ -230,6 +337,27 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side (launch.cuh: the same code runs on the GPU and under the SIMT emulator of the tests).
 
+// The cluster kernel for rows one block cannot cache, where the device has clusters and a cluster of
+// at most 8 blocks holds the row and can be resident; false otherwise (nothing launched).
+template <int N, typename scalar_t>
+bool launch_kl_cluster_rows(KLRowsArgs<scalar_t> args, const DeviceLimits& limits, Stream stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kSlotBytes = sizeof(RowState<acc_t>);
+  const ClusterRowsLaunch plan = plan_cluster_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>,
+                                                          kMaxRowThreads<scalar_t>, sizeof(RowState<acc_t>),
+                                                          sizeof(Pack<scalar_t, N>), kSlotBytes, limits);
+  if (plan.blocks == 1) return false;
+  if (plan.block.opt_in) allow_dynamic_shared<kl_cluster_rows_kernel<scalar_t, N>>(limits.max_shared_optin);
+  const int resident = max_active_clusters<kl_cluster_rows_kernel<scalar_t, N>>(plan.blocks, plan.block.threads,
+                                                                                 plan.block.shared_bytes, stream);
+  if (resident == 0) return false;
+  args.scratch_bytes = plan.block.scratch_bytes;
+  args.cached_units = plan.block.cached_units;
+  launch_cluster_kernel<kl_cluster_rows_kernel<scalar_t, N>>(plan.block.grid, plan.blocks, plan.block.threads,
+                                                             plan.block.shared_bytes, stream, args);
+  return true;
+}
+
 template <int N, typename scalar_t>
 void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -253,6 +381,7 @@ void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits
     launch_kernel<kl_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
     return;
   }
+  if (plan.cached_units < args.vocab / N && launch_kl_cluster_rows<N>(args, limits, stream)) return;
   if (plan.opt_in) allow_dynamic_shared<kl_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);
   launch_kernel<kl_rows_kernel<scalar_t, N, true>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
 }

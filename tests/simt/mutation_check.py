@@ -37,6 +37,7 @@ CUDA = ROOT / "csrc" / "cuda"
 # keep their unmutated objects).
 TEST_UNITS = {
     "tests/test_cuda_emulated.py": ("kl_div_cuda",),
+    "tests/test_cuda_emulated_cluster.py": ("kl_div_cuda",),
     "tests/test_cuda_emulated_jsd.py": ("jsd_cuda",),
     "tests/test_cuda_emulated_sparse.py": ("sparse_kl_cuda",),
     "tests/test_cuda_emulated_distill.py": ("kl_div_cuda", "jsd_cuda", "sparse_kl_cuda", "distill_cuda"),
@@ -86,6 +87,22 @@ MUTATIONS = [
              "",
              "backward reads and writes rows x V when the upstream gradient is 1 (x * 1 == x: values unchanged)",
              tests="tests/test_cuda_traffic.py", units=("kl_div_cuda",)),
+    # The cluster kernel: its barriers, its merge and its slices.
+    Mutation("cluster_rows_without_the_closing_cluster_barrier", "kl_div_cuda.cu",
+             "    });\n    cluster.sync();\n  }\n#else",
+             "    });\n  }\n#else",
+             "a block rewrites its state for the next row (or exits) while the cluster's others may still read it",
+             tests="tests/test_cuda_emulated_cluster.py", ci=True),
+    Mutation("cluster_row_state_of_one_block", "kl_div_cuda.cu",
+             "    RowState<acc_t> rs = *cluster.map_shared_rank(slot, 0);\n"
+             "    for (unsigned int r = 1; r < blocks; ++r) rs = merge(rs, *cluster.map_shared_rank(slot, r), k);",
+             "    RowState<acc_t> rs = mine;",
+             "each block normalises its slice by its own slice's statistics", tests="tests/test_cuda_emulated_cluster.py"),
+    Mutation("cluster_slices_overlap", "kl_div_cuda.cu",
+             "  const int64_t begin = std::min<int64_t>(units, rank * args.cached_units);",
+             "  const int64_t begin = std::min<int64_t>(units, rank * (args.cached_units - 1));",
+             "neighbouring blocks both take a slice's last pack (and the row's end goes unread)",
+             tests="tests/test_cuda_emulated_cluster.py"),
     Mutation("missing_syncthreads_in_block_reduce", "block_reduce.cuh",
              "  if (lane == 0) scratch[warp] = state;\n  __syncthreads();",
              "  if (lane == 0) scratch[warp] = state;",
