@@ -6,11 +6,12 @@ bench/results/cuda-traffic.md made from it: PREDICTED H100 figures, never measur
     python tests/cuda_traffic.py --json F          also save the counts as JSON
     python tests/cuda_traffic.py --before F        add F's model bytes (an earlier build's --json) as "before"
 
-The "before" column of the recorded table came from the kernels before the tail re-read order fix,
-built as the mutation tail_reread_in_the_order_it_was_read (tests/simt/mutation_check.py) and run
-with SIMT_LIBRARY=<that library> python tests/cuda_traffic.py --json before.json. That run predates
-the front door's rows; the table regenerated since took the column back from the recorded table's
-own figures (a --before JSON of {vocab: {scenario: {"dram": model B/elem}}}), so those rows have none.
+The "before" column of the recorded table: for the JSD rows, the kernels before the tail re-read
+order fix, built as the mutation tail_reread_in_the_order_it_was_read (tests/simt/mutation_check.py)
+and run with SIMT_LIBRARY=<that library> python tests/cuda_traffic.py --json before.json; for the
+kl_div_logits rows with a gradient, the one-block kernel before the cluster kernel (commit 451448a,
+--json); every other row, either (no change altered it). The two JSONs were merged row by row into
+the --before file ({vocab: {scenario: {"dram": model B/elem}}}).
 
 Each scenario is one op and path, run by the emulator on a few rows at the real vocabulary width:
 every global byte each launch loads and stores is counted (per tensor), with the L2 model of
@@ -248,12 +249,20 @@ def table(results, e=2, before=None):
         f"({H100_BANDWIDTH / 1e12:.3f} TB/s, 90% of an H100 SXM's 3.35 TB/s), ignoring launch overhead, the last wave",
         "and compute (JSD's 6 ex2 + 2 lg2 per element may make it MUFU-bound first). Floor: the design",
         "notes' bytes for what the call delivers (2e loss only, 3e loss + student gradient). The",
-        "PyTorch reductions around the kernels (a sum over rows) are not counted: O(rows). *Before*: the",
-        "model's count for the kernels before JSD's second pass re-read the uncached tail most recently",
-        "read first (it re-read it in the first pass's order). The last pass of every kernel (KL's and",
-        "sparse's only re-read) reads forward: it is evict-first, which in the model keeps the lines it",
-        "has not reached yet in either order (whether the hardware's evict-first hint does as much is",
-        "what a GPU would have to show), and its backward loop made kernels spill on sm_90.",
+        "PyTorch reductions around the kernels (a sum over rows) are not counted: O(rows).",
+        "*Before*: the model's count before the change that altered the row: for the kl_div_logits rows",
+        "with a gradient, the one-block kernel (a row too wide for its 227 KB of shared memory re-read",
+        "its uncached tail, which at 262144 the L2 share keeps only half of); now, on sm_90+, such a row",
+        "is spread over a thread-block cluster of up to 8 blocks (kl_cluster_rows_kernel, csrc/cuda/",
+        "kl_div_cuda.cu: 5 blocks at 262144, 3 at 128256), each caching a slice, their row states merged",
+        "through distributed shared memory: every byte read once. For the JSD rows, the kernels before",
+        "JSD's second pass re-read the uncached tail most recently read first (it re-read it in the first",
+        "pass's order). Rows no change altered show the same count (the third decimal moves with where",
+        "the tensors fall on 128-byte lines). The hard kernels (the distillation_loss rows), JSD and the",
+        "sparse kernels keep the one-block row cache: no cluster kernel is built for them. Their last",
+        "pass (KL's and sparse's only re-read) reads forward: it is evict-first, which in the model keeps",
+        "the lines it has not reached yet in either order (whether the hardware's evict-first hint does",
+        "as much is what a GPU would have to show), and its backward loop made kernels spill on sm_90.",
         "A training step in eager mode with an upstream gradient other than 1 adds the grad_scale_",
         "row (2e); with upstream 1 (or under `kl_fused.linear`'s chunk loop, whose row kernel is the",
         "kl_div_logits + student grad row per chunk) it moves nothing over rows x V.",
@@ -265,8 +274,6 @@ def table(results, e=2, before=None):
         "hard term adds no pass over rows x V: the label's logit and gradient element per row, and the",
         "labels read by every thread (8 B a thread and row: the ~0.03 B/elem of *loaded* beyond the soft",
         "kernel's, absorbed by L2 in the model); at T != 1 its own softmax at T = 1 adds 2 ex2 per element.",
-        "Their *before* column is empty: the mutant build that gave the column was not rerun for them",
-        "(their KL and top-k kernels re-read the tail in one evict-first pass, unchanged by the order).",
         "",
     ]
     for vocab, counted in results.items():
