@@ -1,4 +1,5 @@
-"""kl_div_logits' cluster kernel (csrc/cuda/kl_div_cuda.cu, kl_cluster_rows_kernel) under the SIMT
+"""kl_div_logits' cluster kernel (csrc/cuda/kl_div_cuda.cu, kl_cluster_rows_kernel), and distillation_loss's
+with the hard term riding along (kl_hard_cluster_rows_kernel), under the SIMT
 emulator: on sm_90+, a row whose two inputs do not fit one block's shared memory is spread over a
 thread-block cluster of 2-8 blocks, each caching a slice, their row states merged through distributed
 shared memory. The emulator runs a cluster's blocks together and checks the cluster barrier, the
@@ -17,7 +18,9 @@ import pathlib
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, make_logits, reference64
+from conftest import TOLERANCES, assert_close, assert_grad_close, make_logits, reference64
+from distill_helpers import IGNORE, make_step, poison_uncounted
+from distill_helpers import reference64 as distill_reference64
 from simt.emulator import CXX_TYPES, Emulator, assert_owned_kernels_ran, only_launch, pack_of
 
 OPTIN = 16 * 1024
@@ -166,6 +169,59 @@ def test_the_one_block_kernel_where_no_cluster_is_needed_or_possible(emu, case):
         assert expected_plan(vocab, torch.float32) is None
     check_against_reference(loss, grad_s, grad_t, student, teacher, torch.float32, student_grad=with_grad,
                             teacher_grad=with_grad, reduction="sum")
+
+
+# ------------------------------------------------------------------ distillation_loss: the hard term rides along
+
+
+def emulated_distill(emu, student, teacher, labels, *, divergence, temperature, label_smoothing, reduction="sum"):
+    (loss, grad_s, grad_t, _, parts), launches = emu.call(
+        "distillation_loss", student, teacher, None, None, labels, None, None, divergence, 0.5, False,
+        float(temperature), 0.7, 0.5, IGNORE, float(label_smoothing), reduction, 0.0, False, True, True, False)
+    return loss, grad_s, grad_t, parts, launches
+
+
+@pytest.mark.parametrize("vocab, dtype", [(6000, torch.float32), (2999, torch.float32), (9000, torch.bfloat16),
+                                          (9001, torch.bfloat16), (9000, torch.float16), (9001, torch.float16),
+                                          (2600, torch.float64), (2599, torch.float64)], ids=str)
+@pytest.mark.parametrize("temperature, smoothing", [(1.0, 0.0), (1.6, 0.1)])
+def test_distillation_loss_with_labels_over_a_cluster(emu, vocab, dtype, temperature, smoothing):
+    """The hard kernel's cluster form: each block's hard sums merged with its KL state, the
+    cross-entropy written once, the label's gradient element rewritten by the block whose slice holds
+    it (labels spread over every slice of 9 rows; ignored rows hold NaN, never read)."""
+    student, teacher, _, labels = make_step((9,), vocab, dtype, seed=vocab + int(10 * temperature))
+    student, teacher, _, labels = poison_uncounted(student, teacher, None, labels)
+    divergence = "reverse_kl" if dtype == torch.float16 else "forward_kl"
+    with emu.limits(max_shared_optin=OPTIN):
+        loss, grad_s, grad_t, parts, launches = emulated_distill(emu, student, teacher, labels, divergence=divergence,
+                                                                 temperature=temperature, label_smoothing=smoothing)
+    launch = only_launch(launches, "kl_hard_cluster_rows_kernel")
+    pack = pack_of(dtype) if vocab % pack_of(dtype) == 0 else 1
+    assert launch.template_args == [CXX_TYPES[dtype], str(pack)] and 2 <= launch.cluster <= 8 and launch.block <= 512
+    options = dict(divergence=divergence, temperature=temperature, label_smoothing=smoothing, soft_weight=0.7,
+                   hard_weight=0.5, reduction="sum")
+    ref, (s64, t64) = distill_reference64(student, teacher, None, labels, validate=False, **options)
+    tol = TOLERANCES[dtype]
+    assert_close(loss, ref, tol["loss_rtol"], tol["loss_atol"], "loss vs float64 reference")
+    ref.sum().backward()
+    counted = labels != IGNORE
+    assert_grad_close(grad_s[counted], s64.grad[counted], dtype, "student grad")
+    assert_grad_close(grad_t[counted], t64.grad[counted], dtype, "teacher grad")
+    assert (grad_s[~counted] == 0).all() and (grad_t[~counted] == 0).all()
+    slice_elements = -(-vocab // pack // launch.cluster) * pack
+    assert len(set((labels[counted] // slice_elements).tolist())) >= 2, "labels in more than one block's slice"
+
+
+def test_labels_out_of_range_over_a_cluster_give_nan_rows(emu):
+    student, teacher, _, labels = make_step((4,), 6000, torch.float32, seed=44)
+    labels[:] = torch.tensor([5, 6000, 5999, -7])
+    with emu.limits(max_shared_optin=OPTIN):
+        rows, grad_s, _, parts, launches = emulated_distill(emu, student, teacher, labels, divergence="forward_kl",
+                                                            temperature=2.0, label_smoothing=0.0, reduction="none")
+    only_launch(launches, "kl_hard_cluster_rows_kernel")
+    assert rows[[1, 3]].isnan().all() and rows[[0, 2]].isfinite().all()
+    assert grad_s[[1, 3]].isnan().all() and grad_s[[0, 2]].isfinite().all()
+    assert parts[1, [1, 3]].isnan().all()
 
 
 def test_every_cluster_kernel_instantiation_ran(emu):

@@ -144,6 +144,24 @@ def test_cluster_kernel_reads_a_row_wider_than_one_block_once(emu, grads):
     assert k.shared_loaded >= ROWS * k.cluster * k.block * k.cluster * state, "every thread reads every block's state"
 
 
+def test_hard_cluster_kernel_reads_a_row_wider_than_one_block_once(emu):
+    """distillation_loss (KL with labels, T = 2) on the row above: the cluster form of the hard kernel
+    loads each input once, beyond it only the label's logit (twice per row at most: its cross-entropy
+    and its rewritten gradient element) and the labels, and stores the gradient once plus the label's
+    element rewritten."""
+    e, vocab = 2, 4096
+    E = ROWS * vocab
+    with emu.limits(max_shared_optin=4 * 1024 + 512):
+        _, launches = distillation(emu, ROWS, vocab, torch.bfloat16, "kl")
+    (k,) = launches
+    assert k.name == "kl_hard_cluster_rows_kernel" and 2 <= k.cluster <= 8 and k.grid == ROWS * k.cluster
+    for name in ("input 0", "input 1"):
+        assert k.of(name).distinct_loaded == E * e
+        assert k.of(name).loaded <= E * e + 2 * ROWS * e, f"{name} read more than once"
+    assert E * e <= k.of("output 1").stored <= E * e + ROWS * e
+    assert k.cluster_barriers == 2 * ROWS
+
+
 @pytest.mark.parametrize("factor,moved", [(2.0, 2), (1.0, 0)])
 def test_grad_scale_moves_the_gradient_once_or_not_at_all(emu, factor, moved):
     e, E = 2, ROWS * VOCAB

@@ -143,24 +143,25 @@ __device__ __forceinline__ acc_t hard_element(const HardRow<acc_t>& h, acc_t kep
 // The hard term's label of a row, or -1 where it lies outside [0, V) (the row is then undefined: NaN
 // loss and gradients, status kLabelOutOfRange, written by thread 0). Block-uniform.
 template <typename acc_t>
-__device__ __forceinline__ int64_t row_label(const HardTermArgs<acc_t>& hard, int64_t row, int64_t vocab) {
+__device__ __forceinline__ int64_t row_label(const HardTermArgs<acc_t>& hard, int64_t row, int64_t vocab, bool leader) {
   const int64_t y = hard.labels[row];
   const bool inside = y >= 0 && y < vocab;
-  if (threadIdx.x == 0) hard.status[row] = inside ? 0 : kLabelOutOfRange;
+  if (leader) hard.status[row] = inside ? 0 : kLabelOutOfRange;
   return inside ? y : -1;
 }
 
 // The rows a dense row kernel (KL, JSD) does not compute, block-uniform and touching no shared memory:
 // a masked row (loss and hard term 0, gradients 0) and, with the hard term, a counted row whose label
 // lies outside [0, V) (NaN everywhere; the host reports its status). Returns whether the row is done;
-// otherwise `label` holds the row's label (0 without the hard term).
+// otherwise `label` holds the row's label (0 without the hard term). The row's outputs are written by
+// the `leader` thread (a cluster's blocks share a row: one thread of them all).
 template <bool kHard, typename Args, typename FillGradients>
 __device__ __forceinline__ bool row_skipped(const Args& args, int64_t row, int64_t& label,
-                                            const FillGradients& fill_gradients) {
+                                            const FillGradients& fill_gradients, bool leader = threadIdx.x == 0) {
   using acc_t = std::remove_pointer_t<decltype(args.row_loss)>;
   label = 0;
   if (row_masked(args.mask, row)) {
-    if (threadIdx.x == 0) {
+    if (leader) {
       args.row_loss[row] = acc_t(0);
       if constexpr (kHard) {
         args.hard.row_hard[row] = acc_t(0);
@@ -171,9 +172,9 @@ __device__ __forceinline__ bool row_skipped(const Args& args, int64_t row, int64
     return true;
   }
   if constexpr (kHard) {
-    label = row_label(args.hard, row, args.vocab);
+    label = row_label(args.hard, row, args.vocab, leader);
     if (label < 0) {
-      if (threadIdx.x == 0) args.row_loss[row] = args.hard.row_hard[row] = static_cast<acc_t>(NAN);
+      if (leader) args.row_loss[row] = args.hard.row_hard[row] = static_cast<acc_t>(NAN);
       fill_gradients(row, NAN);
       return true;
     }

@@ -87,6 +87,160 @@ __device__ __forceinline__ void with_wanted_gradients(const P* gx, const P* gy, 
   }
 }
 
+// The part of a row one block computes, and how the block's statistics become the row's.
+//   OneBlockRow: the whole row (`units` packs, the leading `cached` of them kept in the row cache);
+//                the block's merged state is the row's; block_rows' barrier separates two rows.
+//   ClusterRow:  (sm_90+) packs [begin, begin + units) of the row, all of them cached; the block's
+//                state goes to its slot, and after a cluster barrier every block merges the cluster's
+//                slots in rank order through distributed shared memory (the same order everywhere,
+//                so every block holds the same bits of the row's state). The caller ends every row
+//                with a cluster barrier: the slots are read before the next row rewrites them, and
+//                before a block exits.
+// leader(): the one thread that writes the row's outputs (loss, cross-entropy, status).
+struct OneBlockRow {
+  int64_t begin, units, cached;
+  __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
+  template <typename State, typename Merge>
+  __device__ __forceinline__ State row_state(const State& mine, Merge) const {
+    return mine;
+  }
+};
+
+#if KL_FUSED_DEVICE_HAS_CLUSTERS
+struct ClusterRow {
+  int64_t begin, units, cached;
+  unsigned int rank, blocks;
+  void* slot;  // this block's, in its shared memory: one State
+  __device__ __forceinline__ bool leader() const { return rank == 0 && threadIdx.x == 0; }
+  template <typename State, typename Merge>
+  __device__ __forceinline__ State row_state(const State& mine, Merge merge_states) const {
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    auto* own = static_cast<State*>(slot);
+    if (threadIdx.x == 0) *own = mine;
+    cluster.sync();
+    State st = *cluster.map_shared_rank(own, 0);
+    for (unsigned int r = 1; r < blocks; ++r) st = merge_states(st, *cluster.map_shared_rank(own, r));
+    return st;
+  }
+};
+#endif
+
+// One row of kl_rows (below) over the part `span` gives this block. Returns early on a row it does
+// not compute (masked; a label outside [0, V)), every block of a cluster alike.
+template <typename scalar_t, int N, bool kGrad, bool kHard, typename Span>
+__device__ __forceinline__ void kl_row(const KLRowsArgs<scalar_t>& args, int64_t row, const Span& span,
+                                       std::conditional_t<kHard, RowHardState<at::opmath_type<scalar_t>>,
+                                                          RowState<at::opmath_type<scalar_t>>>* scratch,
+                                       Pack<scalar_t, N>* const (&cache)[2]) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  const acc_t k = args.k;
+  // Read here, on the device: the counted-row count of batchmean/mean may be a mask's sum.
+  const acc_t f = kGrad ? static_cast<acc_t>(args.factor.value()) : acc_t(0);
+  // The row's gradient from this block's first pack on (its slice).
+  const auto grad_span = [&](scalar_t* grad) {
+    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) + span.begin : nullptr;
+  };
+  const auto fill_gradients = [&](int64_t, scalar_t value) {
+    if constexpr (kGrad) {
+      if (P* g = grad_span(args.grad_x)) fill_row(g, span.units, value);
+      if (P* g = grad_span(args.grad_y)) fill_row(g, span.units, value);
+    }
+  };
+  // The hard term's constants (kHard).
+  const bool unit_t = args.inv_temperature == acc_t(1);
+  const bool student_x = args.reverse;
+
+  int64_t label;
+  if (row_skipped<kHard>(args, row, label, fill_gradients, span.leader())) return;
+  const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)) + span.begin,
+                          reinterpret_cast<const P*>(args.y + args.y_rows.offset(row)) + span.begin};
+  const auto statistics_pass = [&](auto& accumulate) {
+    if constexpr (kGrad) {
+      first_pass<kUnroll<N>>(in, cache, span.cached, span.units, accumulate);
+    } else {
+      only_pass<kUnroll<N>>(in, span.units, accumulate);
+    }
+  };
+  std::conditional_t<kHard, RowHardState<acc_t>, RowState<acc_t>> st;
+  if constexpr (kHard) {
+    KLHardStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k, empty_hard_sums<acc_t>(), student_x, !unit_t,
+                                       args.hard.smoothing != acc_t(0)};
+    statistics_pass(accumulate);
+    // The merge's barrier also orders the row-cache writes before the gradient pass reads them.
+    st = block_reduce(RowHardState<acc_t>{accumulate.st, accumulate.h}, MergeRowHardStates<acc_t>{k},
+                      RowHardState<acc_t>{empty_row_state<acc_t>(), empty_hard_sums<acc_t>()}, scratch);
+    st = span.row_state(st, MergeRowHardStates<acc_t>{k});
+  } else {
+    KLStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k};
+    statistics_pass(accumulate);
+    st = span.row_state(block_merge(accumulate.st, k, scratch), MergeRowStates<acc_t>{k});
+  }
+  const RowState<acc_t>& rs = [&]() -> const RowState<acc_t>& {
+    if constexpr (kHard) return st.st;
+    else return st;
+  }();
+
+  const RowKL<acc_t> kl = row_kl(rs);
+  if (span.leader()) args.row_loss[row] = kl.kl2 * static_cast<acc_t>(kLn2);
+
+  HardRow<acc_t> hard{};
+  if constexpr (kHard) {
+    // The student's raw maximum and log Z_1: at T = 1 its soft statistics, else the hard sums'.
+    const acc_t m_s = unit_t ? (student_x ? rs.mx : rs.my) : st.h.m;
+    const acc_t log2_z1 = unit_t ? (student_x ? kl.log_zx : kl.log_zy) : log2_acc(st.h.z1);
+    const scalar_t* student = student_x ? args.x + args.x_rows.offset(row) : args.y + args.y_rows.offset(row);
+    if (span.leader()) {
+      const acc_t ce = cross_entropy(m_s, log2_z1 * static_cast<acc_t>(kLn2), st.h.sum, to_acc(student[label]),
+                                     args.hard.smoothing, args.vocab);
+      args.hard.row_hard[row] = kl.undefined ? static_cast<acc_t>(NAN) : ce;
+    }
+    if constexpr (kGrad) {
+      const acc_t f_h = static_cast<acc_t>(args.hard.factor.value());
+      hard.q1_f = f_h / (student_x ? rs.zx : rs.zy);
+      hard.q1_scale = f_h / st.h.z1;
+      hard.m = m_s;
+      hard.uniform = f_h * args.hard.smoothing / static_cast<acc_t>(args.vocab);
+      hard.pull = f_h * (acc_t(1) - args.hard.smoothing);
+      hard.unit = unit_t;
+      hard.f = f_h;
+    }
+  }
+
+  if constexpr (kGrad) {
+    const KLGradConstants<acc_t> c = kl_grad_constants(rs, kl, k, f);
+    P* const gx = grad_span(args.grad_x);
+    P* const gy = grad_span(args.grad_y);
+    const auto pass = [&](auto need_x, auto need_y) {
+      constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
+      if constexpr (kHard) {
+        const HardTermShare<acc_t> share{hard, student_x};
+        later_pass<kGradUnroll<N>, true>(in, cache, span.cached, span.units,
+                                         KLGradient<kX, kY, P, acc_t, HardTermShare<acc_t>>{gx, gy, c, share});
+        // The label's element of the student's gradient, rewritten once with its pull -f_h (1 - eps),
+        // by the block whose part holds it.
+        P* const g_student = student_x ? gx : gy;
+        const int64_t at = label - span.begin * N;
+        if (g_student != nullptr && at >= 0 && at < span.units * N) {  // block-uniform
+          __syncthreads();  // the pass's write of that element comes first
+          if (threadIdx.x == 0) {
+            const acc_t xv = to_acc(args.x[args.x_rows.offset(row) + label]);
+            const acc_t yv = to_acc(args.y[args.y_rows.offset(row) + label]);
+            acc_t dx = acc_t(0), dy = acc_t(0);
+            kl_gradient_element<kX, kY>(xv, yv, c, share, dx, dy);
+            reinterpret_cast<scalar_t*>(g_student)[at] = static_cast<scalar_t>((student_x ? dx : dy) - hard.pull);
+          }
+        }
+      } else {
+        later_pass<kGradUnroll<N>, true>(in, cache, span.cached, span.units,
+                                         KLGradient<kX, kY, P, acc_t>{gx, gy, c, {}});
+      }
+    };
+    with_wanted_gradients(gx, gy, pass);
+  }
+}
+
 template <typename scalar_t, int N, bool kGrad, bool kHard>
 __device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -96,113 +250,8 @@ __device__ __forceinline__ void kl_rows(const KLRowsArgs<scalar_t>& args) {
   auto* scratch = reinterpret_cast<State*>(shared);
   P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
                        reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
-  const int64_t units = args.vocab / N;
-  const int64_t cached = kGrad ? args.cached_units : 0;
-  const acc_t k = args.k;
-  // Read here, on the device: the counted-row count of batchmean/mean may be a mask's sum.
-  const acc_t f = kGrad ? static_cast<acc_t>(args.factor.value()) : acc_t(0);
-  const auto grad_row = [&](scalar_t* grad, int64_t row) {
-    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) : nullptr;
-  };
-  const auto fill_gradients = [&](int64_t row, scalar_t value) {
-    if constexpr (kGrad) {
-      if (P* g = grad_row(args.grad_x, row)) fill_row(g, units, value);
-      if (P* g = grad_row(args.grad_y, row)) fill_row(g, units, value);
-    }
-  };
-  // The hard term's constants (kHard).
-  const bool unit_t = args.inv_temperature == acc_t(1);
-  const bool student_x = args.reverse;
-
-  for (const int64_t row : block_rows(args.rows)) {
-    int64_t label;
-    if (row_skipped<kHard>(args, row, label, fill_gradients)) continue;
-    const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
-                            reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
-    State st;
-    if constexpr (kHard) {
-      KLHardStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k, empty_hard_sums<acc_t>(), student_x, !unit_t,
-                                         args.hard.smoothing != acc_t(0)};
-      if constexpr (kGrad) {
-        first_pass<kUnroll<N>>(in, cache, cached, units, accumulate);
-      } else {
-        only_pass<kUnroll<N>>(in, units, accumulate);
-      }
-      // The merge's barrier also orders the row-cache writes before the gradient pass reads them.
-      st = block_reduce(RowHardState<acc_t>{accumulate.st, accumulate.h}, MergeRowHardStates<acc_t>{k},
-                        RowHardState<acc_t>{empty_row_state<acc_t>(), empty_hard_sums<acc_t>()}, scratch);
-    } else {
-      KLStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k};
-      if constexpr (kGrad) {
-        first_pass<kUnroll<N>>(in, cache, cached, units, accumulate);
-      } else {
-        only_pass<kUnroll<N>>(in, units, accumulate);
-      }
-      st = block_merge(accumulate.st, k, scratch);
-    }
-    const RowState<acc_t>& rs = [&]() -> const RowState<acc_t>& {
-      if constexpr (kHard) return st.st;
-      else return st;
-    }();
-
-    const RowKL<acc_t> kl = row_kl(rs);
-    const acc_t log_zx = kl.log_zx, log_zy = kl.log_zy;
-    const bool undefined = kl.undefined;
-    if (threadIdx.x == 0) args.row_loss[row] = kl.kl2 * static_cast<acc_t>(kLn2);
-
-    HardRow<acc_t> hard{};
-    if constexpr (kHard) {
-      // The student's raw maximum and log Z_1: at T = 1 its soft statistics, else the hard sums'.
-      const acc_t m_s = unit_t ? (student_x ? rs.mx : rs.my) : st.h.m;
-      const acc_t log2_z1 = unit_t ? (student_x ? log_zx : log_zy) : log2_acc(st.h.z1);
-      const scalar_t* student = student_x ? args.x + args.x_rows.offset(row) : args.y + args.y_rows.offset(row);
-      if (threadIdx.x == 0) {
-        const acc_t ce = cross_entropy(m_s, log2_z1 * static_cast<acc_t>(kLn2), st.h.sum, to_acc(student[label]),
-                                       args.hard.smoothing, args.vocab);
-        args.hard.row_hard[row] = undefined ? static_cast<acc_t>(NAN) : ce;
-      }
-      if constexpr (kGrad) {
-        const acc_t f_h = static_cast<acc_t>(args.hard.factor.value());
-        hard.q1_f = f_h / (student_x ? rs.zx : rs.zy);
-        hard.q1_scale = f_h / st.h.z1;
-        hard.m = m_s;
-        hard.uniform = f_h * args.hard.smoothing / static_cast<acc_t>(args.vocab);
-        hard.pull = f_h * (acc_t(1) - args.hard.smoothing);
-        hard.unit = unit_t;
-        hard.f = f_h;
-      }
-    }
-
-    if constexpr (kGrad) {
-      const KLGradConstants<acc_t> c = kl_grad_constants(rs, kl, k, f);
-      P* const gx = grad_row(args.grad_x, row);
-      P* const gy = grad_row(args.grad_y, row);
-      const auto pass = [&](auto need_x, auto need_y) {
-        constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
-        if constexpr (kHard) {
-          const HardTermShare<acc_t> share{hard, student_x};
-          later_pass<kGradUnroll<N>, true>(in, cache, cached, units,
-                                           KLGradient<kX, kY, P, acc_t, HardTermShare<acc_t>>{gx, gy, c, share});
-          // The label's element of the student's gradient, rewritten once with its pull -f_h (1 - eps).
-          P* const g_student = student_x ? gx : gy;
-          if (g_student != nullptr) {
-            __syncthreads();  // the pass's write of that element comes first
-            if (threadIdx.x == 0) {
-              const acc_t xv = to_acc(args.x[args.x_rows.offset(row) + label]);
-              const acc_t yv = to_acc(args.y[args.y_rows.offset(row) + label]);
-              acc_t dx = acc_t(0), dy = acc_t(0);
-              kl_gradient_element<kX, kY>(xv, yv, c, share, dx, dy);
-              reinterpret_cast<scalar_t*>(g_student)[label] =
-                  static_cast<scalar_t>((student_x ? dx : dy) - hard.pull);
-            }
-          }
-        } else {
-          later_pass<kGradUnroll<N>, true>(in, cache, cached, units, KLGradient<kX, kY, P, acc_t>{gx, gy, c, {}});
-        }
-      };
-      with_wanted_gradients(gx, gy, pass);
-    }
-  }
+  const OneBlockRow span{0, args.vocab / N, kGrad ? args.cached_units : 0};
+  for (const int64_t row : block_rows(args.rows)) kl_row<scalar_t, N, kGrad, kHard>(args, row, span, scratch, cache);
 }
 
 template <typename scalar_t, int N, bool kGrad>
@@ -222,67 +271,40 @@ __global__ void __launch_bounds__(kMaxHardRowThreads<scalar_t>, kMinRowBlocksPer
   kl_rows<scalar_t, N, kGrad, true>(args);
 }
 
-// kl_div_logits with a gradient for rows too wide for one block's shared memory, on sm_90+: a
-// thread-block cluster of B blocks per row (launch_plan.h, plan_cluster_rows_launch), block b
-// taking packs [b S, (b + 1) S) of the row, S = args.cached_units:
+// kl_div_logits (and, kHard, distillation_loss's KL with the hard term) with a gradient, for rows too
+// wide for one block's shared memory, on sm_90+: a thread-block cluster of B blocks per row
+// (launch_plan.h, plan_cluster_rows_launch), block b taking packs [b S, (b + 1) S) of the row,
+// S = args.cached_units (ClusterRow above):
 //   1. each block streams its slice once from global memory into its row cache, keeping the online
-//      state of its slice, and merges its threads' states (block_merge) into its slot;
+//      state of its slice (and the hard term's sums), and merges its threads' states into its slot;
 //   2. cluster barrier; every block merges the B slots in rank order through distributed shared
-//      memory (the same order everywhere, so every block holds the same bits of the row's state);
-//      block 0 writes the row's loss;
-//   3. each block writes its slice's gradients from its row cache; cluster barrier (the others have
-//      read its slot before the next row rewrites it, and before the block exits).
+//      memory; block 0 writes the row's loss (and cross-entropy);
+//   3. each block writes its slice's gradients from its row cache (the block holding the label
+//      rewrites the label's element); cluster barrier.
 // Bytes per element: read x, y once, write each wanted gradient once: 3e with one gradient, 4e with
 // both -- the floor, at any width up to B = 8 blocks' shared memory (a 262144-wide bf16 row takes
-// 5 blocks of 227 KB). Masked rows: loss 0, each block zeroes its slice of the gradients.
-template <typename scalar_t, int N>
+// 5 blocks of 227 KB). Skipped rows: each block fills its slice of the gradients.
+template <typename scalar_t, int N, bool kHard>
 __device__ __forceinline__ void kl_cluster_rows(const KLRowsArgs<scalar_t>& args) {
 #if KL_FUSED_DEVICE_HAS_CLUSTERS
   namespace cg = cooperative_groups;
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
+  using State = std::conditional_t<kHard, RowHardState<acc_t>, RowState<acc_t>>;
   const cg::cluster_group cluster = cg::this_cluster();
   const unsigned int rank = cluster.block_rank(), blocks = cluster.num_blocks();
   KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
-  auto* scratch = reinterpret_cast<RowState<acc_t>*>(shared);
-  // After the per-warp states, as plan_rows_launch lays out the scratch (extra_scratch_bytes).
-  auto* slot = reinterpret_cast<RowState<acc_t>*>(shared + (blockDim.x / 32 * sizeof(RowState<acc_t>) + 15) / 16 * 16);
+  auto* scratch = reinterpret_cast<State*>(shared);
   P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
                        reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
   const int64_t units = args.vocab / N;
   const int64_t begin = std::min<int64_t>(units, rank * args.cached_units);
   const int64_t slice = std::min<int64_t>(units, begin + args.cached_units) - begin;
-  const acc_t k = args.k;
-  const acc_t f = static_cast<acc_t>(args.factor.value());
-  const auto slice_of = [&](scalar_t* grad, int64_t row) {
-    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) + begin : nullptr;
-  };
+  // The slot follows the per-warp states, as plan_rows_launch lays out the scratch (extra_scratch_bytes).
+  const ClusterRow span{begin, slice, slice, rank, blocks, shared + (blockDim.x / 32 * sizeof(State) + 15) / 16 * 16};
   // Every block of a cluster takes the same rows (cluster-uniform branches and barriers).
   for (int64_t row = blockIdx.x / blocks; row < args.rows; row += gridDim.x / blocks) {
-    P* const gx = slice_of(args.grad_x, row);
-    P* const gy = slice_of(args.grad_y, row);
-    if (row_masked(args.mask, row)) {
-      if (rank == 0 && threadIdx.x == 0) args.row_loss[row] = acc_t(0);
-      if (gx != nullptr) fill_row(gx, slice, scalar_t(0.0f));
-      if (gy != nullptr) fill_row(gy, slice, scalar_t(0.0f));
-      continue;
-    }
-    const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)) + begin,
-                            reinterpret_cast<const P*>(args.y + args.y_rows.offset(row)) + begin};
-    KLStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k};
-    first_pass<kUnroll<N>>(in, cache, slice, slice, accumulate);
-    const RowState<acc_t> mine = block_merge(accumulate.st, k, scratch);
-    if (threadIdx.x == 0) *slot = mine;
-    cluster.sync();
-    RowState<acc_t> rs = *cluster.map_shared_rank(slot, 0);
-    for (unsigned int r = 1; r < blocks; ++r) rs = merge(rs, *cluster.map_shared_rank(slot, r), k);
-    const RowKL<acc_t> kl = row_kl(rs);
-    if (rank == 0 && threadIdx.x == 0) args.row_loss[row] = kl.kl2 * static_cast<acc_t>(kLn2);
-    const KLGradConstants<acc_t> c = kl_grad_constants(rs, kl, k, f);
-    with_wanted_gradients(gx, gy, [&](auto need_x, auto need_y) {
-      constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
-      later_pass<kGradUnroll<N>, true>(in, cache, slice, slice, KLGradient<kX, kY, P, acc_t>{gx, gy, c, {}});
-    });
+    kl_row<scalar_t, N, true, kHard>(args, row, span, scratch, cache);
     cluster.sync();
   }
 #else
@@ -293,7 +315,13 @@ __device__ __forceinline__ void kl_cluster_rows(const KLRowsArgs<scalar_t>& args
 template <typename scalar_t, int N>
 __global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
     kl_cluster_rows_kernel(const KLRowsArgs<scalar_t> args) {
-  kl_cluster_rows<scalar_t, N>(args);
+  kl_cluster_rows<scalar_t, N, false>(args);
+}
+
+template <typename scalar_t, int N>
+__global__ void __launch_bounds__(kMaxHardRowThreads<scalar_t>, kMinRowBlocksPerSM)
+    kl_hard_cluster_rows_kernel(const KLRowsArgs<scalar_t> args) {
+  kl_cluster_rows<scalar_t, N, true>(args);
 }
 
 // grad[row, :] *= factors[row] (or factors[0]), in place, in acc_t. Rows whose factor is exactly 1
@@ -337,24 +365,20 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side (launch.cuh: the same code runs on the GPU and under the SIMT emulator of the tests).
 
-// The cluster kernel for rows one block cannot cache, where the device has clusters and a cluster of
-// at most 8 blocks holds the row and can be resident; false otherwise (nothing launched).
-template <int N, typename scalar_t>
-bool launch_kl_cluster_rows(KLRowsArgs<scalar_t> args, const DeviceLimits& limits, Stream stream) {
-  using acc_t = at::opmath_type<scalar_t>;
-  constexpr int kSlotBytes = sizeof(RowState<acc_t>);
-  const ClusterRowsLaunch plan = plan_cluster_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>,
-                                                          kMaxRowThreads<scalar_t>, sizeof(RowState<acc_t>),
-                                                          sizeof(Pack<scalar_t, N>), kSlotBytes, limits);
+// A cluster kernel (kKernel: State per block, at most kMaxThreads threads) for rows one block cannot
+// cache, where the device has clusters and a cluster of at most 8 blocks holds the row and can be
+// resident; false otherwise (nothing launched).
+template <auto kKernel, typename State, int kMaxThreads, int N, typename scalar_t>
+bool launch_cluster_rows(KLRowsArgs<scalar_t> args, const DeviceLimits& limits, Stream stream) {
+  const ClusterRowsLaunch plan = plan_cluster_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxThreads,
+                                                          sizeof(State), sizeof(Pack<scalar_t, N>), sizeof(State),
+                                                          limits);
   if (plan.blocks == 1) return false;
-  if (plan.block.opt_in) allow_dynamic_shared<kl_cluster_rows_kernel<scalar_t, N>>(limits.max_shared_optin);
-  const int resident = max_active_clusters<kl_cluster_rows_kernel<scalar_t, N>>(plan.blocks, plan.block.threads,
-                                                                                 plan.block.shared_bytes, stream);
-  if (resident == 0) return false;
+  if (plan.block.opt_in) allow_dynamic_shared<kKernel>(limits.max_shared_optin);
+  if (max_active_clusters<kKernel>(plan.blocks, plan.block.threads, plan.block.shared_bytes, stream) == 0) return false;
   args.scratch_bytes = plan.block.scratch_bytes;
   args.cached_units = plan.block.cached_units;
-  launch_cluster_kernel<kl_cluster_rows_kernel<scalar_t, N>>(plan.block.grid, plan.blocks, plan.block.threads,
-                                                             plan.block.shared_bytes, stream, args);
+  launch_cluster_kernel<kKernel>(plan.block.grid, plan.blocks, plan.block.threads, plan.block.shared_bytes, stream, args);
   return true;
 }
 
@@ -368,9 +392,14 @@ void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits
                                            sizeof(Pack<scalar_t, N>), any_grad, limits);
   args.scratch_bytes = plan.scratch_bytes;
   args.cached_units = plan.cached_units;
+  const bool partial = plan.cached_units < args.vocab / N;
   if (hard) {
     if (!any_grad) {
       launch_kernel<kl_hard_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
+      return;
+    }
+    if (partial && launch_cluster_rows<kl_hard_cluster_rows_kernel<scalar_t, N>, RowHardState<acc_t>,
+                                       kMaxHardRowThreads<scalar_t>, N>(args, limits, stream)) {
       return;
     }
     if (plan.opt_in) allow_dynamic_shared<kl_hard_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);
@@ -381,7 +410,10 @@ void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits
     launch_kernel<kl_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
     return;
   }
-  if (plan.cached_units < args.vocab / N && launch_kl_cluster_rows<N>(args, limits, stream)) return;
+  if (partial && launch_cluster_rows<kl_cluster_rows_kernel<scalar_t, N>, RowState<acc_t>, kMaxRowThreads<scalar_t>, N>(
+                     args, limits, stream)) {
+    return;
+  }
   if (plan.opt_in) allow_dynamic_shared<kl_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);
   launch_kernel<kl_rows_kernel<scalar_t, N, true>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
 }

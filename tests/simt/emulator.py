@@ -32,6 +32,7 @@ CXX_TYPES = {torch.float32: "float", torch.float64: "double", torch.bfloat16: "c
 KERNEL_OWNERS = {
     "kl_rows_kernel": "test_cuda_emulated.py",
     "kl_cluster_rows_kernel": "test_cuda_emulated_cluster.py",
+    "kl_hard_cluster_rows_kernel": "test_cuda_emulated_cluster.py",
     "grad_scale_kernel": "test_cuda_emulated.py",
     "kl_row_states_kernel": "test_cuda_emulated.py",
     "kl_grad_from_stats_kernel": "test_cuda_emulated.py",
