@@ -10,7 +10,8 @@ The "before" column of the recorded table: for the JSD rows, the kernels before 
 order fix, built as the mutation tail_reread_in_the_order_it_was_read (tests/simt/mutation_check.py)
 and run with SIMT_LIBRARY=<that library> python tests/cuda_traffic.py --json before.json; for the
 kl_div_logits rows with a gradient, the one-block kernel before the cluster kernel (commit 451448a,
---json); every other row, either (no change altered it). The two JSONs were merged row by row into
+--json); for the distillation_loss kl rows, the one-block hard kernel (commit 6ca41c8, --json); every
+other row, either (no change altered it). The two JSONs were merged row by row into
 the --before file ({vocab: {scenario: {"dram": model B/elem}}}).
 
 Each scenario is one op and path, run by the emulator on a few rows at the real vocabulary width:
@@ -251,15 +252,15 @@ def table(results, e=2, before=None):
         "notes' bytes for what the call delivers (2e loss only, 3e loss + student gradient). The",
         "PyTorch reductions around the kernels (a sum over rows) are not counted: O(rows).",
         "*Before*: the model's count before the change that altered the row: for the kl_div_logits rows",
-        "with a gradient, the one-block kernel (a row too wide for its 227 KB of shared memory re-read",
+        "with a gradient and the distillation_loss kl rows, the one-block kernels (a row too wide for 227 KB of shared memory re-read",
         "its uncached tail, which at 262144 the L2 share keeps only half of); now, on sm_90+, such a row",
         "is spread over a thread-block cluster of up to 8 blocks (kl_cluster_rows_kernel, csrc/cuda/",
-        "kl_div_cuda.cu: 5 blocks at 262144, 3 at 128256), each caching a slice, their row states merged",
+        "kl_div_cuda.cu, and kl_hard_cluster_rows_kernel with the hard term: 5 blocks at 262144, 3 at 128256), each caching a slice, their row states merged",
         "through distributed shared memory: every byte read once. For the JSD rows, the kernels before",
         "JSD's second pass re-read the uncached tail most recently read first (it re-read it in the first",
         "pass's order). Rows no change altered show the same count (the third decimal moves with where",
-        "the tensors fall on 128-byte lines). The hard kernels (the distillation_loss rows), JSD and the",
-        "sparse kernels keep the one-block row cache: no cluster kernel is built for them. Their last",
+        "the tensors fall on 128-byte lines). JSD's kernels (also with the hard term) and the sparse",
+        "kernels keep the one-block row cache: no cluster kernel is built for them. Their last",
         "pass (KL's and sparse's only re-read) reads forward: it is evict-first, which in the model keeps",
         "the lines it has not reached yet in either order (whether the hardware's evict-first hint does",
         "as much is what a GPU would have to show), and its backward loop made kernels spill on sm_90.",
