@@ -151,7 +151,7 @@ struct SharedShadow {
 std::vector<SharedShadow> g_shared;  // kArenaBytes per block of the running cluster
 
 void shared_access(Thread* t, uintptr_t a, std::size_t size, Access kind, bool natural) {
-  const LaunchState& L = *g_launch;
+  LaunchState& L = *g_launch;
   const auto from_arena = static_cast<int64_t>(a - reinterpret_cast<uintptr_t>(g_arena));
   const auto slot = static_cast<int64_t>(kArenaBytes);
   // The block whose shared memory it is (the caller's own below and above the arena), and the offset.
@@ -172,7 +172,7 @@ void shared_access(Thread* t, uintptr_t a, std::size_t size, Access kind, bool n
          ", whose threads have all exited: a block's shared memory lives as long as the block (a cluster barrier "
          "before it exits keeps it for the others)");
   }
-  if (remote) g_launch->remote_access_interval[static_cast<std::size_t>(rank)] = L.cluster_interval;
+  if (remote) L.remote_access_interval[static_cast<std::size_t>(rank)] = L.cluster_interval;
   if (natural) check_alignment(a, size, "shared-memory");
   count_shared(size, kind);
   const uint32_t interval = interval_of(*t);
@@ -602,9 +602,7 @@ void access(void* addr, std::size_t size, Access kind, bool natural) {
     return;
   }
   maybe_preempt();
-  const auto arena_lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
-  const auto arena_hi = reinterpret_cast<uintptr_t>(g_arena) + kMaxCluster * kArenaBytes + kArenaGuard;
-  if (a >= arena_lo && a < arena_hi) return shared_access(t, a, size, kind, natural);
+  if (in_shared_arena(a)) return shared_access(t, a, size, kind, natural);
   global_access(t, a, size, kind, natural);
 }
 
@@ -651,8 +649,7 @@ void check_vector_access(const void* p, std::size_t bytes, const char* intrinsic
     g_thread->evict_first_lo = streaming ? a : 0;
     g_thread->evict_first_hi = streaming ? a + bytes : 0;
   }
-  const auto arena_lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
-  if (g_arena != nullptr && a >= arena_lo && a < arena_lo + kMaxCluster * kArenaBytes + 2 * kArenaGuard) {
+  if (in_shared_arena(a)) {
     fail(std::string(intrinsic) + " on a shared-memory address: it reads and writes global memory only");
   }
   if (a % bytes != 0) {

@@ -93,6 +93,12 @@ struct LaunchState {
 extern LaunchState* g_launch;
 extern __thread Thread* g_thread __attribute__((tls_model("initial-exec")));
 extern char* g_arena;  // kMaxCluster blocks' dynamic shared memory, with kArenaGuard mapped on each side
+// Whether address a lies in the arena or its guards: shared memory (of any slot), in bounds or not.
+inline bool in_shared_arena(uintptr_t a) {
+  if (g_arena == nullptr) return false;
+  const auto lo = reinterpret_cast<uintptr_t>(g_arena) - kArenaGuard;
+  return a >= lo && a < lo + kMaxCluster * kArenaBytes + 2 * kArenaGuard;
+}
 char* arena();
 // The linear index in the grid of thread t's block, its index, and its current barrier interval.
 uint32_t block_id(const Thread& t);
