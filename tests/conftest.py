@@ -118,6 +118,25 @@ def assert_grad_close(actual, expected, dtype, what=""):
     assert_close(actual, expected, rtol=tol["grad_rtol"], atol=tol["grad_atol"] + tol["grad_rtol"] * 0.05 * scale, what=what)
 
 
+def check_against_reference64(reference, loss, grad_s, grad_t, student, teacher, dtype, *, student_grad=True,
+                              teacher_grad=True, **options):
+    """An op's loss and its gradients at upstream 1, as the row-loss ops return them (an empty tensor for
+    a gradient not asked for), against the float64 reference's autograd: `reference` is reference64
+    (kl_div_logits) or jsd_reference64 (jsd_logits), called with **options."""
+    ref, s64, t64 = reference(student, teacher, **options)
+    tol = TOLERANCES[dtype]
+    assert_close(loss, ref, tol["loss_rtol"], tol["loss_atol"], "loss vs float64 reference")
+    if student_grad or teacher_grad:
+        ref.backward(torch.ones_like(ref))
+    for wanted, got, want, like, name in ((student_grad, grad_s, s64.grad, student, "student"),
+                                          (teacher_grad, grad_t, t64.grad, teacher, "teacher")):
+        if wanted:
+            assert got.dtype == dtype and got.shape == like.shape
+            assert_grad_close(got, want, dtype, f"{name} grad")
+        else:
+            assert got.numel() == 0
+
+
 def assert_weighted_grad_close(actual, expected, dtype, scale, temperature, what=""):
     """A gradient of the form p (log p - log q - KL) / T at |logit| / T near `scale`: a difference of terms
     of size scale / T that cancel to ~0 there, so that its error is the rounding of those terms."""

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from kl_fused import _shard_math
-from conftest import (DTYPES, TOLERANCES, assert_close, assert_grad_close, assert_weighted_grad_close, logits_at_scale,
-                      make_logits, reference64, scipy_row_kl)
-from simt.emulator import CXX_TYPES, DEFAULT_LIMITS, Emulator, assert_owned_kernels_ran, pack_of
+from conftest import (DTYPES, TOLERANCES, assert_close, assert_grad_close, assert_weighted_grad_close,
+                      check_against_reference64, logits_at_scale, make_logits, reference64, scipy_row_kl)
+from simt.emulator import CXX_TYPES, DEFAULT_LIMITS, Emulator, assert_owned_kernels_ran, emulated_kl, pack_of
 from simt.emulator import only_launch as _only_launch
 
 NEG_INF = float("-inf")
@@ -33,35 +33,13 @@ def emu():
     return Emulator()
 
 
-def emulated_kl(emu, student, teacher, *, mask=None, temperature=1.0, direction="forward", reduction="sum",
-                student_grad=True, teacher_grad=True):
-    (loss, grad_s, grad_t), launches = emu.call(
-        "kl_div_logits", student, teacher, mask, float(temperature), direction == "reverse", reduction,
-        student_grad, teacher_grad)
-    return loss, grad_s, grad_t, launches
-
-
 def only_launch(launches, name="kl_rows_kernel"):
     return _only_launch(launches, name)
 
 
-def check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, *, student_grad=True, teacher_grad=True,
-                            **options):
+def check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, **options):
     """Loss and the gradients at upstream 1 against the float64 reference's autograd."""
-    ref, s64, t64 = reference64(student, teacher, **options)
-    tol = TOLERANCES[dtype]
-    assert_close(loss, ref, tol["loss_rtol"], tol["loss_atol"], "loss vs float64 reference")
-    ref.backward(torch.ones_like(ref))
-    if student_grad:
-        assert grad_s.dtype == dtype and grad_s.shape == student.shape
-        assert_grad_close(grad_s, s64.grad, dtype, "student grad")
-    else:
-        assert grad_s.numel() == 0
-    if teacher_grad:
-        assert grad_t.dtype == dtype and grad_t.shape == teacher.shape
-        assert_grad_close(grad_t, t64.grad, dtype, "teacher grad")
-    else:
-        assert grad_t.numel() == 0
+    check_against_reference64(reference64, loss, grad_s, grad_t, student, teacher, dtype, **options)
 
 
 # ------------------------------------------------------------------------------------- kl_div_logits

@@ -10,9 +10,11 @@ import pathlib
 import pytest
 import torch
 
-from conftest import DTYPES, TOLERANCES, assert_close, assert_grad_close, logits_at_scale, make_logits, numpy_jsd
+from conftest import (DTYPES, TOLERANCES, assert_close, assert_grad_close, check_against_reference64, logits_at_scale,
+                      make_logits, numpy_jsd)
 from conftest import jsd_reference64 as reference64
-from simt.emulator import CXX_TYPES, DEFAULT_LIMITS, Emulator, assert_owned_kernels_ran, only_launch, pack_of
+from simt.emulator import (CXX_TYPES, DEFAULT_LIMITS, Emulator, assert_owned_kernels_ran, emulated_jsd, only_launch,
+                           pack_of)
 
 NEG_INF = float("-inf")
 
@@ -22,27 +24,9 @@ def emu():
     return Emulator()
 
 
-def emulated_jsd(emu, student, teacher, *, beta=0.5, mask=None, temperature=1.0, reduction="sum",
-                 student_grad=True, teacher_grad=True):
-    (loss, grad_s, grad_t), launches = emu.call(
-        "jsd_logits", student, teacher, mask, float(beta), float(temperature), reduction, student_grad, teacher_grad)
-    return loss, grad_s, grad_t, launches
-
-
-def check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, *, student_grad=True, teacher_grad=True,
-                            **options):
+def check_against_reference(loss, grad_s, grad_t, student, teacher, dtype, **options):
     """Loss and the gradients at upstream 1 against the float64 reference's autograd."""
-    ref, s64, t64 = reference64(student, teacher, **options)
-    tol = TOLERANCES[dtype]
-    assert_close(loss, ref, tol["loss_rtol"], tol["loss_atol"], "loss vs float64 reference")
-    ref.backward(torch.ones_like(ref))
-    for wanted, got, want, like, name in ((student_grad, grad_s, s64.grad, student, "student"),
-                                          (teacher_grad, grad_t, t64.grad, teacher, "teacher")):
-        if wanted:
-            assert got.dtype == dtype and got.shape == like.shape
-            assert_grad_close(got, want, dtype, f"{name} grad")
-        else:
-            assert got.numel() == 0
+    check_against_reference64(reference64, loss, grad_s, grad_t, student, teacher, dtype, **options)
 
 
 def shared_bytes(threads, dtype, cached_elements):
@@ -161,10 +145,11 @@ def test_upstream_weights_through_grad_scale(emu):
 def test_whole_and_partially_cached_rows(emu, vocab, dtype, with_grad):
     """With 16 KB of opt-in shared memory, small rows are cached whole and large ones in part; the
     later passes then read the rest from global memory again (the loss alone as well: log m needs a
-    second pass)."""
+    second pass). On a device without clusters (sm_80): with them, a row one block cannot cache goes
+    to the cluster kernel (test_cuda_emulated_cluster.py)."""
     optin = 16 * 1024
     student, teacher = make_logits((3, vocab), dtype, "cpu", seed=vocab)
-    with emu.limits(max_shared_optin=optin):
+    with emu.limits(max_shared_optin=optin, cluster_launch=False):
         loss, grad_s, grad_t, launches = emulated_jsd(emu, student, teacher, beta=0.45, temperature=1.2,
                                                       student_grad=with_grad, teacher_grad=with_grad)
     launch = only_launch(launches, "jsd_rows_kernel")
@@ -184,14 +169,17 @@ def test_whole_and_partially_cached_rows(emu, vocab, dtype, with_grad):
 
 
 def test_long_rows_use_the_largest_block_and_opt_in_shared_memory(emu):
+    """The one-block kernel on a device without clusters (sm_80): a 70000-wide row, partly cached."""
     student, teacher = make_logits((2, 70000), torch.bfloat16, "cpu", seed=30)
-    loss, grad_s, grad_t, launches = emulated_jsd(emu, student, teacher, beta=0.9, teacher_grad=False)
+    with emu.limits(cluster_launch=False):
+        loss, grad_s, grad_t, launches = emulated_jsd(emu, student, teacher, beta=0.9, teacher_grad=False)
     launch = only_launch(launches, "jsd_rows_kernel")
     assert launch.block == 512 and launch.shared == DEFAULT_LIMITS["max_shared_optin"] // 16 * 16
     check_against_reference(loss, grad_s, grad_t, student, teacher, torch.bfloat16, teacher_grad=False, beta=0.9,
                             reduction="sum")
-    rows, _, _, launches = emulated_jsd(emu, student, teacher, beta=0.9, reduction="none", student_grad=False,
-                                        teacher_grad=False)
+    with emu.limits(cluster_launch=False):
+        rows, _, _, launches = emulated_jsd(emu, student, teacher, beta=0.9, reduction="none", student_grad=False,
+                                            teacher_grad=False)
     launch = only_launch(launches, "jsd_rows_kernel")
     assert launch.block == 1024 and launch.shared == DEFAULT_LIMITS["max_shared_optin"] // 16 * 16
     assert_close(rows, numpy_jsd(student, teacher, 0.9, 1.0)[0], 1e-4, 1e-5, "loss alone vs numpy oracle")

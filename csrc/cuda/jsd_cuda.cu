@@ -20,6 +20,7 @@
 #include "launch.cuh"
 #include "row_loss_host.cuh"
 #include "row_pipeline.cuh"
+#include "row_span.cuh"
 #include "row_state.cuh"
 
 namespace kl_fused::cuda {
@@ -130,136 +131,155 @@ constexpr int kMaxJSDRowThreads = kHard ? (sizeof(scalar_t) == 8 ? 256 : 512) : 
 //   2  K_p, K_q against log m, which needs the whole row's Z                  2 ex2 + 1 log2
 //   3  with kGrad, the gradients, which need the whole row's K                2 ex2 + 1 log2
 // Bytes per element (e = sizeof(scalar_t)), each input read from global memory once when the row
-// fits the cache: loss only 2e; with one gradient 3e; with both 4e. Packs beyond the cache are
-// read again by each later pass, from L2 when the rows in flight fit there.
+// fits the cache: loss only 2e; with one gradient 3e; with both 4e. In the one-block kernel packs
+// beyond the cache are read again by each later pass, from L2 when the rows in flight fit there; the
+// cluster kernel (below) caches every pack, so it reads nothing twice.
 // Masked rows: loss 0, gradients 0, inputs never read. Undefined rows (a NaN or +inf logit, a side
 // all -inf): loss and gradients NaN.
 // kHard (jsd_hard_rows_kernel): the distillation step's cross-entropy rides along as in kl_div_cuda.cu's
-// kl_rows (hard_term.cuh): its sums in pass 1, CE per row, its share of grad_y in pass 3, the label's
+// kl_row (hard_term.cuh): its sums in pass 1, CE per row, its share of grad_y in pass 3, the label's
 // element rewritten once. At T = 1 no exponential more (q_1 is q), else one ex2 per element per pass.
-template <typename scalar_t, int N, bool kGrad, bool kHard>
-__device__ __forceinline__ void jsd_rows(const KLRowsArgs<scalar_t>& args, const at::opmath_type<scalar_t> beta) {
+//
+// One row of it over the part `span` gives this block (row_span.cuh): its two totals (the statistics
+// after pass 1, K_p and K_q after pass 2) are the block's or, in a cluster, the cluster's. Returns
+// early on a row it does not compute (masked, undefined, a label outside [0, V)), every block of a
+// cluster alike. Scratch: per-warp Divergences, then per-warp states (two reductions per row, each
+// with its own scratch: a warp may still read the merge's states while a faster one writes its
+// share of K, with no barrier between); a cluster's slots: the state, then the Divergences.
+template <typename acc_t, bool kHard>
+using JSDState = std::conditional_t<kHard, RowHardState<acc_t>, RowState<acc_t>>;
+
+template <typename acc_t, bool kHard>
+constexpr int kDivergenceSlotOffset = round16(sizeof(JSDState<acc_t, kHard>));
+template <typename acc_t, bool kHard>
+constexpr int kJSDSlotBytes = kDivergenceSlotOffset<acc_t, kHard> + sizeof(Divergences<acc_t>);
+
+template <typename scalar_t, int N, bool kGrad, bool kHard, typename Span>
+__device__ __forceinline__ void jsd_row(const KLRowsArgs<scalar_t>& args, const at::opmath_type<scalar_t> beta,
+                                        int64_t row, const Span& span, unsigned char* scratch,
+                                        Pack<scalar_t, N>* const (&cache)[2]) {
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
-  using State = std::conditional_t<kHard, RowHardState<acc_t>, RowState<acc_t>>;
-  KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
-  // Two reductions per row, each with its own per-warp scratch: a warp may still read the merge's
-  // states while a faster one writes its share of K (no barrier between the two reductions). The
-  // sums come first, at offsets that are multiples of their size (16 bytes for double).
-  auto* sum_scratch = reinterpret_cast<Divergences<acc_t>*>(shared);
+  using State = JSDState<acc_t, kHard>;
+  // The sums come first, at offsets that are multiples of their size (16 bytes for double).
+  auto* sum_scratch = reinterpret_cast<Divergences<acc_t>*>(scratch);
   auto* merge_scratch = reinterpret_cast<State*>(sum_scratch + blockDim.x / 32);
-  P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
-                       reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
-  const int64_t units = args.vocab / N;
-  const int64_t cached = args.cached_units;
   const acc_t k = args.k;
   // Read here, on the device: the counted-row count of batchmean/mean may be a mask's sum.
   const acc_t f = kGrad ? static_cast<acc_t>(args.factor.value()) : acc_t(0);
-  const auto grad_row = [&](scalar_t* grad, int64_t row) {
-    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) : nullptr;
+  // The row's gradient from this block's first pack on (its slice).
+  const auto grad_span = [&](scalar_t* grad) {
+    return grad != nullptr ? reinterpret_cast<P*>(grad + row * args.vocab) + span.begin : nullptr;
   };
-  const auto fill_gradients = [&](int64_t row, scalar_t value) {
+  const auto fill_gradients = [&](int64_t, scalar_t value) {
     if constexpr (kGrad) {
-      if (P* g = grad_row(args.grad_x, row)) fill_row(g, units, value);
-      if (P* g = grad_row(args.grad_y, row)) fill_row(g, units, value);
+      if (P* g = grad_span(args.grad_x)) fill_row(g, span.units, value);
+      if (P* g = grad_span(args.grad_y)) fill_row(g, span.units, value);
     }
   };
-
   const bool unit_t = args.inv_temperature == acc_t(1);
 
-  for (const int64_t row : block_rows(args.rows)) {
-    int64_t label;
-    if (row_skipped<kHard>(args, row, label, fill_gradients)) continue;
-    const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)),
-                            reinterpret_cast<const P*>(args.y + args.y_rows.offset(row))};
-    RowState<acc_t> st;
-    HardSums<acc_t> hs{};
-    if constexpr (kHard) {
-      KLHardStatistics<acc_t> statistics{empty_row_state<acc_t>(), k, empty_hard_sums<acc_t>(), false, !unit_t,
-                                         args.hard.smoothing != acc_t(0)};
-      first_pass<kUnroll<N>>(in, cache, cached, units, statistics);
-      // The merge's barrier also orders the row-cache writes before the later passes read them.
-      const RowHardState<acc_t> merged =
-          block_reduce(RowHardState<acc_t>{statistics.st, statistics.h}, MergeRowHardStates<acc_t>{k},
-                       RowHardState<acc_t>{empty_row_state<acc_t>(), empty_hard_sums<acc_t>()}, merge_scratch);
-      st = merged.st;
-      hs = merged.h;
-    } else {
-      KLStatistics<acc_t> statistics{empty_row_state<acc_t>(), k};
-      first_pass<kUnroll<N>>(in, cache, cached, units, statistics);
-      // The merge's barrier also orders the row-cache writes before the later passes read them.
-      st = block_merge(statistics.st, k, merge_scratch);
+  int64_t label;
+  if (row_skipped<kHard>(args, row, label, fill_gradients, span.leader())) return;
+  const P* const in[2] = {reinterpret_cast<const P*>(args.x + args.x_rows.offset(row)) + span.begin,
+                          reinterpret_cast<const P*>(args.y + args.y_rows.offset(row)) + span.begin};
+  RowState<acc_t> st;
+  HardSums<acc_t> hs{};
+  if constexpr (kHard) {
+    KLHardStatistics<acc_t> statistics{empty_row_state<acc_t>(), k, empty_hard_sums<acc_t>(), false, !unit_t,
+                                       args.hard.smoothing != acc_t(0)};
+    first_pass<kUnroll<N>>(in, cache, span.cached, span.units, statistics);
+    // The merge's barrier also orders the row-cache writes before the later passes read them.
+    const RowHardState<acc_t> merged = span.row_total(
+        block_reduce(RowHardState<acc_t>{statistics.st, statistics.h}, MergeRowHardStates<acc_t>{k},
+                     RowHardState<acc_t>{empty_row_state<acc_t>(), empty_hard_sums<acc_t>()}, merge_scratch),
+        MergeRowHardStates<acc_t>{k});
+    st = merged.st;
+    hs = merged.h;
+  } else {
+    KLStatistics<acc_t> statistics{empty_row_state<acc_t>(), k};
+    first_pass<kUnroll<N>>(in, cache, span.cached, span.units, statistics);
+    // The merge's barrier also orders the row-cache writes before the later passes read them.
+    st = span.row_total(block_merge(statistics.st, k, merge_scratch), MergeRowStates<acc_t>{k});
+  }
+  // A NaN logit makes its side's Z NaN, and so does a +inf one (inf - inf); a side all -inf has
+  // no distribution. Uniform over the block (block_reduce gives every thread the same bits of the
+  // state) and over a cluster (every block merges the same slots in the same order).
+  if (st.zx != st.zx || st.zy != st.zy || st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) {
+    if (span.leader()) {
+      args.row_loss[row] = static_cast<acc_t>(NAN);
+      if constexpr (kHard) args.hard.row_hard[row] = static_cast<acc_t>(NAN);
     }
-    // A NaN logit makes its side's Z NaN, and so does a +inf one (inf - inf); a side all -inf has
-    // no distribution. Block-uniform: block_reduce gives every thread the same bits of the state.
-    if (st.zx != st.zx || st.zy != st.zy || st.mx == neg_inf<acc_t>() || st.my == neg_inf<acc_t>()) {
-      if (threadIdx.x == 0) {
-        args.row_loss[row] = static_cast<acc_t>(NAN);
-        if constexpr (kHard) args.hard.row_hard[row] = static_cast<acc_t>(NAN);
-      }
-      fill_gradients(row, static_cast<scalar_t>(NAN));
-      continue;
+    fill_gradients(row, static_cast<scalar_t>(NAN));
+    return;
+  }
+  HardRow<acc_t> hard{};
+  if constexpr (kHard) {  // the student is y: at T = 1 its soft statistics are the hard term's
+    const acc_t m_s = unit_t ? st.my : hs.m;
+    const acc_t log2_z1 = unit_t ? log2_acc(st.zy) : log2_acc(hs.z1);
+    if (span.leader()) {
+      args.hard.row_hard[row] = cross_entropy(m_s, log2_z1 * static_cast<acc_t>(kLn2), hs.sum,
+                                              to_acc(args.y[args.y_rows.offset(row) + label]), args.hard.smoothing,
+                                              args.vocab);
     }
-    HardRow<acc_t> hard{};
-    if constexpr (kHard) {  // the student is y: at T = 1 its soft statistics are the hard term's
-      const acc_t m_s = unit_t ? st.my : hs.m;
-      const acc_t log2_z1 = unit_t ? log2_acc(st.zy) : log2_acc(hs.z1);
-      if (threadIdx.x == 0) {
-        args.hard.row_hard[row] = cross_entropy(m_s, log2_z1 * static_cast<acc_t>(kLn2), hs.sum,
-                                                to_acc(args.y[args.y_rows.offset(row) + label]), args.hard.smoothing,
-                                                args.vocab);
-      }
-      if constexpr (kGrad) {
-        const acc_t f_h = static_cast<acc_t>(args.hard.factor.value());
-        hard = {f_h, f_h / hs.z1, m_s, f_h * args.hard.smoothing / static_cast<acc_t>(args.vocab),
-                f_h * (acc_t(1) - args.hard.smoothing), unit_t, f_h};
-      }
-    }
-    const JSDRowConstants<acc_t> c{st.mx, st.my, k, acc_t(1) / st.zx, acc_t(1) / st.zy,
-                                   log2_acc(st.zx), log2_acc(st.zy), beta};
-    JSDDivergencePass<acc_t> divergences{{acc_t(0), acc_t(0)}, c};
-    later_pass<kGradUnroll<N>, !kGrad>(in, cache, cached, units, divergences);
-    const Divergences<acc_t> k2 =
-        block_reduce(divergences.sums, AddDivergences<acc_t>{}, Divergences<acc_t>{acc_t(0), acc_t(0)}, sum_scratch);
-    // JSD >= 0; what rounding leaves below 0 (a row equal to itself) is clamped, as on the CPU.
-    const acc_t jsd2 = beta * k2.kp + (acc_t(1) - beta) * k2.kq;
-    if (threadIdx.x == 0) args.row_loss[row] = jsd2 > acc_t(0) ? jsd2 * static_cast<acc_t>(kLn2) : acc_t(0);
-
     if constexpr (kGrad) {
-      const acc_t scale_x = beta * f * static_cast<acc_t>(kLn2);
-      const acc_t scale_y = (acc_t(1) - beta) * f * static_cast<acc_t>(kLn2);
-      P* const gx = grad_row(args.grad_x, row);
-      P* const gy = grad_row(args.grad_y, row);
-      constexpr int U = kGradUnroll<N>;
-      const auto pass = [&](auto need_x, auto need_y) {
-        constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
-        if constexpr (kHard) {
-          const JSDGradientPass<kX, kY, P, acc_t, HardTermShare<acc_t>> step{
-              gx, gy, c, k2, scale_x, scale_y, HardTermShare<acc_t>{hard, false}};
-          later_pass<U, true>(in, cache, cached, units, step);
-          // The label's element of the student's gradient, rewritten once with its pull -f_h (1 - eps).
-          if (gy != nullptr) {
-            __syncthreads();  // the pass's write of that element comes first
-            if (threadIdx.x == 0) {
-              acc_t dx = acc_t(0), dy = acc_t(0);
-              step.element(to_acc(args.x[args.x_rows.offset(row) + label]),
-                           to_acc(args.y[args.y_rows.offset(row) + label]), dx, dy);
-              reinterpret_cast<scalar_t*>(gy)[label] = static_cast<scalar_t>(dy - hard.pull);
-            }
-          }
-        } else {
-          later_pass<U, true>(in, cache, cached, units, JSDGradientPass<kX, kY, P, acc_t>{gx, gy, c, k2, scale_x, scale_y, {}});
-        }
-      };
-      if (gx != nullptr && gy != nullptr) {
-        pass(std::true_type{}, std::true_type{});
-      } else if (gx != nullptr) {
-        pass(std::true_type{}, std::false_type{});
-      } else {
-        pass(std::false_type{}, std::true_type{});
-      }
+      const acc_t f_h = static_cast<acc_t>(args.hard.factor.value());
+      hard = {f_h, f_h / hs.z1, m_s, f_h * args.hard.smoothing / static_cast<acc_t>(args.vocab),
+              f_h * (acc_t(1) - args.hard.smoothing), unit_t, f_h};
     }
   }
+  const JSDRowConstants<acc_t> c{st.mx, st.my, k, acc_t(1) / st.zx, acc_t(1) / st.zy,
+                                 log2_acc(st.zx), log2_acc(st.zy), beta};
+  JSDDivergencePass<acc_t> divergences{{acc_t(0), acc_t(0)}, c};
+  later_pass<kGradUnroll<N>, !kGrad>(in, cache, span.cached, span.units, divergences);
+  const Divergences<acc_t> k2 = span.row_total(
+      block_reduce(divergences.sums, AddDivergences<acc_t>{}, Divergences<acc_t>{acc_t(0), acc_t(0)}, sum_scratch),
+      AddDivergences<acc_t>{}, kDivergenceSlotOffset<acc_t, kHard>);
+  // JSD >= 0; what rounding leaves below 0 (a row equal to itself) is clamped, as on the CPU.
+  const acc_t jsd2 = beta * k2.kp + (acc_t(1) - beta) * k2.kq;
+  if (span.leader()) args.row_loss[row] = jsd2 > acc_t(0) ? jsd2 * static_cast<acc_t>(kLn2) : acc_t(0);
+
+  if constexpr (kGrad) {
+    const acc_t scale_x = beta * f * static_cast<acc_t>(kLn2);
+    const acc_t scale_y = (acc_t(1) - beta) * f * static_cast<acc_t>(kLn2);
+    P* const gx = grad_span(args.grad_x);
+    P* const gy = grad_span(args.grad_y);
+    constexpr int U = kGradUnroll<N>;
+    const auto pass = [&](auto need_x, auto need_y) {
+      constexpr bool kX = decltype(need_x)::value, kY = decltype(need_y)::value;
+      if constexpr (kHard) {
+        const JSDGradientPass<kX, kY, P, acc_t, HardTermShare<acc_t>> step{
+            gx, gy, c, k2, scale_x, scale_y, HardTermShare<acc_t>{hard, false}};
+        later_pass<U, true>(in, cache, span.cached, span.units, step);
+        // The label's element of the student's gradient, rewritten once with its pull -f_h (1 - eps),
+        // by the block whose part holds it.
+        const int64_t at = label - span.begin * N;
+        if (gy != nullptr && at >= 0 && at < span.units * N) {  // block-uniform
+          __syncthreads();  // the pass's write of that element comes first
+          if (threadIdx.x == 0) {
+            acc_t dx = acc_t(0), dy = acc_t(0);
+            step.element(to_acc(args.x[args.x_rows.offset(row) + label]),
+                         to_acc(args.y[args.y_rows.offset(row) + label]), dx, dy);
+            reinterpret_cast<scalar_t*>(gy)[at] = static_cast<scalar_t>(dy - hard.pull);
+          }
+        }
+      } else {
+        later_pass<U, true>(in, cache, span.cached, span.units, JSDGradientPass<kX, kY, P, acc_t>{gx, gy, c, k2, scale_x, scale_y, {}});
+      }
+    };
+    with_wanted_gradients(gx, gy, pass);
+  }
+}
+
+// The one-block kernels: a block per row, grid-stride.
+template <typename scalar_t, int N, bool kGrad, bool kHard>
+__device__ __forceinline__ void jsd_rows(const KLRowsArgs<scalar_t>& args, const at::opmath_type<scalar_t> beta) {
+  using P = Pack<scalar_t, N>;
+  KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
+  P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
+                       reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
+  const OneBlockRow span{0, args.vocab / N, args.cached_units};
+  for (const int64_t row : block_rows(args.rows)) jsd_row<scalar_t, N, kGrad, kHard>(args, beta, row, span, shared, cache);
 }
 
 template <typename scalar_t, int N, bool kGrad>
@@ -274,35 +294,91 @@ __global__ void __launch_bounds__(kMaxJSDRowThreads<scalar_t, kGrad, true>, kMin
   jsd_rows<scalar_t, N, kGrad, true>(args, beta);
 }
 
+// The cluster kernels (sm_90+), for rows too wide for one block's shared memory: a thread-block
+// cluster of B blocks per row (launch_plan.h, plan_cluster_rows_launch), block b taking packs
+// [b S, (b + 1) S) of the row, S = args.cached_units, all of them cached:
+//   1. each block streams its slice once into its row cache (statistics), merges its threads' states
+//      into its first slot; cluster barrier; every block merges the B slots in rank order;
+//   2. each block's K_p, K_q of its slice from the cache into its second slot; cluster barrier; every
+//      block merges them; block 0 writes the row's loss (and cross-entropy);
+//   3. with kGrad, each block writes its slice's gradients from its cache (the block holding the
+//      label rewrites its element); cluster barrier.
+// Bytes per element: read x, y once, write each wanted gradient once: 2e loss only, 3e with one
+// gradient, 4e with both -- the floor, at any width up to B = 8 blocks' shared memory (262144 bf16
+// with a gradient: 5 blocks of 227 KB). Skipped and undefined rows: each block fills its slice of
+// the gradients.
+template <typename scalar_t, int N, bool kGrad, bool kHard>
+__device__ __forceinline__ void jsd_cluster_rows(const KLRowsArgs<scalar_t>& args, const at::opmath_type<scalar_t> beta) {
+#if KL_FUSED_DEVICE_HAS_CLUSTERS
+  using acc_t = at::opmath_type<scalar_t>;
+  using P = Pack<scalar_t, N>;
+  KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
+  P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
+                       reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
+  const ClusterRow span =
+      cluster_row_span(args.vocab / N, args.cached_units, shared, args.scratch_bytes, kJSDSlotBytes<acc_t, kHard>);
+  cluster_rows(args.rows, span, [&](int64_t row) { jsd_row<scalar_t, N, kGrad, kHard>(args, beta, row, span, shared, cache); });
+#else
+  (void)args;  // launched only where DeviceLimits::cluster_launch (sm_90+)
+  (void)beta;
+#endif
+}
+
+// The cluster kernels keep the slice's bounds and the cluster's rank beside what the one-block kernels
+// hold: at 1024 threads (the loss alone) and at 512 for fp64, ptxas spilled them on sm_90. At most 512
+// threads (fp64 256) for both; a slice holds at most a block's shared memory, so 512 threads still
+// stream ~14 packs each.
+template <typename scalar_t>
+constexpr int kMaxJSDClusterThreads = sizeof(scalar_t) == 8 ? 256 : 512;
+
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxJSDClusterThreads<scalar_t>, kMinRowBlocksPerSM)
+    jsd_cluster_rows_kernel(const KLRowsArgs<scalar_t> args, const at::opmath_type<scalar_t> beta) {
+  jsd_cluster_rows<scalar_t, N, kGrad, false>(args, beta);
+}
+
+template <typename scalar_t, int N, bool kGrad>
+__global__ void __launch_bounds__(kMaxJSDClusterThreads<scalar_t>, kMinRowBlocksPerSM)
+    jsd_hard_cluster_rows_kernel(const KLRowsArgs<scalar_t> args, const at::opmath_type<scalar_t> beta) {
+  jsd_cluster_rows<scalar_t, N, kGrad, true>(args, beta);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Host side (launch.cuh: the same code runs on the GPU and under the SIMT emulator of the tests).
 
-// The row is always cached: even the loss needs a second pass (log m needs the whole row's Z).
+// The row is always cached: even the loss needs a second pass (log m needs the whole row's Z). A row
+// one block cannot cache goes to the cluster kernel where the device has clusters and one fits.
 template <int N, typename scalar_t>
 void launch_jsd_rows(KLRowsArgs<scalar_t> args, at::opmath_type<scalar_t> beta, bool any_grad,
                      const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
   const bool hard = args.hard.labels != nullptr;
-  const auto launch = [&](auto grad) {
-    constexpr bool kGrad = decltype(grad)::value;
-    const RowsLaunch plan = plan_rows_launch(
-        args.rows, args.vocab / N, 2 * kUnroll<N>,
-        hard ? kMaxJSDRowThreads<scalar_t, kGrad, true> : kMaxJSDThreads<scalar_t, kGrad>,
-        (hard ? sizeof(RowHardState<acc_t>) : sizeof(RowState<acc_t>)) + sizeof(Divergences<acc_t>),
-        sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
-    args.scratch_bytes = plan.scratch_bytes;
-    args.cached_units = plan.cached_units;
-    if (hard) {
-      if (plan.opt_in) allow_dynamic_shared<jsd_hard_rows_kernel<scalar_t, N, kGrad>>(limits.max_shared_optin);
-      launch_kernel<jsd_hard_rows_kernel<scalar_t, N, kGrad>>(plan.grid, plan.threads, plan.shared_bytes, stream, args,
-                                                              beta);
+  const auto launch = [&](auto grad, auto with_hard) {
+    constexpr bool kGrad = decltype(grad)::value, kHard = decltype(with_hard)::value;
+    constexpr int kThreads = kHard ? kMaxJSDRowThreads<scalar_t, kGrad, true> : kMaxJSDThreads<scalar_t, kGrad>;
+    constexpr int kStateBytes = sizeof(JSDState<acc_t, kHard>) + sizeof(Divergences<acc_t>);
+    constexpr auto kOneBlock = kHard ? jsd_hard_rows_kernel<scalar_t, N, kGrad> : jsd_rows_kernel<scalar_t, N, kGrad>;
+    constexpr auto kCluster =
+        kHard ? jsd_hard_cluster_rows_kernel<scalar_t, N, kGrad> : jsd_cluster_rows_kernel<scalar_t, N, kGrad>;
+    const RowsLaunch plan = plan_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kThreads, kStateBytes,
+                                             sizeof(Pack<scalar_t, N>), /*cache_rows=*/true, limits);
+    if (plan.cached_units < args.vocab / N &&
+        launch_cluster_rows<kCluster, kMaxJSDClusterThreads<scalar_t>, N>(args, kStateBytes, kJSDSlotBytes<acc_t, kHard>,
+                                                                          limits, stream, beta)) {
       return;
     }
-    if (plan.opt_in) allow_dynamic_shared<jsd_rows_kernel<scalar_t, N, kGrad>>(limits.max_shared_optin);
-    launch_kernel<jsd_rows_kernel<scalar_t, N, kGrad>>(plan.grid, plan.threads, plan.shared_bytes, stream, args, beta);
+    args.scratch_bytes = plan.scratch_bytes;
+    args.cached_units = plan.cached_units;
+    if (plan.opt_in) allow_dynamic_shared<kOneBlock>(limits.max_shared_optin);
+    launch_kernel<kOneBlock>(plan.grid, plan.threads, plan.shared_bytes, stream, args, beta);
   };
-  if (any_grad) launch(std::true_type{});
-  else launch(std::false_type{});
+  if (any_grad) {
+    if (hard) launch(std::true_type{}, std::true_type{});
+    else launch(std::true_type{}, std::false_type{});
+  } else {
+    if (hard) launch(std::false_type{}, std::true_type{});
+    else launch(std::false_type{}, std::false_type{});
+  }
 }
 
 }  // namespace

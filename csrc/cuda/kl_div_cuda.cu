@@ -25,6 +25,7 @@
 #include "kl_row_math.cuh"
 #include "row_loss_host.cuh"
 #include "row_pipeline.cuh"
+#include "row_span.cuh"
 
 namespace kl_fused::cuda {
 namespace {
@@ -75,57 +76,6 @@ __device__ __forceinline__ KLGradConstants<acc_t> kl_grad_constants(const RowSta
   return c;
 }
 
-// pass(need_x, need_y) with the gradients wanted (at least one pointer is set) as compile-time flags.
-template <typename P, typename Pass>
-__device__ __forceinline__ void with_wanted_gradients(const P* gx, const P* gy, Pass&& pass) {
-  if (gx != nullptr && gy != nullptr) {
-    pass(std::true_type{}, std::true_type{});
-  } else if (gx != nullptr) {
-    pass(std::true_type{}, std::false_type{});
-  } else {
-    pass(std::false_type{}, std::true_type{});
-  }
-}
-
-// The part of a row one block computes, and how the block's statistics become the row's.
-//   OneBlockRow: the whole row (`units` packs, the leading `cached` of them kept in the row cache);
-//                the block's merged state is the row's; block_rows' barrier separates two rows.
-//   ClusterRow:  (sm_90+) packs [begin, begin + units) of the row, all of them cached; the block's
-//                state goes to its slot, and after a cluster barrier every block merges the cluster's
-//                slots in rank order through distributed shared memory (the same order everywhere,
-//                so every block holds the same bits of the row's state). The caller ends every row
-//                with a cluster barrier: the slots are read before the next row rewrites them, and
-//                before a block exits.
-// leader(): the one thread that writes the row's outputs (loss, cross-entropy, status).
-struct OneBlockRow {
-  int64_t begin, units, cached;
-  __device__ __forceinline__ bool leader() const { return threadIdx.x == 0; }
-  template <typename State, typename Merge>
-  __device__ __forceinline__ State row_state(const State& mine, Merge) const {
-    return mine;
-  }
-};
-
-#if KL_FUSED_DEVICE_HAS_CLUSTERS
-struct ClusterRow {
-  int64_t begin, units, cached;
-  unsigned int rank, blocks;
-  void* slot;  // this block's, in its shared memory: one State
-  __device__ __forceinline__ bool leader() const { return rank == 0 && threadIdx.x == 0; }
-  template <typename State, typename Merge>
-  __device__ __forceinline__ State row_state(const State& mine, Merge merge_states) const {
-    namespace cg = cooperative_groups;
-    const cg::cluster_group cluster = cg::this_cluster();
-    auto* own = static_cast<State*>(slot);
-    if (threadIdx.x == 0) *own = mine;
-    cluster.sync();
-    State st = *cluster.map_shared_rank(own, 0);
-    for (unsigned int r = 1; r < blocks; ++r) st = merge_states(st, *cluster.map_shared_rank(own, r));
-    return st;
-  }
-};
-#endif
-
 // One row of kl_rows (below) over the part `span` gives this block. Returns early on a row it does
 // not compute (masked; a label outside [0, V)), every block of a cluster alike.
 template <typename scalar_t, int N, bool kGrad, bool kHard, typename Span>
@@ -171,11 +121,11 @@ __device__ __forceinline__ void kl_row(const KLRowsArgs<scalar_t>& args, int64_t
     // The merge's barrier also orders the row-cache writes before the gradient pass reads them.
     st = block_reduce(RowHardState<acc_t>{accumulate.st, accumulate.h}, MergeRowHardStates<acc_t>{k},
                       RowHardState<acc_t>{empty_row_state<acc_t>(), empty_hard_sums<acc_t>()}, scratch);
-    st = span.row_state(st, MergeRowHardStates<acc_t>{k});
+    st = span.row_total(st, MergeRowHardStates<acc_t>{k});
   } else {
     KLStatistics<acc_t> accumulate{empty_row_state<acc_t>(), k};
     statistics_pass(accumulate);
-    st = span.row_state(block_merge(accumulate.st, k, scratch), MergeRowStates<acc_t>{k});
+    st = span.row_total(block_merge(accumulate.st, k, scratch), MergeRowStates<acc_t>{k});
   }
   const RowState<acc_t>& rs = [&]() -> const RowState<acc_t>& {
     if constexpr (kHard) return st.st;
@@ -274,7 +224,7 @@ __global__ void __launch_bounds__(kMaxHardRowThreads<scalar_t>, kMinRowBlocksPer
 // kl_div_logits (and, kHard, distillation_loss's KL with the hard term) with a gradient, for rows too
 // wide for one block's shared memory, on sm_90+: a thread-block cluster of B blocks per row
 // (launch_plan.h, plan_cluster_rows_launch), block b taking packs [b S, (b + 1) S) of the row,
-// S = args.cached_units (ClusterRow above):
+// S = args.cached_units (row_span.cuh's ClusterRow):
 //   1. each block streams its slice once from global memory into its row cache, keeping the online
 //      state of its slice (and the hard term's sums), and merges its threads' states into its slot;
 //   2. cluster barrier; every block merges the B slots in rank order through distributed shared
@@ -287,33 +237,31 @@ __global__ void __launch_bounds__(kMaxHardRowThreads<scalar_t>, kMinRowBlocksPer
 template <typename scalar_t, int N, bool kHard>
 __device__ __forceinline__ void kl_cluster_rows(const KLRowsArgs<scalar_t>& args) {
 #if KL_FUSED_DEVICE_HAS_CLUSTERS
-  namespace cg = cooperative_groups;
   using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
   using State = std::conditional_t<kHard, RowHardState<acc_t>, RowState<acc_t>>;
-  const cg::cluster_group cluster = cg::this_cluster();
-  const unsigned int rank = cluster.block_rank(), blocks = cluster.num_blocks();
   KL_FUSED_DYNAMIC_SHARED(unsigned char, shared);
   auto* scratch = reinterpret_cast<State*>(shared);
   P* const cache[2] = {reinterpret_cast<P*>(shared + args.scratch_bytes),
                        reinterpret_cast<P*>(shared + args.scratch_bytes) + args.cached_units};
-  const int64_t units = args.vocab / N;
-  const int64_t begin = std::min<int64_t>(units, rank * args.cached_units);
-  const int64_t slice = std::min<int64_t>(units, begin + args.cached_units) - begin;
-  // The slot follows the per-warp states, as plan_rows_launch lays out the scratch (extra_scratch_bytes).
-  const ClusterRow span{begin, slice, slice, rank, blocks, shared + (blockDim.x / 32 * sizeof(State) + 15) / 16 * 16};
-  // Every block of a cluster takes the same rows (cluster-uniform branches and barriers).
-  for (int64_t row = blockIdx.x / blocks; row < args.rows; row += gridDim.x / blocks) {
-    kl_row<scalar_t, N, true, kHard>(args, row, span, scratch, cache);
-    cluster.sync();
-  }
+  const ClusterRow span =
+      cluster_row_span(args.vocab / N, args.cached_units, shared, args.scratch_bytes, sizeof(State));
+  cluster_rows(args.rows, span, [&](int64_t row) { kl_row<scalar_t, N, true, kHard>(args, row, span, scratch, cache); });
 #else
   (void)args;  // launched only where DeviceLimits::cluster_launch (sm_90+)
 #endif
 }
 
+// The cluster kernel keeps its slice's bounds and its rank beside the one-block kernel's state: at 1024
+// threads (64 registers) it sat at the edge, and ptxas spilled 8 bytes of the float and half vector
+// kernels on sm_90 after a change that moved code between headers and altered no arithmetic. At most 512
+// threads (128 registers), as the other cluster kernels: a slice is at most one block's shared memory,
+// ~14 packs per thread and input at 512 threads.
+template <typename scalar_t>
+constexpr int kMaxClusterRowThreads = 512;
+
 template <typename scalar_t, int N>
-__global__ void __launch_bounds__(kMaxRowThreads<scalar_t>, kMinRowBlocksPerSM)
+__global__ void __launch_bounds__(kMaxClusterRowThreads<scalar_t>, kMinRowBlocksPerSM)
     kl_cluster_rows_kernel(const KLRowsArgs<scalar_t> args) {
   kl_cluster_rows<scalar_t, N, false>(args);
 }
@@ -365,23 +313,6 @@ __global__ void __launch_bounds__(kMaxThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side (launch.cuh: the same code runs on the GPU and under the SIMT emulator of the tests).
 
-// A cluster kernel (kKernel: State per block, at most kMaxThreads threads) for rows one block cannot
-// cache, where the device has clusters and a cluster of at most 8 blocks holds the row and can be
-// resident; false otherwise (nothing launched).
-template <auto kKernel, typename State, int kMaxThreads, int N, typename scalar_t>
-bool launch_cluster_rows(KLRowsArgs<scalar_t> args, const DeviceLimits& limits, Stream stream) {
-  const ClusterRowsLaunch plan = plan_cluster_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxThreads,
-                                                          sizeof(State), sizeof(Pack<scalar_t, N>), sizeof(State),
-                                                          limits);
-  if (plan.blocks == 1) return false;
-  if (plan.block.opt_in) allow_dynamic_shared<kKernel>(limits.max_shared_optin);
-  if (max_active_clusters<kKernel>(plan.blocks, plan.block.threads, plan.block.shared_bytes, stream) == 0) return false;
-  args.scratch_bytes = plan.block.scratch_bytes;
-  args.cached_units = plan.block.cached_units;
-  launch_cluster_kernel<kKernel>(plan.block.grid, plan.blocks, plan.block.threads, plan.block.shared_bytes, stream, args);
-  return true;
-}
-
 template <int N, typename scalar_t>
 void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits& limits, Stream stream) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -398,8 +329,8 @@ void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits
       launch_kernel<kl_hard_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
       return;
     }
-    if (partial && launch_cluster_rows<kl_hard_cluster_rows_kernel<scalar_t, N>, RowHardState<acc_t>,
-                                       kMaxHardRowThreads<scalar_t>, N>(args, limits, stream)) {
+    if (partial && launch_cluster_rows<kl_hard_cluster_rows_kernel<scalar_t, N>, kMaxHardRowThreads<scalar_t>, N>(
+                       args, sizeof(RowHardState<acc_t>), sizeof(RowHardState<acc_t>), limits, stream)) {
       return;
     }
     if (plan.opt_in) allow_dynamic_shared<kl_hard_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);
@@ -410,8 +341,8 @@ void launch_kl_rows(KLRowsArgs<scalar_t> args, bool any_grad, const DeviceLimits
     launch_kernel<kl_rows_kernel<scalar_t, N, false>>(plan.grid, plan.threads, plan.shared_bytes, stream, args);
     return;
   }
-  if (partial && launch_cluster_rows<kl_cluster_rows_kernel<scalar_t, N>, RowState<acc_t>, kMaxRowThreads<scalar_t>, N>(
-                     args, limits, stream)) {
+  if (partial && launch_cluster_rows<kl_cluster_rows_kernel<scalar_t, N>, kMaxClusterRowThreads<scalar_t>, N>(
+                     args, sizeof(RowState<acc_t>), sizeof(RowState<acc_t>), limits, stream)) {
     return;
   }
   if (plan.opt_in) allow_dynamic_shared<kl_rows_kernel<scalar_t, N, true>>(limits.max_shared_optin);

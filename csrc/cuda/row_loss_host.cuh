@@ -16,6 +16,7 @@
 #include "hard_term.cuh"
 #include "kl_row_math.cuh"
 #include "launch.cuh"
+#include "row_pipeline.cuh"
 
 namespace kl_fused::cuda {
 
@@ -29,6 +30,25 @@ struct RowLossOutputs {
   at::Tensor grad_student;
   at::Tensor grad_teacher;
 };
+
+// A cluster kernel (kKernel(args, extra...), at most kMaxThreads threads; row_span.cuh's ClusterRow)
+// for rows one block cannot cache: per-warp scratch of `state_bytes` and `slot_bytes` of slots per
+// block. Launched where the device has clusters and a cluster of at most 8 blocks caches the row and
+// can be resident (cudaOccupancyMaxActiveClusters); false otherwise, nothing launched.
+template <auto kKernel, int kMaxThreads, int N, typename scalar_t, typename... Extra>
+bool launch_cluster_rows(KLRowsArgs<scalar_t> args, int state_bytes, int slot_bytes, const DeviceLimits& limits,
+                         Stream stream, const Extra&... extra) {
+  const ClusterRowsLaunch plan = plan_cluster_rows_launch(args.rows, args.vocab / N, 2 * kUnroll<N>, kMaxThreads,
+                                                          state_bytes, sizeof(Pack<scalar_t, N>), slot_bytes, limits);
+  if (plan.blocks == 1) return false;
+  if (plan.block.opt_in) allow_dynamic_shared<kKernel>(limits.max_shared_optin);
+  if (max_active_clusters<kKernel>(plan.blocks, plan.block.threads, plan.block.shared_bytes, stream) == 0) return false;
+  args.scratch_bytes = plan.block.scratch_bytes;
+  args.cached_units = plan.block.cached_units;
+  launch_cluster_kernel<kKernel>(plan.block.grid, plan.blocks, plan.block.threads, plan.block.shared_bytes, stream, args,
+                                 extra...);
+  return true;
+}
 
 template <typename Launch>
 RowLossOutputs run_rows_cuda(const PreparedRows& in, double temperature, bool reverse, bool student_grad,

@@ -16,6 +16,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include "device_compat.cuh"
 #include "launch_plan.h"
@@ -125,6 +126,19 @@ __device__ __forceinline__ void later_pass(const P* const (&in)[kIn], P* const (
                                            int64_t units, Fn&& fn) {
   stream_packs<U, kLast ? Source::kGlobalLastUse : Source::kGlobal, false, kTailBackward>(in, cache, cached, units, fn);
   stream_packs<U, Source::kCache, false>(in, cache, 0, cached, fn);
+}
+
+// pass(need_x, need_y) with the gradients wanted (at least one pointer is set) as compile-time flags, so
+// that a gradient pass compiles only the arithmetic of the gradients it writes.
+template <typename P, typename Pass>
+__device__ __forceinline__ void with_wanted_gradients(const P* gx, const P* gy, Pass&& pass) {
+  if (gx != nullptr && gy != nullptr) {
+    pass(std::true_type{}, std::true_type{});
+  } else if (gx != nullptr) {
+    pass(std::true_type{}, std::false_type{});
+  } else {
+    pass(std::false_type{}, std::true_type{});
+  }
 }
 
 // The block's rows, grid-stride, with a barrier between one row and the next (the next row

@@ -33,6 +33,8 @@ KERNEL_OWNERS = {
     "kl_rows_kernel": "test_cuda_emulated.py",
     "kl_cluster_rows_kernel": "test_cuda_emulated_cluster.py",
     "kl_hard_cluster_rows_kernel": "test_cuda_emulated_cluster.py",
+    "jsd_cluster_rows_kernel": "test_cuda_emulated_cluster.py",
+    "jsd_hard_cluster_rows_kernel": "test_cuda_emulated_cluster.py",
     "grad_scale_kernel": "test_cuda_emulated.py",
     "kl_row_states_kernel": "test_cuda_emulated.py",
     "kl_grad_from_stats_kernel": "test_cuda_emulated.py",
@@ -306,6 +308,23 @@ class Emulator:
 def pack_of(dtype):
     """Elements per 16-byte access of the vector path."""
     return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def emulated_kl(emu, student, teacher, *, mask=None, temperature=1.0, direction="forward", reduction="sum",
+                student_grad=True, teacher_grad=True):
+    """kl_div_logits' CUDA implementation under `emu`: (loss, grad_student, grad_teacher, launches)."""
+    (loss, grad_s, grad_t), launches = emu.call(
+        "kl_div_logits", student, teacher, mask, float(temperature), direction == "reverse", reduction,
+        student_grad, teacher_grad)
+    return loss, grad_s, grad_t, launches
+
+
+def emulated_jsd(emu, student, teacher, *, beta=0.5, mask=None, temperature=1.0, reduction="sum",
+                 student_grad=True, teacher_grad=True):
+    """jsd_logits' CUDA implementation under `emu`: (loss, grad_student, grad_teacher, launches)."""
+    (loss, grad_s, grad_t), launches = emu.call(
+        "jsd_logits", student, teacher, mask, float(beta), float(temperature), reduction, student_grad, teacher_grad)
+    return loss, grad_s, grad_t, launches
 
 
 def only_launch(launches, name):
