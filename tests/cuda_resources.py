@@ -185,7 +185,7 @@ def render(records, nvcc_version):
         f"with {nvcc_version}. Max threads is the kernel's launch",
         "bound (`.maxntid` of its PTX); registers x max threads must fit the 65536-register file, and no",
         "kernel may spill on sm_80 or sm_90 (on sm_100 and sm_120, where Blackwell's ptxas needs a few more",
-        "registers, 27 and 32 row kernels spill up to 1296 bytes; `tests/test_cuda_resources.py` bounds it until their",
+        "registers, 26 and 29 row kernels spill up to 1296 bytes; `tests/test_cuda_resources.py` bounds it until their",
         "launch bounds are tuned per architecture). Regenerate with `python tests/cuda_resources.py --write`; `tests/test_cuda_resources.py`",
         "fails when this table no longer matches the code, and `tests/test_cuda_emulated.py` checks every block",
         "size the host code launched under the emulator against it.",

@@ -6,13 +6,13 @@ bench/results/cuda-traffic.md made from it: PREDICTED H100 figures, never measur
     python tests/cuda_traffic.py --json F          also save the counts as JSON
     python tests/cuda_traffic.py --before F        add F's model bytes (an earlier build's --json) as "before"
 
-The "before" column of the recorded table: for the JSD rows, the kernels before the tail re-read
-order fix, built as the mutation tail_reread_in_the_order_it_was_read (tests/simt/mutation_check.py)
-and run with SIMT_LIBRARY=<that library> python tests/cuda_traffic.py --json before.json; for the
-kl_div_logits rows with a gradient, the one-block kernel before the cluster kernel (commit 451448a,
---json); for the distillation_loss kl rows, the one-block hard kernel (commit 6ca41c8, --json); every
-other row, either (no change altered it). The two JSONs were merged row by row into
-the --before file ({vocab: {scenario: {"dram": model B/elem}}}).
+The "before" column of the recorded table: the row's count before the last change that altered it,
+each from an earlier build's --json: for the kl_div_logits rows with a gradient, the one-block kernel
+before the cluster kernel (commit 451448a); for the distillation_loss kl rows, the one-block hard
+kernel (commit 6ca41c8); for the JSD rows (jsd_logits and distillation_loss jsd), the one-block JSD
+kernels before their cluster forms (the commit before them); every other row, any of these (no
+change altered it). The JSONs were merged row by row into the --before file ({vocab: {scenario:
+{"dram": model B/elem}}}).
 
 Each scenario is one op and path, run by the emulator on a few rows at the real vocabulary width:
 every global byte each launch loads and stores is counted (per tensor), with the L2 model of
@@ -251,19 +251,20 @@ def table(results, e=2, before=None):
         "and compute (JSD's 6 ex2 + 2 lg2 per element may make it MUFU-bound first). Floor: the design",
         "notes' bytes for what the call delivers (2e loss only, 3e loss + student gradient). The",
         "PyTorch reductions around the kernels (a sum over rows) are not counted: O(rows).",
-        "*Before*: the model's count before the change that altered the row: for the kl_div_logits rows",
-        "with a gradient and the distillation_loss kl rows, the one-block kernels (a row too wide for 227 KB of shared memory re-read",
-        "its uncached tail, which at 262144 the L2 share keeps only half of); now, on sm_90+, such a row",
-        "is spread over a thread-block cluster of up to 8 blocks (kl_cluster_rows_kernel, csrc/cuda/",
-        "kl_div_cuda.cu, and kl_hard_cluster_rows_kernel with the hard term: 5 blocks at 262144, 3 at 128256), each caching a slice, their row states merged",
-        "through distributed shared memory: every byte read once. For the JSD rows, the kernels before",
-        "JSD's second pass re-read the uncached tail most recently read first (it re-read it in the first",
-        "pass's order). Rows no change altered show the same count (the third decimal moves with where",
-        "the tensors fall on 128-byte lines). JSD's kernels (also with the hard term) and the sparse",
-        "kernels keep the one-block row cache: no cluster kernel is built for them. Their last",
-        "pass (KL's and sparse's only re-read) reads forward: it is evict-first, which in the model keeps",
-        "the lines it has not reached yet in either order (whether the hardware's evict-first hint does",
-        "as much is what a GPU would have to show), and its backward loop made kernels spill on sm_90.",
+        "*Before*: the model's count before the change that altered the row: for the kl_div_logits and",
+        "jsd_logits rows with a gradient and the distillation_loss kl and jsd rows, the one-block kernels",
+        "(a row too wide for 227 KB of shared memory re-read its uncached tail, once per later pass: JSD",
+        "has two, the first most recently read first; at 262144 the L2 share keeps only part of it); now,",
+        "on sm_90+, such a row is spread over a thread-block cluster of up to 8 blocks (csrc/cuda/",
+        "kl_div_cuda.cu's kl_cluster_rows_kernel and kl_hard_cluster_rows_kernel, jsd_cuda.cu's",
+        "jsd_cluster_rows_kernel and jsd_hard_cluster_rows_kernel: 5 blocks at 262144, 3 at 128256), each",
+        "caching a slice, their row states (and JSD's K_p, K_q) merged through distributed shared memory:",
+        "every byte read once. Rows no change altered show the same count (the third decimal moves with",
+        "where the tensors fall on 128-byte lines). The sparse kernels keep the one-block row cache (their",
+        "re-reads are of the student alone, and the model serves them all). Their last pass reads",
+        "forward: it is evict-first, which in the model keeps the lines it has not reached yet in either",
+        "order (whether the hardware's evict-first hint does as much is what a GPU would have to show),",
+        "and its backward loop made kernels spill on sm_90.",
         "A training step in eager mode with an upstream gradient other than 1 adds the grad_scale_",
         "row (2e); with upstream 1 (or under `kl_fused.linear`'s chunk loop, whose row kernel is the",
         "kl_div_logits + student grad row per chunk) it moves nothing over rows x V.",
