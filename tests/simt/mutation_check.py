@@ -170,7 +170,7 @@ MUTATIONS = [
     # jsd_rows_kernel (csrc/cuda/jsd_cuda.cu)
     Mutation("jsd_one_scratch_for_both_reductions", "jsd_cuda.cu",
              "auto* merge_scratch = reinterpret_cast<State*>(sum_scratch + blockDim.x / 32);",
-             "auto* merge_scratch = reinterpret_cast<State*>(shared);",
+             "auto* merge_scratch = reinterpret_cast<State*>(scratch);",
              "the K sums overwrite the merge states that slower warps still read",
              tests="tests/test_cuda_emulated_jsd.py", ci=True),
     Mutation("jsd_mixture_weights_swapped", "jsd_cuda.cu",
